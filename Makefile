@@ -1,0 +1,36 @@
+# Patchwork: `make serve` on a fresh machine sets everything up and serves the
+# default BLT checkpoint on 127.0.0.1:9000; `make test` runs the suite.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CHECKPOINTS ?= checkpoints
+DEFAULT_CHECKPOINT := $(CHECKPOINTS)/blt-default
+GRPC_PORT ?= 9000
+
+.PHONY: setup protos serve train test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -e '.[test]'
+	touch $@
+
+# Regenerates the committed gRPC stubs after a .proto changes.
+protos: setup
+	$(PY) protos/generate.py
+
+$(DEFAULT_CHECKPOINT)/manifest.json: | setup
+	$(PY) -m training blt --preset default --out $(DEFAULT_CHECKPOINT)
+
+train: $(DEFAULT_CHECKPOINT)/manifest.json
+
+serve: setup train
+	$(PY) -m serving up --checkpoints $(CHECKPOINTS) --grpc-port $(GRPC_PORT)
+
+test: setup
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache

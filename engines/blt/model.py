@@ -1,0 +1,161 @@
+"""The BLT model (papers.md section 1): entropy model, local encoder with hash
+n-gram embeddings and cross-attention pooling, global latent transformer over
+patches, and local decoder cross-attending to the previous patch's output.
+
+Every module computes over whole sequences; ``forward`` is the plain
+full-recompute path that generation and training both build on.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engines.blt.config import BltConfig
+from engines.blt.hashing import hash_table_ids
+from engines.blt.patching import entropies_from_logits, patch_starts
+from engines.layers import CrossAttention, RMSNorm, TransformerConfig, TransformerStack
+
+
+class EntropyModel(nn.Module):
+    """Small causal byte LM whose next-byte entropies place patch boundaries."""
+
+    def __init__(self, cfg: TransformerConfig, vocab_size: int):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab_size, cfg.dim)
+        self.stack = TransformerStack(cfg)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, vocab_size, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        # tokens: [B, T] -> logits [B, T, V]
+        return self.lm_head(self.norm(self.stack(self.embed_tokens(tokens))))
+
+
+class LocalEncoder(nn.Module):
+    def __init__(self, cfg: BltConfig):
+        super().__init__()
+        local, hashing = cfg.local_encoder, cfg.hash_embeddings
+        self.hashing, self.k = hashing, cfg.cross_attn_k
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, local.dim)
+        self.hash_embeddings = nn.Embedding(hashing.n_tables * hashing.buckets, local.dim)
+        self.stack = TransformerStack(local)
+        self.patch_embedding_projection = nn.Linear(local.dim, local.dim * cfg.cross_attn_k, bias=False)
+        self.cross_attn = CrossAttention(local.dim, local.n_heads, local.norm_eps)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Byte embedding plus the hash n-gram embeddings: [B, T] -> [B, T, dim]."""
+        ids = hash_table_ids(tokens, self.hashing.ngram_sizes, self.hashing.n_functions, self.hashing.buckets)
+        return self.embed_tokens(tokens) + self.hash_embeddings(ids).sum(dim=2)
+
+    def pool_patches(self, byte_states: torch.Tensor, patch_ids: torch.Tensor, n_patches: int) -> torch.Tensor:
+        """Patch vectors [B, P, k * dim] from byte states [B, T, dim] and patch ids [B, T].
+
+        Queries are the max-pooled byte states of each patch, projected to k
+        slots; each slot cross-attends to the bytes of its own patch.
+        """
+        batch, _, dim = byte_states.shape
+        pooled = byte_states.new_zeros(batch, n_patches, dim).scatter_reduce(
+            1, patch_ids[..., None].expand_as(byte_states), byte_states, reduce="amax", include_self=False
+        )
+        queries = self.patch_embedding_projection(pooled).view(batch, n_patches * self.k, dim)
+        slot_patch = torch.arange(n_patches, device=patch_ids.device).repeat_interleave(self.k)
+        own_bytes = slot_patch[None, :, None] == patch_ids[:, None, :]  # [B, P*k, T]
+        queries = queries + self.cross_attn(queries, byte_states, own_bytes)
+        return queries.view(batch, n_patches, self.k * dim)
+
+    def forward(self, tokens: torch.Tensor, patch_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        byte_states = self.stack(self.embed(tokens))
+        n_patches = int(patch_ids.max()) + 1
+        return byte_states, self.pool_patches(byte_states, patch_ids, n_patches)
+
+
+class GlobalModel(nn.Module):
+    """Causal transformer over patch vectors."""
+
+    def __init__(self, cfg: BltConfig):
+        super().__init__()
+        patch_width = cfg.local_encoder.dim * cfg.cross_attn_k
+        self.token_embedding_projection = (
+            nn.Linear(patch_width, cfg.global_model.dim, bias=False)
+            if patch_width != cfg.global_model.dim
+            else nn.Identity()
+        )
+        self.stack = TransformerStack(cfg.global_model)
+
+    def forward(self, patch_vectors: torch.Tensor) -> torch.Tensor:
+        # [B, P, k * local dim] -> [B, P, global dim]
+        return self.stack(self.token_embedding_projection(patch_vectors))
+
+
+class LocalDecoder(nn.Module):
+    def __init__(self, cfg: BltConfig):
+        super().__init__()
+        local = cfg.local_decoder
+        self.k, self.dim = cfg.cross_attn_k, local.dim
+        self.patch_embedding_projection = nn.Linear(cfg.global_model.dim, local.dim * cfg.cross_attn_k, bias=False)
+        n_cross = local.n_layers if cfg.decoder_cross_attn_all_layers else 1
+        self.cross_attn_layers = nn.ModuleList(
+            CrossAttention(local.dim, local.n_heads, local.norm_eps) for _ in range(n_cross)
+        )
+        self.stack = TransformerStack(local)
+        self.norm = RMSNorm(local.dim, local.norm_eps)
+        self.lm_head = nn.Linear(local.dim, cfg.vocab_size, bias=False)
+
+    def patch_slots(self, global_states: torch.Tensor) -> torch.Tensor:
+        """[B, P, global dim] -> the k key/value slots of each patch [B, P, k, dim]."""
+        return self.patch_embedding_projection(global_states).unflatten(-1, (self.k, self.dim))
+
+    def forward(self, byte_states: torch.Tensor, slots: torch.Tensor, read_patch: torch.Tensor) -> torch.Tensor:
+        """byte_states: [B, T, dim]; slots: [B, P, k, dim]; read_patch: [B, T],
+        the patch whose slots each byte reads. Returns logits [B, T, V]."""
+        cos, sin, mask = self.stack.positions(byte_states.shape[1], byte_states.device)
+        h = byte_states
+        for i, layer in enumerate(self.stack.layers):
+            if i < len(self.cross_attn_layers):
+                h = h + self.cross_attn_layers[i].forward_grouped(h, slots, read_patch)
+            h = layer(h, cos, sin, mask)
+        return self.lm_head(self.norm(h))
+
+
+class BltModel(nn.Module):
+    def __init__(self, cfg: BltConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.entropy_model = EntropyModel(cfg.entropy_model, cfg.vocab_size)
+        self.local_encoder = LocalEncoder(cfg)
+        self.global_model = GlobalModel(cfg)
+        self.local_decoder = LocalDecoder(cfg)
+
+    def patch(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Patch start mask [B, T + 1] of ``tokens`` [B, T], and the next-symbol
+        entropies [B, T] when the patching mode uses them (else None)."""
+        entropies = None
+        if self.cfg.patching.mode in ("entropy", "monotonic"):
+            entropies = entropies_from_logits(self.entropy_model(tokens))
+        return patch_starts(tokens, entropies, self.cfg.patching), entropies
+
+    def forward(self, tokens: torch.Tensor, patch_ids: torch.Tensor) -> torch.Tensor:
+        """tokens: [B, T]; patch_ids: [B, T + 1] (position T is the next symbol).
+
+        Byte t reads the global output of the patch before the one that holds
+        byte t + 1: the latest patch that is complete once byte t is known.
+        Returns next-symbol logits [B, T, V].
+        """
+        seq = tokens.shape[1]
+        byte_states, patch_vectors = self.local_encoder(tokens, patch_ids[:, :seq])
+        global_states = self.global_model(patch_vectors)
+        read_patch = patch_ids[:, 1:] - 1  # [B, T]
+        return self.local_decoder(byte_states, self.local_decoder.patch_slots(global_states), read_patch)
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Truncated-normal init with std 1/sqrt(fan-in), as in the reference code."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                std = module.in_features**-0.5
+            elif isinstance(module, nn.Embedding):
+                std = module.embedding_dim**-0.5
+            else:
+                continue
+            nn.init.trunc_normal_(module.weight, std=std, a=-3 * std, b=3 * std, generator=generator)

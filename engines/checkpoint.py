@@ -1,0 +1,149 @@
+"""Checkpoint directories: config.json + model.safetensors + manifest.json.
+
+- ``config.json``: the family's pydantic config; it names the ``family`` and a
+  ``format_version``.
+- ``model.safetensors``: the weights (safetensors, never pickle).
+- ``manifest.json``: the sha256 of every other file, how the checkpoint was
+  made (command, data) and its held-out metrics.
+
+Reading verifies every hash before anything is parsed; every failure raises
+``CheckpointError`` naming the file and what was expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+class CheckpointError(Exception):
+    """A checkpoint directory that cannot be used, with the file at fault."""
+
+
+class TrainingRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    command: str
+    data: dict
+    metrics: dict[str, float]
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    manifest_version: int = MANIFEST_VERSION
+    family: str
+    created: str
+    files: dict[str, str]  # file name -> sha256 hex digest
+    training: TrainingRecord
+
+
+class CheckpointHeader(BaseModel):
+    """The part of config.json that says how to read the rest."""
+
+    model_config = ConfigDict(extra="allow")
+
+    family: str
+    format_version: int
+
+
+def validation_summary(error: ValidationError) -> str:
+    """One line per pydantic error: 'field.path: message'."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in error.errors())
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(
+    path: str | os.PathLike, config: BaseModel, state_dict: dict[str, torch.Tensor], training: TrainingRecord
+) -> Path:
+    """Writes the checkpoint into a temporary sibling directory and moves it into
+    place, so a reader never sees half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        (staging / CONFIG_FILE).write_text(config.model_dump_json(indent=2) + "\n")
+        save_file({name: t.detach().contiguous().cpu() for name, t in state_dict.items()}, staging / WEIGHTS_FILE)
+        manifest = Manifest(
+            family=CheckpointHeader.model_validate(config.model_dump()).family,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            files={name: sha256_of(staging / name) for name in (CONFIG_FILE, WEIGHTS_FILE)},
+            training=training,
+        )
+        (staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        staging.rename(path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest:
+    """Parses and checks manifest.json and every hash it lists."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{manifest_path}: missing (every checkpoint needs {MANIFEST_FILE})")
+    try:
+        manifest = Manifest.model_validate_json(manifest_path.read_bytes())
+    except ValidationError as e:
+        raise CheckpointError(f"{manifest_path}: not a valid manifest: {validation_summary(e)}") from None
+    for required in (CONFIG_FILE, WEIGHTS_FILE):
+        if required not in manifest.files:
+            raise CheckpointError(f"{manifest_path}: lists no hash for {required}")
+    for name, expected in manifest.files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing (listed in {MANIFEST_FILE})")
+        actual = sha256_of(file)
+        if actual != expected:
+            raise CheckpointError(f"{file}: sha256 is {actual}, {MANIFEST_FILE} expects {expected}")
+    return manifest
+
+
+def read_header(path: str | os.PathLike) -> tuple[CheckpointHeader, dict]:
+    """The family/format header and the raw config dict of config.json."""
+    config_path = Path(path) / CONFIG_FILE
+    try:
+        raw = json.loads(config_path.read_bytes())
+        return CheckpointHeader.model_validate(raw), raw
+    except FileNotFoundError:
+        raise CheckpointError(f"{config_path}: missing") from None
+    except ValidationError as e:
+        raise CheckpointError(f"{config_path}: expected 'family' and 'format_version': {validation_summary(e)}") from None
+    except ValueError as e:
+        raise CheckpointError(f"{config_path}: not valid JSON: {e}") from None
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    weights_path = Path(path) / WEIGHTS_FILE
+    try:
+        return load_file(weights_path)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{weights_path}: cannot read safetensors weights: {e}") from None

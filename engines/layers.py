@@ -1,0 +1,231 @@
+"""Transformer building blocks shared by every model family.
+
+Pre-norm blocks in the Llama style: RMSNorm, rotary position embeddings on
+interleaved pairs (the layout of Meta's reference code and of the Hugging Face
+BLT port), grouped-query self-attention with an optional sliding window, a
+SwiGLU feed-forward, and a cross-attention block with normalised queries and
+keys/values. Parameter names follow the Hugging Face layout (``q_proj``,
+``gate_proj``, ``input_layernorm`` ...), so converting official weights is a
+matter of prefixes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, model_validator
+from torch import nn
+
+from kernels import rms_norm
+
+
+class TransformerConfig(BaseModel):
+    """Hyperparameters of one stack of transformer blocks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int | None = None
+    # Hidden size of the SwiGLU feed-forward; None takes int(8 * dim / 3).
+    ffn_dim: int | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # Causal attention window in positions (a query sees itself and the
+    # window - 1 positions before it); None attends to the whole prefix.
+    window: int | None = None
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> "TransformerConfig":
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError("head dimension must be even for rotary embeddings")
+        if self.window is not None and self.window < 1:
+            raise ValueError("window must be at least 1")
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.ffn_dim or int(8 * self.dim / 3)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for rotary embeddings over interleaved pairs (x0, x1), (x2, x3), ..."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: [..., T] -> cos, sin: [..., T, head_dim]
+        freqs = positions.to(torch.float32)[..., None] * self.inv_freq
+        freqs = torch.repeat_interleave(freqs, 2, dim=-1)
+        return freqs.cos(), freqs.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, H, T, hd]; cos, sin: [B or 1, T, hd]
+    pairs = x.float().unflatten(-1, (-1, 2))
+    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+def causal_mask(n_queries: int, n_keys: int, window: int | None, device) -> torch.Tensor:
+    """Boolean [n_queries, n_keys] mask, True where attention is allowed.
+
+    The queries are the last ``n_queries`` positions of the ``n_keys`` keys.
+    """
+    query_pos = torch.arange(n_keys - n_queries, n_keys, device=device)[:, None]
+    key_pos = torch.arange(n_keys, device=device)[None, :]
+    allowed = key_pos <= query_pos
+    if window is not None:
+        allowed &= key_pos > query_pos - window
+    return allowed
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask):
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = SelfAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = FeedForward(cfg.dim, cfg.hidden_dim)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TransformerStack(nn.Module):
+    """``n_layers`` blocks with rotary positions and a causal (optionally windowed) mask."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+
+    def positions(self, seq: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """cos, sin and the causal mask for positions 0..seq-1."""
+        cos, sin = self.rotary(torch.arange(seq, device=device)[None])
+        return cos, sin, causal_mask(seq, seq, self.cfg.window, device)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        # h: [B, T, dim], positions 0..T-1
+        cos, sin, mask = self.positions(h.shape[1], h.device)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask)
+        return h
+
+
+class CrossAttention(nn.Module):
+    """Queries attend to keys/values of another sequence; no rotary positions.
+
+    Queries and keys/values are RMS-normalised first. As in the reference BLT
+    code, the block returns ``queries + attention``, and callers add the
+    queries once more (``h = h + block(h, ...)``); official weights were
+    trained with that doubled residual.
+    """
+
+    def __init__(self, dim: int, n_heads: int, norm_eps: float):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, dim // n_heads
+        self.q_norm = RMSNorm(dim, norm_eps)
+        self.k_norm = RMSNorm(dim, norm_eps)
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+
+    def _heads(self, x):
+        return x.unflatten(-1, (self.n_heads, self.head_dim))
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """queries: [B, Q, dim]; keys: [B, K, dim]; mask: bool [B, Q, K], True = attend.
+
+        Rows with nothing to attend to get uniform weights (a finite mask value,
+        as in the Hugging Face port), so padding never produces NaNs.
+        """
+        q = self._heads(self.q_proj(self.q_norm(queries))).transpose(1, 2)
+        kv = self.k_norm(keys)
+        k = self._heads(self.k_proj(kv)).transpose(1, 2)
+        v = self._heads(self.v_proj(kv)).transpose(1, 2)
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
+        bias.masked_fill_(~mask, torch.finfo(q.dtype).min)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(1))
+        return queries + self.o_proj(out.transpose(1, 2).flatten(-2))
+
+    def forward_grouped(self, queries: torch.Tensor, slots: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+        """Each query attends to the slots of one group.
+
+        queries: [B, T, dim]; slots: [B, G, S, dim] (S key/value slots per
+        group); group: [B, T], the group each query reads. Equal to ``forward``
+        with a mask that opens exactly those slots, at O(T * S) cost; keys and
+        values are projected once per group, not once per query.
+        """
+        q = self._heads(self.q_proj(self.q_norm(queries)))  # [B, T, H, hd]
+        kv = self.k_norm(slots)
+        batch_index = torch.arange(group.shape[0], device=group.device)[:, None]
+        k = self._heads(self.k_proj(kv))[batch_index, group]  # [B, T, S, H, hd]
+        v = self._heads(self.v_proj(kv))[batch_index, group]
+        scores = torch.einsum("bthd,btshd->bths", q, k) / math.sqrt(self.head_dim)
+        out = torch.einsum("bths,btshd->bthd", scores.softmax(dim=-1), v)
+        return queries + self.o_proj(out.flatten(-2))

@@ -1,0 +1,45 @@
+"""RMSNorm: the plain PyTorch reference and the Triton kernel that must match it."""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a declared dependency
+    triton = None
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = weight * x / sqrt(mean(x^2) + eps), statistics in float32."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, row_stride, n_cols, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        in_row = cols < n_cols
+        x = tl.load(x_ptr + row * row_stride + cols, mask=in_row, other=0.0).to(tl.float32)
+        inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+        normed = (x * inv_rms).to(x_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * row_stride + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=in_row)
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Forward-only Triton RMSNorm over the last dimension (one program per row)."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    out = torch.empty_like(rows, dtype=torch.promote_types(x.dtype, weight.dtype))
+    n_cols = rows.shape[1]
+    _rms_norm_kernel[(rows.shape[0],)](
+        rows, weight, out, rows.stride(0), n_cols, eps, BLOCK=triton.next_power_of_2(n_cols)
+    )
+    return out.view(*x.shape[:-1], n_cols)

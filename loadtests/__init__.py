@@ -1,0 +1,1 @@
+"""Load tests against the gRPC endpoints (Locust users and reports)."""

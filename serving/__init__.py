@@ -1,0 +1,1 @@
+"""Ray Serve deployments, the gRPC gateway, configuration and the command line."""

@@ -1,0 +1,41 @@
+import torch
+
+from engines.generation import SamplingParams
+from engines.sampling import make_generator, sample_next
+
+
+def draws(logits, params, n=200, seed=0):
+    generator = make_generator(seed, "cpu")
+    return [sample_next(logits, params, generator) for _ in range(n)]
+
+
+LOGITS = torch.tensor([0.0, 2.0, 1.0, -1.0, 1.5, float("-inf")])
+
+
+def test_greedy_is_argmax():
+    assert sample_next(LOGITS, SamplingParams(), make_generator(0, "cpu")) == 1
+
+
+def test_top_k_one_is_argmax_at_any_temperature():
+    assert set(draws(LOGITS, SamplingParams(temperature=5.0, top_k=1))) == {1}
+
+
+def test_top_k_keeps_only_the_k_best():
+    assert set(draws(LOGITS, SamplingParams(temperature=10.0, top_k=3))) == {1, 2, 4}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_the_mass():
+    probs = torch.softmax(LOGITS, dim=-1)  # sorted: 1 (.45), 4 (.27), 2 (.17), ...
+    top_two = float(probs[1] + probs[4])
+    assert set(draws(LOGITS, SamplingParams(temperature=1.0, top_p=top_two - 0.01))) == {1, 4}
+    assert set(draws(LOGITS, SamplingParams(temperature=1.0, top_p=0.01))) == {1}
+
+
+def test_masked_symbols_are_never_drawn_and_all_others_can_be():
+    assert set(draws(LOGITS, SamplingParams(temperature=3.0), n=2000)) == {0, 1, 2, 3, 4}
+
+
+def test_same_seed_same_draws_and_other_seeds_differ():
+    params = SamplingParams(temperature=1.0)
+    assert draws(LOGITS, params, seed=7) == draws(LOGITS, params, seed=7)
+    assert draws(LOGITS, params, seed=7) != draws(LOGITS, params, seed=8)

@@ -1,0 +1,166 @@
+"""Integration: real gRPC calls through Ray Serve's proxy to the tiny checkpoint."""
+
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+import engines
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def channel(grpc_target):
+    with grpc.insecure_channel(grpc_target) as channel:
+        grpc.channel_ready_future(channel).result(timeout=60)
+        yield channel
+
+
+@pytest.fixture(scope="module")
+def stub(channel):
+    from patchwork.v1 import bytelm_pb2_grpc
+
+    return bytelm_pb2_grpc.ByteLMStub(channel)
+
+
+@pytest.fixture(scope="module")
+def pb2():
+    from patchwork.v1 import bytelm_pb2
+
+    return bytelm_pb2
+
+
+@pytest.fixture(scope="module")
+def local_engine(tiny_checkpoint):
+    return engines.load(tiny_checkpoint)
+
+
+def test_generate_matches_the_engine_in_process(stub, pb2, local_engine):
+    response = stub.Generate(pb2.GenerateRequest(prompt=b"def ", max_new_bytes=24), timeout=120)
+    expected = local_engine.generate([b"def "], max_new_bytes=24)[0]
+    assert response.text == expected.text
+    assert response.finish_reason == pb2.FINISH_REASON_LENGTH
+    assert list(response.patch_lengths) == expected.patch_lengths
+    assert response.usage.prompt_bytes == 4 and response.usage.generated_bytes == 24
+    assert response.usage.patches == len(expected.patch_lengths)
+    assert response.usage.global_steps == expected.global_steps
+    assert response.model == "tiny"
+
+
+def test_max_new_bytes_zero_takes_the_configured_default(stub, pb2):
+    response = stub.Generate(pb2.GenerateRequest(prompt=b"import ", model="tiny"), timeout=120)
+    assert response.usage.generated_bytes == 16  # default_new_bytes of the test server
+
+
+def test_stream_reassembles_to_the_unary_result(stub, pb2):
+    request = pb2.GenerateRequest(prompt="ünï ".encode(), max_new_bytes=40, temperature=1.0, seed=9)
+    unary = stub.Generate(request, timeout=120)
+    chunks = list(stub.GenerateStream(request, timeout=120))
+    assert len(chunks) >= 2
+    assert b"".join(c.text for c in chunks) == unary.text
+    assert all(c.finish_reason == pb2.FINISH_REASON_UNSPECIFIED for c in chunks[:-1])
+    last = chunks[-1]
+    assert last.finish_reason == unary.finish_reason
+    assert list(last.patch_lengths) == list(unary.patch_lengths)
+    assert last.usage == unary.usage
+    try:
+        unary.text.decode("utf-8")
+    except UnicodeDecodeError:
+        return  # the model produced invalid UTF-8; nothing to check per chunk
+    for chunk in chunks:
+        chunk.text.decode("utf-8")
+
+
+def test_stop_sequence_through_the_proxy(stub, pb2):
+    full = stub.Generate(pb2.GenerateRequest(prompt=b"class ", max_new_bytes=30), timeout=120).text
+    stop = full[10:12]
+    response = stub.Generate(pb2.GenerateRequest(prompt=b"class ", max_new_bytes=30, stop=[stop]), timeout=120)
+    assert response.finish_reason == pb2.FINISH_REASON_STOP
+    assert response.text == full[: full.find(stop)]
+
+
+def test_score(stub, pb2, local_engine):
+    text = b"for i in range(10):\n    print(i)\n"
+    response = stub.Score(pb2.ScoreRequest(text=text), timeout=60)
+    expected = local_engine.score(text)
+    assert len(response.entropies) == len(text)
+    assert list(response.patch_lengths) == expected.patch_lengths
+    assert response.bits_per_byte == pytest.approx(expected.bits_per_byte, rel=1e-5)
+    assert response.entropies == pytest.approx(expected.entropies, rel=1e-5)
+
+
+def test_standard_health_check(channel):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "patchwork.v1.ByteLM"):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=30)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as error:
+        health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=30)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_ray_serve_healthz_and_application_list(channel):
+    from ray.serve.generated import serve_pb2, serve_pb2_grpc
+
+    api = serve_pb2_grpc.RayServeAPIServiceStub(channel)
+    assert api.Healthz(serve_pb2.HealthzRequest(), timeout=30).message == "success"
+    assert "patchwork" in api.ListApplications(serve_pb2.ListApplicationsRequest(), timeout=30).application_names
+
+
+BAD_GENERATE = [
+    ({"max_new_bytes": 513}, "max_new_bytes"),
+    ({"prompt": b"x" * 1025}, "prompt"),
+    ({"temperature": -0.1}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_p": -0.5}, "top_p"),
+    ({"model": "no-such-model"}, "model"),
+    ({"stop": [b""]}, "stop"),
+    ({"stop": [b"a"] * 5}, "stop"),
+]
+
+
+@pytest.mark.parametrize("fields,field", BAD_GENERATE, ids=[f for _, f in BAD_GENERATE])
+@pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
+def test_bad_generate_requests_are_invalid_argument_naming_the_field(stub, pb2, method, fields, field):
+    request = pb2.GenerateRequest(**{"prompt": b"ok", "max_new_bytes": 4, **fields})
+    with pytest.raises(grpc.RpcError) as error:
+        call = getattr(stub, method)(request, timeout=60)
+        if method == "GenerateStream":
+            list(call)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details().startswith(f"{field}:")
+
+
+@pytest.mark.parametrize("fields,field", [({"text": b"y" * 1025}, "text"), ({"model": "nope"}, "model")])
+def test_bad_score_requests_are_invalid_argument_naming_the_field(stub, pb2, fields, field):
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Score(pb2.ScoreRequest(**{"text": b"ok", **fields}), timeout=60)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details().startswith(f"{field}:")
+
+
+def test_replica_keeps_serving_after_bad_requests(stub, pb2):
+    for _ in range(3):
+        with pytest.raises(grpc.RpcError):
+            stub.Generate(pb2.GenerateRequest(temperature=-1), timeout=60)
+    assert stub.Generate(pb2.GenerateRequest(prompt=b"ok", max_new_bytes=3), timeout=60).usage.generated_bytes == 3
+
+
+def test_command_line_client(grpc_target):
+    def client(*args):
+        return subprocess.run([sys.executable, "-m", "serving", "client", "--target", grpc_target, *args],
+                              cwd=REPO, capture_output=True, timeout=120)
+
+    generated = client("generate", "def ", "--max-new-bytes", "8")
+    assert generated.returncode == 0 and len(generated.stdout) == 9  # 8 bytes and a newline
+    assert b"finish=FINISH_REASON_LENGTH" in generated.stderr
+    streamed = client("generate", "def ", "--max-new-bytes", "8", "--stream")
+    assert streamed.returncode == 0 and streamed.stdout == generated.stdout
+    scored = client("score", "hello")
+    assert scored.returncode == 0 and b"bits_per_byte=" in scored.stdout
+    rejected = client("generate", "x", "--temperature", "-1")
+    assert rejected.returncode == 1 and b"INVALID_ARGUMENT: temperature" in rejected.stderr
