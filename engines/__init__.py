@@ -23,8 +23,9 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """Verifies the checkpoint at ``path`` and returns its family's engine."""
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **options):
+    """Verifies the checkpoint at ``path`` and returns its family's engine.
+    ``options`` go to the family's engine (e.g. ``scheduler=SchedulerConfig(...)``)."""
     path = Path(path)
     manifest = read_manifest(path)
     header, raw_config = read_header(path)
@@ -49,7 +50,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     device = torch.device(device)
     return family.build_engine(
         config, read_weights(path), device=device, dtype=dtype or default_dtype(device), name=path.name,
-        manifest=manifest,
+        manifest=manifest, **options,
     )
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, model_validator
 from torch import nn
 
+from engines.kv_cache import CacheView, KVCache
 from kernels import rms_norm
 
 
@@ -118,12 +119,20 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, cache: CacheView | None = None):
+        """x: [B, T, dim]. With ``mask`` the tokens attend among themselves (a
+        whole sequence, or a prompt whose keys/values are also stored in
+        ``cache``); with ``mask=None`` they are stored first and attend to
+        everything cached (one decode step)."""
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            cache.write(k, v)
+            if mask is None:
+                k, v, mask = cache.read()
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads
         )
@@ -149,8 +158,8 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = FeedForward(cfg.dim, cfg.hidden_dim)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask, cache: CacheView | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -168,11 +177,29 @@ class TransformerStack(nn.Module):
         cos, sin = self.rotary(torch.arange(seq, device=device)[None])
         return cos, sin, causal_mask(seq, seq, self.cfg.window, device)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        # h: [B, T, dim], positions 0..T-1
+    def new_caches(self, slots: int, capacity: int, device, dtype) -> list[KVCache]:
+        """One cache per layer: a ring of ``window`` entries for local attention,
+        else ``capacity`` positions."""
+        ring = self.cfg.window is not None
+        size = self.cfg.window if ring else capacity
+        return [KVCache(slots, self.cfg.kv_heads, self.cfg.head_dim, size, ring, device, dtype) for _ in self.layers]
+
+    def views(self, caches: list[KVCache], slots: torch.Tensor, positions: torch.Tensor) -> list[CacheView]:
+        return [CacheView(cache, slots, positions, self.cfg.window) for cache in caches]
+
+    def forward(self, h: torch.Tensor, views: list[CacheView] | None = None) -> torch.Tensor:
+        """h: [B, T, dim] at positions 0..T-1; with ``views`` (a prompt) the keys
+        and values are also stored."""
         cos, sin, mask = self.positions(h.shape[1], h.device)
-        for layer in self.layers:
-            h = layer(h, cos, sin, mask)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, views[i] if views else None)
+        return h
+
+    def decode(self, h: torch.Tensor, views: list[CacheView]) -> torch.Tensor:
+        """h: [B, 1, dim], one new token per sequence at ``views[i].positions``."""
+        cos, sin = self.rotary(views[0].positions)
+        for layer, view in zip(self.layers, views):
+            h = layer(h, cos, sin, None, view)
         return h
 
 
@@ -213,6 +240,19 @@ class CrossAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(1))
         return queries + self.o_proj(out.transpose(1, 2).flatten(-2))
 
+    def project_slots(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of key/value slots [..., S, dim] -> [..., S, H, hd] each."""
+        kv = self.k_norm(slots)
+        return self._heads(self.k_proj(kv)), self._heads(self.v_proj(kv))
+
+    def attend_slots(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Each query attends to its own S slots: queries [B, T, dim]; keys and
+        values [B, T, S, H, hd] (from ``project_slots``)."""
+        q = self._heads(self.q_proj(self.q_norm(queries)))  # [B, T, H, hd]
+        scores = torch.einsum("bthd,btshd->bths", q, keys) / math.sqrt(self.head_dim)
+        out = torch.einsum("bths,btshd->bthd", scores.softmax(dim=-1), values)
+        return queries + self.o_proj(out.flatten(-2))
+
     def forward_grouped(self, queries: torch.Tensor, slots: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
         """Each query attends to the slots of one group.
 
@@ -221,11 +261,6 @@ class CrossAttention(nn.Module):
         with a mask that opens exactly those slots, at O(T * S) cost; keys and
         values are projected once per group, not once per query.
         """
-        q = self._heads(self.q_proj(self.q_norm(queries)))  # [B, T, H, hd]
-        kv = self.k_norm(slots)
+        keys, values = self.project_slots(slots)  # [B, G, S, H, hd]
         batch_index = torch.arange(group.shape[0], device=group.device)[:, None]
-        k = self._heads(self.k_proj(kv))[batch_index, group]  # [B, T, S, H, hd]
-        v = self._heads(self.v_proj(kv))[batch_index, group]
-        scores = torch.einsum("bthd,btshd->bths", q, k) / math.sqrt(self.head_dim)
-        out = torch.einsum("bths,btshd->bthd", scores.softmax(dim=-1), v)
-        return queries + self.o_proj(out.flatten(-2))
+        return self.attend_slots(queries, keys[batch_index, group], values[batch_index, group])

@@ -72,7 +72,7 @@ def build_app(config: ServingConfig):
             num_replicas=options.num_replicas,
             max_ongoing_requests=options.max_ongoing_requests,
             ray_actor_options=options.ray_actor_options.model_dump(),
-        ).bind(str(path), config.device, threads)
+        ).bind(str(path), config.device, threads, config.engine.model_dump())
         for name, path in models.items()
     }
     gateway = config.gateway

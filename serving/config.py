@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from engines.scheduler import SchedulerConfig
+
 APP_NAME = "patchwork"
 ROUTE_PREFIX = "/patchwork"
 
@@ -67,3 +69,6 @@ class ServingConfig(BaseModel):
         default_factory=lambda: DeploymentOptions(ray_actor_options=ActorOptions(num_cpus=0.0))
     )
     models: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    # Continuous batching inside each model replica: slots, bytes per slot,
+    # and how many requests may wait for a slot (RESOURCE_EXHAUSTED beyond).
+    engine: SchedulerConfig = Field(default_factory=SchedulerConfig)

@@ -15,6 +15,7 @@ from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 
+from engines.scheduler import AdmissionError
 from engines.utf8 import Utf8Chunker
 from serving.config import Limits
 from serving.validation import InvalidArgument, generate_params, resolve_model, score_text
@@ -50,6 +51,12 @@ def _finish_reason(result: dict, pb2) -> int:
     }[result["finish_reason"]]
 
 
+async def _prepend(first, rest):
+    yield first
+    async for item in rest:
+        yield item
+
+
 @serve.deployment(name="gateway")
 class Gateway:
     def __init__(self, models: dict[str, DeploymentHandle], default_model: str, limits: dict):
@@ -76,7 +83,10 @@ class Gateway:
         from patchwork.v1 import bytelm_pb2 as pb2
 
         model, handle, params = self._generate_args(request, grpc_context)
-        result = await handle.generate.remote(request.prompt, params)
+        try:
+            result = await handle.generate.remote(request.prompt, params)
+        except AdmissionError as e:
+            _abort(grpc_context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         return pb2.GenerateResponse(
             text=result["text"],
             finish_reason=_finish_reason(result, pb2),
@@ -90,7 +100,12 @@ class Gateway:
 
         model, handle, params = self._generate_args(request, grpc_context)
         chunker = Utf8Chunker()
-        async for item in handle.options(stream=True).generate_stream.remote(request.prompt, params):
+        items = handle.options(stream=True).generate_stream.remote(request.prompt, params)
+        try:
+            first = await items.__anext__()
+        except AdmissionError as e:
+            _abort(grpc_context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        async for item in _prepend(first, items):
             if "finish_reason" not in item:
                 text = chunker.push(item["text"])
                 if text:

@@ -1,14 +1,15 @@
 """The model deployment: one engine per replica, loaded from a checkpoint.
 
-Requests run on one worker thread, in arrival order, so the replica's event
-loop stays free for health checks, new arrivals and cancellations. A stream
-whose caller goes away is cancelled before its next byte.
+Generation requests are handed to the engine's continuous-batching
+scheduler, which runs on its own thread; events come back to the replica's
+event loop as they are produced. When a caller goes away (a cancelled
+stream, a deadline), the request is cancelled and its cache slot is freed at
+the scheduler's next step. Scoring runs on a worker thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
@@ -17,8 +18,6 @@ from ray import serve
 
 import engines
 from engines.generation import Generation, SamplingParams
-
-_DONE = object()
 
 
 def generation_dict(result: Generation) -> dict:
@@ -36,42 +35,51 @@ def pick_device(requested: str) -> str:
 
 @serve.deployment
 class ModelServer:
-    def __init__(self, checkpoint: str, device: str = "auto", threads: int = 1):
-        torch.set_num_threads(max(1, threads))
-        self.engine = engines.load(checkpoint, device=pick_device(device))
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+    def __init__(self, checkpoint: str, device: str = "auto", threads: int = 1, scheduler: dict | None = None):
+        from engines.scheduler import SchedulerConfig
 
-    async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+        torch.set_num_threads(max(1, threads))
+        self.engine = engines.load(
+            checkpoint, device=pick_device(device), scheduler=SchedulerConfig(**(scheduler or {}))
+        )
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
+
+    async def _events(self, prompt: bytes, params: dict):
+        """Byte deltas, then the Generation, from the engine's scheduler thread."""
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue = asyncio.Queue()
+        request = self.engine.submit(
+            prompt, SamplingParams(**params), emit=lambda item: loop.call_soon_threadsafe(items.put_nowait, item)
+        )
+        try:
+            while True:
+                item = await items.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, Generation):
+                    return
+        finally:
+            request.cancel()  # frees the slot if the caller left early; no-op once finished
 
     async def generate(self, prompt: bytes, params: dict) -> dict:
-        result = await self._run(self.engine.generate_one, prompt, SamplingParams(**params))
-        return generation_dict(result)
+        async for item in self._events(prompt, params):
+            if isinstance(item, Generation):
+                return generation_dict(item)
 
     async def generate_stream(self, prompt: bytes, params: dict):
         """Yields {"text": delta} items, then the final generation dict."""
-        loop = asyncio.get_running_loop()
-        items: asyncio.Queue = asyncio.Queue()
-        cancelled = threading.Event()
-        sampling = SamplingParams(**params)
-
-        def produce():
-            try:
-                for item in self.engine.stream(prompt, sampling, cancelled.is_set):
-                    loop.call_soon_threadsafe(items.put_nowait, item)
-            finally:
-                loop.call_soon_threadsafe(items.put_nowait, _DONE)
-
-        work = loop.run_in_executor(self.worker, produce)
-        try:
-            while (item := await items.get()) is not _DONE:
-                yield generation_dict(item) if isinstance(item, Generation) else {"text": item}
-        finally:
-            cancelled.set()
-        await work  # re-raises an engine failure
+        async for item in self._events(prompt, params):
+            yield generation_dict(item) if isinstance(item, Generation) else {"text": item}
 
     async def score(self, text: bytes) -> dict:
-        return asdict(await self._run(self.engine.score, text))
+        result = await asyncio.get_running_loop().run_in_executor(self.worker, self.engine.score, text)
+        return asdict(result)
 
     def describe(self) -> dict:
         return self.engine.describe()
+
+    def stats(self) -> dict:
+        """The scheduler's running sequences and waiting requests."""
+        scheduler = self.engine.scheduler
+        return {"running": scheduler.running, "waiting": scheduler.queue_depth, "steps": scheduler.steps}

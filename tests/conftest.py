@@ -21,25 +21,27 @@ from engines.layers import TransformerConfig
 REPO = Path(__file__).resolve().parent.parent
 
 
-def small_blt_config(**updates) -> BltConfig:
-    """A randomly initialised BLT small enough for exhaustive unit tests."""
-    local = TransformerConfig(dim=32, n_layers=1, n_heads=2, window=16)
+def small_blt_config(window: int = 16, **updates) -> BltConfig:
+    """A BLT small enough for exhaustive unit tests; ``window`` is the local
+    models' attention window, ``updates`` replace top-level config fields."""
+    local = TransformerConfig(dim=32, n_layers=1, n_heads=2, window=window)
     config = BltConfig(
-        entropy_model=TransformerConfig(dim=32, n_layers=1, n_heads=2, window=16),
+        entropy_model=TransformerConfig(dim=32, n_layers=1, n_heads=2, window=window),
         hash_embeddings=HashEmbeddingConfig(ngram_sizes=[3, 4, 5], buckets=257),
         local_encoder=local,
         local_decoder=local.model_copy(update={"n_layers": 2}),
         global_model=TransformerConfig(dim=48, n_layers=2, n_heads=4),
         patching={"threshold": 5.45},
     )
-    return config.model_copy(update=updates)
+    return BltConfig.model_validate({**config.model_dump(), **updates})
 
 
-def random_blt(seed: int = 0, **updates):
+def random_blt(seed: int = 0, window: int = 16, **updates):
+    """A randomly initialised BLT (see ``small_blt_config``)."""
     from engines.blt.model import BltModel
 
     torch.manual_seed(seed)
-    model = BltModel(small_blt_config(**updates))
+    model = BltModel(small_blt_config(window, **updates))
     model.init_weights(generator=torch.Generator().manual_seed(seed))
     return model.eval()
 
@@ -77,6 +79,7 @@ def ray_cluster():
 def grpc_target(ray_cluster, tiny_checkpoint) -> str:
     """host:port of a running Patchwork application serving the tiny checkpoint."""
     from serving.app import start
+    from engines.scheduler import SchedulerConfig
     from serving.config import APP_NAME, ROUTE_PREFIX, ActorOptions, DeploymentOptions, Limits, ServingConfig
 
     config = ServingConfig(
@@ -85,6 +88,7 @@ def grpc_target(ray_cluster, tiny_checkpoint) -> str:
         http_port=free_port(),
         limits=Limits(max_new_bytes=512, default_new_bytes=16, max_prompt_bytes=1024, max_stop_sequences=4),
         models=DeploymentOptions(ray_actor_options=ActorOptions(num_cpus=1)),
+        engine=SchedulerConfig(max_batch_size=4, max_sequence_bytes=700, max_queue=8),
     )
     start(config, APP_NAME, ROUTE_PREFIX)
     return f"127.0.0.1:{config.grpc_port}"

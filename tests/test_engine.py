@@ -40,7 +40,9 @@ def test_result_accounting(engine):
     assert result.finish_reason == FinishReason.LENGTH and len(result.text) == 20
     assert sum(result.patch_lengths) == len(result.text)
     assert result.prompt_bytes == 3
-    assert result.global_steps == 20  # the reference path runs the global model once per byte
+    *_, reference = engine.generate_reference(b"abc", SamplingParams(max_new_bytes=20))
+    assert reference.global_steps == 20  # the reference path runs the global model once per byte
+    assert reference.text == result.text and reference.patch_lengths == result.patch_lengths
 
 
 def test_generate_takes_a_batch_and_each_result_equals_its_own_run(engine):
@@ -57,9 +59,9 @@ def test_seeded_sampling_is_reproducible(engine):
     assert first == again and first != other
 
 
-def test_stream_deltas_add_up_to_the_result(engine):
+def test_reference_stream_deltas_add_up_to_the_result(engine):
     params = SamplingParams(max_new_bytes=15, temperature=0.7, seed=2)
-    items = list(engine.stream(b"stream", params))
+    items = list(engine.generate_reference(b"stream", params))
     *deltas, result = items
     assert isinstance(result, Generation) and all(isinstance(d, bytes) and d for d in deltas)
     assert b"".join(deltas) == result.text == engine.generate_one(b"stream", params).text
@@ -73,7 +75,7 @@ def test_stop_sequence_ends_generation_and_is_not_returned(engine):
     assert result.finish_reason == FinishReason.STOP
     assert result.text == full[:first]
     assert sum(result.patch_lengths) == len(result.text)
-    deltas = [d for d in engine.stream(b"q", SamplingParams(max_new_bytes=24, stop=(stop,)))
+    deltas = [d for d in engine.generate_reference(b"q", SamplingParams(max_new_bytes=24, stop=(stop,)))
               if isinstance(d, bytes)]
     assert b"".join(deltas) == full[:first]
 
@@ -85,7 +87,7 @@ def test_end_of_sequence_ends_generation(engine):
         model.local_decoder.lm_head.weight.zero_()
     result = BltEngine(model, model.cfg, "eos").generate([b"abc"], max_new_bytes=10)[0]
     assert result.finish_reason == FinishReason.END_OF_SEQUENCE
-    assert result.text == b"" and result.patch_lengths == [] and result.global_steps == 1
+    assert result.text == b"" and result.patch_lengths == [] and result.global_steps == 1  # the prefill
 
 
 def test_cancellation_stops_the_stream(engine):
@@ -95,7 +97,7 @@ def test_cancellation_stops_the_stream(engine):
         calls.append(1)
         return len(calls) > 3
 
-    *deltas, result = engine.stream(b"c", SamplingParams(max_new_bytes=50), cancelled)
+    *deltas, result = engine.generate_reference(b"c", SamplingParams(max_new_bytes=50), cancelled)
     assert len(result.text) == 3
 
 

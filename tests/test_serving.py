@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -141,6 +142,44 @@ def test_bad_score_requests_are_invalid_argument_naming_the_field(stub, pb2, fie
         stub.Score(pb2.ScoreRequest(**{"text": b"ok", **fields}), timeout=60)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.value.details().startswith(f"{field}:")
+
+
+@pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
+def test_a_request_that_can_never_fit_the_cache_is_resource_exhausted(stub, pb2, method):
+    request = pb2.GenerateRequest(prompt=b"p" * 600, max_new_bytes=200)  # 800 > 700 bytes per slot
+    with pytest.raises(grpc.RpcError) as error:
+        call = getattr(stub, method)(request, timeout=60)
+        if method == "GenerateStream":
+            list(call)
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "needs 800 bytes of cache" in error.value.details()
+
+
+def test_a_cancelled_stream_frees_its_slot(stub, pb2, grpc_target):
+    from ray import serve
+
+    model = serve.get_deployment_handle("model-tiny", app_name="patchwork")
+    call = stub.GenerateStream(pb2.GenerateRequest(prompt=b"x", max_new_bytes=500), timeout=120)
+    next(call)
+    assert model.stats.remote().result()["running"] == 1
+    call.cancel()
+    for _ in range(600):
+        if model.stats.remote().result()["running"] == 0:
+            break
+        time.sleep(0.05)
+    assert model.stats.remote().result() | {"steps": 0} == {"running": 0, "waiting": 0, "steps": 0}
+
+
+def test_concurrent_requests_are_batched_and_each_matches_its_own_run(stub, pb2, local_engine):
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [b"def ", b"import ", b"class ", b"return "]
+    requests = [pb2.GenerateRequest(prompt=p, max_new_bytes=40, temperature=0.8, seed=i) for i, p in enumerate(prompts)]
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda r: stub.Generate(r, timeout=120), requests))
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        alone = local_engine.generate([prompt], max_new_bytes=40, temperature=0.8, seed=i)[0]
+        assert response.text == alone.text
 
 
 def test_replica_keeps_serving_after_bad_requests(stub, pb2):

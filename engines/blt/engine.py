@@ -1,4 +1,9 @@
-"""The BLT engine: what ``engines.load`` returns for a BLT checkpoint."""
+"""The BLT engine: what ``engines.load`` returns for a BLT checkpoint.
+
+Generation goes through the incremental engine and the continuous-batching
+scheduler; ``generate_reference`` keeps the full-recompute path that the
+fast one is held to.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engines.blt.config import BltConfig, FORMAT_VERSION
+from engines.blt import incremental
+from engines.blt.config import EOS_ID, FORMAT_VERSION, OFFSET, BltConfig
 from engines.blt.model import BltModel
 from engines.blt.patching import entropies_from_logits, lengths_from_starts, patch_ids_from_starts
-from engines.blt.reference import generate_reference, prompt_tokens
+from engines.blt.reference import disallowed_symbols, finished_generation, generate_reference, prompt_tokens
 from engines.checkpoint import WEIGHTS_FILE, CheckpointError, Manifest
-from engines.generation import Generation, SamplingParams
+from engines.generation import Decoding, Generation, SamplingParams
 from engines.registry import Family
+from engines.scheduler import Request, Scheduler, SchedulerConfig
 
 
 @dataclass
@@ -29,27 +36,39 @@ class Score:
 class BltEngine:
     family = "blt"
 
-    def __init__(self, model: BltModel, config: BltConfig, name: str, manifest: Manifest | None = None):
+    def __init__(
+        self, model: BltModel, config: BltConfig, name: str, manifest: Manifest | None = None,
+        scheduler: SchedulerConfig | None = None,
+    ):
         self.model = model.eval()
         self.config = config
         self.name = name
         self.manifest = manifest
         self.device = next(model.parameters()).device
+        self._banned = disallowed_symbols(self.device)
+        self.scheduler = Scheduler(self, scheduler or SchedulerConfig(), self.device)
+
+    # -- public API -------------------------------------------------------
 
     def generate(self, prompts: list[bytes], **params) -> list[Generation]:
-        """Generates a continuation of each prompt. ``params`` are the fields of
-        ``SamplingParams`` (max_new_bytes, temperature, top_p, top_k, seed, stop)."""
+        """Generates a continuation of each prompt, all in one continuous batch.
+        ``params`` are the fields of ``SamplingParams`` (max_new_bytes,
+        temperature, top_p, top_k, seed, stop)."""
         sampling = SamplingParams(**params)
-        return [self.generate_one(prompt, sampling) for prompt in prompts]
+        requests = [self.scheduler.submit(prompt, sampling) for prompt in prompts]
+        return [request.result() for request in requests]
 
     def generate_one(self, prompt: bytes, params: SamplingParams) -> Generation:
-        *_, result = self.stream(prompt, params)
-        return result
+        return self.scheduler.submit(prompt, params).result()
 
-    def stream(
+    def submit(self, prompt: bytes, params: SamplingParams, emit: Callable | None = None) -> Request:
+        """Starts a generation; see ``engines.scheduler.Request``."""
+        return self.scheduler.submit(prompt, params, emit)
+
+    def generate_reference(
         self, prompt: bytes, params: SamplingParams, cancelled: Callable[[], bool] = lambda: False
     ) -> Iterator[bytes | Generation]:
-        """Yields byte deltas as they are generated, then the ``Generation``."""
+        """The full-recompute path: byte deltas, then the ``Generation``."""
         return generate_reference(self.model, prompt, params, cancelled)
 
     @torch.inference_mode()
@@ -78,17 +97,41 @@ class BltEngine:
             "metrics": dict(self.manifest.training.metrics) if self.manifest else {},
         }
 
+    # -- what the scheduler needs (engines.scheduler.StepModel) ----------
+
+    def new_caches(self, slots: int, max_sequence_bytes: int) -> incremental.BltCaches:
+        # BOS and every byte may each close a patch.
+        return incremental.BltCaches(self.model, slots, max_patches=max_sequence_bytes + 1)
+
+    def prefill(self, caches, slot: int, prompt: bytes):
+        return incremental.prefill(self.model, caches, slot, prompt_tokens(prompt))
+
+    def decode(self, caches, slots, states, symbols) -> torch.Tensor:
+        return incremental.decode_step(self.model, caches, slots, states, symbols)
+
+    def choose(self, decoding: Decoding, logits: torch.Tensor) -> tuple[int, bytes]:
+        symbol = decoding.choose(logits.masked_fill(self._banned, float("-inf")))
+        if symbol == EOS_ID:
+            decoding.end_of_sequence()
+            return symbol, b""
+        return symbol, decoding.accept_byte(symbol - OFFSET)
+
+    def result(self, prompt: bytes, decoding: Decoding, state) -> Generation:
+        starts = state.starts if state is not None else None
+        steps = state.global_steps if state is not None else 0
+        return finished_generation(prompt, decoding, starts, global_steps=steps)
+
 
 def build_engine(
     config: BltConfig, weights: dict[str, torch.Tensor], *, device: torch.device, dtype: torch.dtype, name: str,
-    manifest: Manifest | None = None,
+    manifest: Manifest | None = None, scheduler: SchedulerConfig | None = None,
 ) -> BltEngine:
     model = BltModel(config)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{WEIGHTS_FILE}: weights do not match config.json: {e}") from None
-    return BltEngine(model.to(device=device, dtype=dtype), config, name, manifest)
+    return BltEngine(model.to(device=device, dtype=dtype), config, name, manifest, scheduler)
 
 
 FAMILY = Family(name="blt", config_type=BltConfig, format_version=FORMAT_VERSION, build_engine=build_engine)

@@ -13,7 +13,8 @@ from torch import nn
 
 from engines.blt.config import BltConfig
 from engines.blt.hashing import hash_table_ids
-from engines.blt.patching import entropies_from_logits, patch_starts
+from engines.blt.patching import entropies_from_logits, patch_starts, uses_entropies
+from engines.kv_cache import CacheView
 from engines.layers import CrossAttention, RMSNorm, TransformerConfig, TransformerStack
 
 
@@ -27,9 +28,13 @@ class EntropyModel(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, vocab_size, bias=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, views: list[CacheView] | None = None) -> torch.Tensor:
         # tokens: [B, T] -> logits [B, T, V]
-        return self.lm_head(self.norm(self.stack(self.embed_tokens(tokens))))
+        return self.lm_head(self.norm(self.stack(self.embed_tokens(tokens), views)))
+
+    def decode(self, tokens: torch.Tensor, views: list[CacheView]) -> torch.Tensor:
+        # tokens: [B, 1] -> logits [B, 1, V]
+        return self.lm_head(self.norm(self.stack.decode(self.embed_tokens(tokens), views)))
 
 
 class LocalEncoder(nn.Module):
@@ -43,31 +48,52 @@ class LocalEncoder(nn.Module):
         self.patch_embedding_projection = nn.Linear(local.dim, local.dim * cfg.cross_attn_k, bias=False)
         self.cross_attn = CrossAttention(local.dim, local.n_heads, local.norm_eps)
 
+    @property
+    def context(self) -> int:
+        """Symbols the hash n-grams of one position look back over (itself included)."""
+        return max(self.hashing.ngram_sizes)
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Byte embedding plus the hash n-gram embeddings: [B, T] -> [B, T, dim]."""
         ids = hash_table_ids(tokens, self.hashing.ngram_sizes, self.hashing.n_functions, self.hashing.buckets)
         return self.embed_tokens(tokens) + self.hash_embeddings(ids).sum(dim=2)
 
-    def pool_patches(self, byte_states: torch.Tensor, patch_ids: torch.Tensor, n_patches: int) -> torch.Tensor:
-        """Patch vectors [B, P, k * dim] from byte states [B, T, dim] and patch ids [B, T].
+    def _attend_own_bytes(self, pooled: torch.Tensor, byte_states: torch.Tensor, own_bytes: torch.Tensor) -> torch.Tensor:
+        """pooled: [B, P, dim] max-pooled states; own_bytes: bool [B, P * k, T].
+        Projects each patch to k queries that cross-attend to the patch's own
+        bytes: [B, P, k * dim]."""
+        batch, n_patches, dim = pooled.shape
+        queries = self.patch_embedding_projection(pooled).view(batch, n_patches * self.k, dim)
+        queries = queries + self.cross_attn(queries, byte_states, own_bytes)
+        return queries.view(batch, n_patches, self.k * dim)
 
-        Queries are the max-pooled byte states of each patch, projected to k
-        slots; each slot cross-attends to the bytes of its own patch.
-        """
+    def pool_patches(self, byte_states: torch.Tensor, patch_ids: torch.Tensor, n_patches: int) -> torch.Tensor:
+        """Patch vectors [B, P, k * dim] from byte states [B, T, dim] and patch ids [B, T]."""
         batch, _, dim = byte_states.shape
         pooled = byte_states.new_zeros(batch, n_patches, dim).scatter_reduce(
             1, patch_ids[..., None].expand_as(byte_states), byte_states, reduce="amax", include_self=False
         )
-        queries = self.patch_embedding_projection(pooled).view(batch, n_patches * self.k, dim)
         slot_patch = torch.arange(n_patches, device=patch_ids.device).repeat_interleave(self.k)
         own_bytes = slot_patch[None, :, None] == patch_ids[:, None, :]  # [B, P*k, T]
-        queries = queries + self.cross_attn(queries, byte_states, own_bytes)
-        return queries.view(batch, n_patches, self.k * dim)
+        return self._attend_own_bytes(pooled, byte_states, own_bytes)
+
+    def pool_one_patch(self, byte_states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """One patch per sequence, right-padded: byte_states [B, L, dim], valid
+        bool [B, L] -> patch vectors [B, 1, k * dim]."""
+        pooled = byte_states.masked_fill(~valid[..., None], float("-inf")).amax(dim=1, keepdim=True)
+        own_bytes = valid[:, None, :].expand(-1, self.k, -1)
+        return self._attend_own_bytes(pooled, byte_states, own_bytes)
 
     def forward(self, tokens: torch.Tensor, patch_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         byte_states = self.stack(self.embed(tokens))
         n_patches = int(patch_ids.max()) + 1
         return byte_states, self.pool_patches(byte_states, patch_ids, n_patches)
+
+    def decode(self, recent_tokens: torch.Tensor, views: list[CacheView]) -> torch.Tensor:
+        """recent_tokens: [B, context], the last ``context`` symbols of each
+        sequence (left-padded with 0 like the hash windows), the new one last.
+        Returns the new byte's states [B, 1, dim]."""
+        return self.stack.decode(self.embed(recent_tokens)[:, -1:], views)
 
 
 class GlobalModel(nn.Module):
@@ -83,9 +109,13 @@ class GlobalModel(nn.Module):
         )
         self.stack = TransformerStack(cfg.global_model)
 
-    def forward(self, patch_vectors: torch.Tensor) -> torch.Tensor:
+    def forward(self, patch_vectors: torch.Tensor, views: list[CacheView] | None = None) -> torch.Tensor:
         # [B, P, k * local dim] -> [B, P, global dim]
-        return self.stack(self.token_embedding_projection(patch_vectors))
+        return self.stack(self.token_embedding_projection(patch_vectors), views)
+
+    def decode(self, patch_vectors: torch.Tensor, views: list[CacheView]) -> torch.Tensor:
+        # [B, 1, k * local dim] -> [B, 1, global dim]
+        return self.stack.decode(self.token_embedding_projection(patch_vectors), views)
 
 
 class LocalDecoder(nn.Module):
@@ -106,15 +136,38 @@ class LocalDecoder(nn.Module):
         """[B, P, global dim] -> the k key/value slots of each patch [B, P, k, dim]."""
         return self.patch_embedding_projection(global_states).unflatten(-1, (self.k, self.dim))
 
-    def forward(self, byte_states: torch.Tensor, slots: torch.Tensor, read_patch: torch.Tensor) -> torch.Tensor:
+    def slot_keys_values(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys and values of every cross layer for patch slots
+        [..., k, dim] -> [..., n_cross, k, H, hd] each."""
+        projected = [layer.project_slots(slots) for layer in self.cross_attn_layers]
+        return torch.stack([k for k, _ in projected], dim=-4), torch.stack([v for _, v in projected], dim=-4)
+
+    def forward(
+        self, byte_states: torch.Tensor, slots: torch.Tensor, read_patch: torch.Tensor,
+        views: list[CacheView] | None = None,
+    ) -> torch.Tensor:
         """byte_states: [B, T, dim]; slots: [B, P, k, dim]; read_patch: [B, T],
-        the patch whose slots each byte reads. Returns logits [B, T, V]."""
+        the patch whose slots each byte reads. Returns logits [B, T, V]; with
+        ``views`` (a prompt) the self-attention keys/values are also stored."""
         cos, sin, mask = self.stack.positions(byte_states.shape[1], byte_states.device)
         h = byte_states
         for i, layer in enumerate(self.stack.layers):
             if i < len(self.cross_attn_layers):
                 h = h + self.cross_attn_layers[i].forward_grouped(h, slots, read_patch)
-            h = layer(h, cos, sin, mask)
+            h = layer(h, cos, sin, mask, views[i] if views else None)
+        return self.lm_head(self.norm(h))
+
+    def decode(
+        self, byte_states: torch.Tensor, read_keys: torch.Tensor, read_values: torch.Tensor, views: list[CacheView]
+    ) -> torch.Tensor:
+        """One byte per sequence: byte_states [B, 1, dim]; read_keys/values
+        [B, n_cross, k, H, hd] of the patch each byte reads. Returns logits [B, 1, V]."""
+        cos, sin = self.stack.rotary(views[0].positions)
+        h = byte_states
+        for i, (layer, view) in enumerate(zip(self.stack.layers, views)):
+            if i < len(self.cross_attn_layers):
+                h = h + self.cross_attn_layers[i].attend_slots(h, read_keys[:, None, i], read_values[:, None, i])
+            h = layer(h, cos, sin, None, view)
         return self.lm_head(self.norm(h))
 
 
@@ -131,7 +184,7 @@ class BltModel(nn.Module):
         """Patch start mask [B, T + 1] of ``tokens`` [B, T], and the next-symbol
         entropies [B, T] when the patching mode uses them (else None)."""
         entropies = None
-        if self.cfg.patching.mode in ("entropy", "monotonic"):
+        if uses_entropies(self.cfg.patching):
             entropies = entropies_from_logits(self.entropy_model(tokens))
         return patch_starts(tokens, entropies, self.cfg.patching), entropies
 

@@ -34,6 +34,33 @@ def _space_like(tokens: torch.Tensor) -> torch.Tensor:
     return ~alnum | (tokens < OFFSET)
 
 
+def rule_starts(
+    cfg: PatchingConfig,
+    position: torch.Tensor,
+    entropy_prev: torch.Tensor | None,
+    entropy_prev2: torch.Tensor | None,
+    token_prev: torch.Tensor,
+    token_prev2: torch.Tensor,
+) -> torch.Tensor:
+    """Whether position p >= 2 starts a patch by the mode's own rule (before
+    ``max_patch_length``), from what is known once symbol p - 1 exists:
+    H(x_p | x_<p), H(x_{p-1} | x_<p-1), x_{p-1} and x_{p-2}. All arguments
+    broadcast: the full-sequence patcher passes whole rows, the incremental
+    engine one position per sequence."""
+    if cfg.mode == "entropy":
+        return entropy_prev > cfg.threshold
+    if cfg.mode == "monotonic":
+        return (position == 2) | (entropy_prev - entropy_prev2 > cfg.threshold)
+    if cfg.mode == "static":
+        return (position - 1) % cfg.patch_size == 0
+    # space: x_{p-1} is the first of a run of separators (special symbols always count)
+    return _space_like(token_prev) & (~_space_like(token_prev2) | (token_prev < OFFSET))
+
+
+def uses_entropies(cfg: PatchingConfig) -> bool:
+    return cfg.mode in ("entropy", "monotonic")
+
+
 def patch_starts(tokens: torch.Tensor, entropies: torch.Tensor | None, cfg: PatchingConfig) -> torch.Tensor:
     """tokens: [B, T]; entropies: [B, T] with entropies[:, t] = H(x_{t+1} | x_<=t)
     (needed by the entropy modes). Returns bool [B, T + 1]."""
@@ -41,19 +68,15 @@ def patch_starts(tokens: torch.Tensor, entropies: torch.Tensor | None, cfg: Patc
     starts = torch.zeros(batch, seq + 1, dtype=torch.bool, device=tokens.device)
     starts[:, : min(2, seq + 1)] = True
     if seq >= 2:
-        # Position p >= 2 is decided by what is known after symbol p - 1.
-        if cfg.mode == "entropy":
-            starts[:, 2:] = entropies[:, 1:] > cfg.threshold
-        elif cfg.mode == "monotonic":
-            starts[:, 2] = True
-            starts[:, 3:] = (entropies[:, 2:] - entropies[:, 1:-1]) > cfg.threshold
-        elif cfg.mode == "static":
-            positions = torch.arange(2, seq + 1, device=tokens.device)
-            starts[:, 2:] = ((positions - 1) % cfg.patch_size == 0)[None]
-        elif cfg.mode == "space":
-            ends = _space_like(tokens)
-            ends[:, 1:] &= ~ends[:, :-1].clone() | (tokens[:, 1:] < OFFSET)
-            starts[:, 2:] = ends[:, 1:]
+        positions = torch.arange(2, seq + 1, device=tokens.device)
+        starts[:, 2:] = rule_starts(
+            cfg,
+            positions,
+            entropies[:, 1:] if entropies is not None else None,
+            entropies[:, :-1] if entropies is not None else None,
+            tokens[:, 1:],
+            tokens[:, :-1],
+        )
     if cfg.max_patch_length is not None:
         starts = split_long_patches(starts, cfg.max_patch_length)
     return starts
