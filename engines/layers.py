@@ -75,26 +75,39 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for rotary embeddings over interleaved pairs (x0, x1), (x2, x3), ..."""
+    """Rotations for rotary embeddings over interleaved pairs (x0, x1), (x2, x3), ...,
+    as unit complex numbers: pair j at position p turns by p * theta^(-2j / head_dim)."""
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: [..., T] -> cos, sin: [..., T, head_dim]
-        freqs = positions.to(torch.float32)[..., None] * self.inv_freq
-        freqs = torch.repeat_interleave(freqs, 2, dim=-1)
-        return freqs.cos(), freqs.sin()
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        # positions: [..., T] -> complex rotations [..., T, head_dim / 2]
+        angles = positions.to(torch.float32)[..., None] * self.inv_freq
+        return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [B, H, T, hd]; cos, sin: [B or 1, T, hd]
-    pairs = x.float().unflatten(-1, (-1, 2))
-    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
-    return (x.float() * cos + rotated * sin).to(x.dtype)
+def apply_rotary(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    # x: [B, T, heads, hd]; rotations: [B or 1, T, hd / 2] complex
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotations.unsqueeze(-2)).flatten(-2).to(x.dtype)
+
+
+def fused_weight(owner: nn.Module, linears: tuple[nn.Linear, ...]) -> torch.Tensor:
+    """The weights of ``linears`` stacked into one matrix, so projections that
+    read the same input run as one matmul. Without autograd the stacked copy is
+    kept and rebuilt only when a weight changes (moved or written in place)."""
+    weights = [linear.weight for linear in linears]
+    if torch.is_grad_enabled():
+        return torch.cat(weights)
+    key = tuple((w.data_ptr(), w._version) for w in weights)
+    cached = owner.__dict__.get("_fused")
+    if cached is None or cached[0] != key:
+        cached = (key, torch.cat(weights))
+        owner.__dict__["_fused"] = cached
+    return cached[1]
 
 
 def causal_mask(n_queries: int, n_keys: int, window: int | None, device) -> torch.Tensor:
@@ -119,20 +132,21 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: CacheView | None = None):
+    def forward(self, x, rotations, mask, cache: CacheView | None = None, layer: int = 0):
         """x: [B, T, dim]. With ``mask`` the tokens attend among themselves (a
         whole sequence, or a prompt whose keys/values are also stored in
         ``cache``); with ``mask=None`` they are stored first and attend to
-        everything cached (one decode step)."""
+        what ``cache`` allows (one decode step)."""
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        n_qk = self.n_heads + self.n_kv_heads
+        qkv = F.linear(x, fused_weight(self, (self.q_proj, self.k_proj, self.v_proj)))
+        qkv = qkv.view(batch, seq, n_qk + self.n_kv_heads, self.head_dim)
+        qk = apply_rotary(qkv[:, :, :n_qk], rotations).transpose(1, 2)  # [B, H + Hkv, T, hd]
+        q, k, v = qk[:, : self.n_heads], qk[:, self.n_heads :], qkv[:, :, n_qk:].transpose(1, 2)
         if cache is not None:
-            cache.write(k, v)
+            cache.write(layer, k, v)
             if mask is None:
-                k, v, mask = cache.read()
+                (k, v), mask = cache.read(layer), cache.mask
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads
         )
@@ -147,7 +161,8 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, fused_weight(self, (self.gate_proj, self.up_proj))).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -158,8 +173,8 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = FeedForward(cfg.dim, cfg.hidden_dim)
 
-    def forward(self, x, cos, sin, mask, cache: CacheView | None = None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, rotations, mask, cache: CacheView | None = None, layer: int = 0):
+        x = x + self.self_attn(self.input_layernorm(x), rotations, mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -172,34 +187,40 @@ class TransformerStack(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
 
-    def positions(self, seq: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """cos, sin and the causal mask for positions 0..seq-1."""
-        cos, sin = self.rotary(torch.arange(seq, device=device)[None])
-        return cos, sin, causal_mask(seq, seq, self.cfg.window, device)
+    def positions(self, seq: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotations and the causal mask for positions 0..seq-1."""
+        rotations = self.rotary(torch.arange(seq, device=device)[None])
+        return rotations, causal_mask(seq, seq, self.cfg.window, device)
 
-    def new_caches(self, slots: int, capacity: int, device, dtype) -> list[KVCache]:
-        """One cache per layer: a ring of ``window`` entries for local attention,
-        else ``capacity`` positions."""
+    def new_cache(self, slots: int, capacity: int, device, dtype) -> KVCache:
+        """The stack's cache: a ring of ``window`` entries for local attention,
+        else up to ``capacity`` positions."""
         ring = self.cfg.window is not None
         size = self.cfg.window if ring else capacity
-        return [KVCache(slots, self.cfg.kv_heads, self.cfg.head_dim, size, ring, device, dtype) for _ in self.layers]
+        return KVCache(len(self.layers), slots, self.cfg.kv_heads, self.cfg.head_dim, size, ring, device, dtype)
 
-    def views(self, caches: list[KVCache], slots: torch.Tensor, positions: torch.Tensor) -> list[CacheView]:
-        return [CacheView(cache, slots, positions, self.cfg.window) for cache in caches]
+    def prefill_view(self, cache: KVCache, slot: int, length: int) -> CacheView:
+        """Where a prompt of ``length`` tokens at positions 0.. of ``slot`` is stored."""
+        positions = torch.arange(length, device=cache.keys.device)[None]
+        return cache.view([slot], positions, self.cfg.window, decode=False)
 
-    def forward(self, h: torch.Tensor, views: list[CacheView] | None = None) -> torch.Tensor:
-        """h: [B, T, dim] at positions 0..T-1; with ``views`` (a prompt) the keys
+    def decode_view(self, cache: KVCache, slots: list[int], positions: torch.Tensor) -> CacheView:
+        """One new token per sequence of ``slots``, at ``positions`` [B]."""
+        return cache.view(slots, positions[:, None], self.cfg.window, decode=True)
+
+    def forward(self, h: torch.Tensor, cache: CacheView | None = None) -> torch.Tensor:
+        """h: [B, T, dim] at positions 0..T-1; with ``cache`` (a prompt) the keys
         and values are also stored."""
-        cos, sin, mask = self.positions(h.shape[1], h.device)
+        rotations, mask = self.positions(h.shape[1], h.device)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, views[i] if views else None)
+            h = layer(h, rotations, mask, cache, i)
         return h
 
-    def decode(self, h: torch.Tensor, views: list[CacheView]) -> torch.Tensor:
-        """h: [B, 1, dim], one new token per sequence at ``views[i].positions``."""
-        cos, sin = self.rotary(views[0].positions)
-        for layer, view in zip(self.layers, views):
-            h = layer(h, cos, sin, None, view)
+    def decode(self, h: torch.Tensor, cache: CacheView) -> torch.Tensor:
+        """h: [B, 1, dim], one new token per sequence at ``cache.positions``."""
+        rotations = self.rotary(cache.positions)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rotations, None, cache, i)
         return h
 
 

@@ -5,7 +5,9 @@ submitted from any thread; at each step the scheduler drops cancelled
 requests, admits waiting ones into free cache slots (prefill), advances every
 running sequence by one symbol in a single batched step, and retires the
 finished ones, freeing their slots at once. Requests beyond the free slots
-wait in a bounded queue.
+wait in a bounded queue. Running sequences always occupy slots 0..B-1 (a
+retired sequence's slot is refilled by moving the last one down), so a
+step reads its caches as views, never as gathered copies.
 
 The family supplies the model math through ``StepModel``: ``prefill`` for one
 new sequence and ``decode`` for a batch; the scheduler never looks inside a
@@ -37,6 +39,11 @@ class SchedulerConfig(BaseModel):
     max_sequence_bytes: int = Field(default=8192, ge=1)
     # Requests that may wait for a free slot; more are refused.
     max_queue: int = Field(default=64, ge=0)
+    # Intra-op threads of the scheduler thread's model steps (CPU). Decode
+    # steps are many small operations that gain little from more threads, and
+    # on a small machine a second OpenMP pool beside the caller's halves
+    # throughput (measured: docs/benchmarks.md). Raise it on large CPU replicas.
+    threads: int = Field(default=1, ge=1)
 
 
 class AdmissionError(Exception):
@@ -47,6 +54,9 @@ class StepModel(Protocol):
     """What a family provides to be scheduled."""
 
     def new_caches(self, slots: int, max_sequence_bytes: int) -> Any: ...
+
+    def move(self, caches: Any, source: int, target: int) -> None:
+        """Moves one sequence's cache entries to another slot."""
 
     def prefill(self, caches: Any, slot: int, prompt: bytes) -> tuple[torch.Tensor, Any]:
         """Fills ``slot`` from the prompt; returns the next-symbol logits [V] and the sequence state."""
@@ -102,7 +112,7 @@ class Scheduler:
     def __init__(self, model: StepModel, config: SchedulerConfig, device):
         self.model, self.config, self.device = model, config, device
         self.caches = model.new_caches(config.max_batch_size, config.max_sequence_bytes)
-        self._free = list(range(config.max_batch_size - 1, -1, -1))
+        self._free = list(range(config.max_batch_size - 1, -1, -1))  # popped from the end: lowest first
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._lock = threading.Condition()
@@ -153,6 +163,7 @@ class Scheduler:
         return len(self._running)
 
     def _loop(self) -> None:
+        torch.set_num_threads(self.config.threads)  # per thread: callers keep their own setting
         while True:
             with self._lock:
                 while not self._waiting and not self._running and not self._closed:
@@ -169,6 +180,7 @@ class Scheduler:
         """Drop cancelled requests, admit waiting ones, decode one symbol for all."""
         for request in [r for r in self._running if r.cancelled]:
             self._retire(request, None)
+        self._compact()
         with self._lock:
             self._waiting = deque(r for r in self._waiting if not r.cancelled)
             admitted = []
@@ -194,6 +206,20 @@ class Scheduler:
                 self._choose(request, row)
         self.steps += 1
 
+    def _compact(self) -> None:
+        """Moves sequences down so the running ones hold slots 0..B-1."""
+        count = len(self._running)
+        for request in sorted(self._running, key=lambda r: r.slot, reverse=True):
+            if request.slot < count:
+                break
+            with self._lock:
+                target = self._free.pop()
+                self._free.append(request.slot)
+                self._free.sort(reverse=True)
+            self.model.move(self.caches, request.slot, target)
+            request.slot = target
+        self._running.sort(key=lambda r: r.slot)
+
     def _choose(self, request: Request, logits: torch.Tensor) -> None:
         request.pending, delta = self.model.choose(request.decoding, logits)
         if delta:
@@ -213,6 +239,7 @@ class Scheduler:
         self._running.remove(request)
         with self._lock:
             self._free.append(request.slot)
+            self._free.sort(reverse=True)
 
 
 def _close(scheduler_ref: weakref.ref) -> None:

@@ -12,9 +12,9 @@ except ImportError:  # pragma: no cover - triton is a declared dependency
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """y = weight * x / sqrt(mean(x^2) + eps), statistics in float32."""
-    x32 = x.float()
-    normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
+    """y = weight * x / sqrt(mean(x^2) + eps): statistics in float32, the
+    normalised x cast back to x's dtype before the weight (as in Llama)."""
+    normed = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps)
     return weight * normed.to(x.dtype)
 
 

@@ -1,6 +1,8 @@
 import torch
 
-from engines.blt.hashing import PRIMES, hash_table_ids, ngram_hash_ids, rolling_hash
+from engines.blt.hashing import (
+    PRIMES, hash_table_ids, last_hash_table_ids, last_position_coefficients, ngram_hash_ids, rolling_hash,
+)
 
 
 def int64_wrap(value: int) -> int:
@@ -51,3 +53,15 @@ def test_tables_are_offset_per_function_and_size():
     expected = [ngram_hash_ids(tokens, n, PRIMES[f], 97) + table * 97
                 for table, (f, n) in enumerate([(0, 3), (0, 5), (1, 3), (1, 5)])]
     assert torch.equal(ids, torch.stack(expected, dim=-1))
+
+
+def test_last_position_ids_equal_the_full_computation():
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 260, (3, 20))
+    sizes, functions, buckets = [3, 4, 5, 6, 7, 8], 2, 500_002
+    full = hash_table_ids(tokens, sizes, functions, buckets)
+    for end in (1, 2, 5, 8, 20):
+        window = tokens[:, max(0, end - 8) : end]
+        window = torch.cat([window.new_zeros(3, 8 - window.shape[1]), window], dim=1)
+        coefficients = last_position_coefficients(sizes, functions, "cpu")
+        assert torch.equal(last_hash_table_ids(window, coefficients, buckets), full[:, end - 1])

@@ -153,10 +153,25 @@ def test_cancelling_frees_the_slot_for_the_next_request():
 def test_cache_memory_per_sequence_is_bounded_by_the_config():
     engine = make_engine(max_sequence_bytes=100)
     caches = engine.scheduler.caches
-    ring = sum(c.max_bytes_per_slot for c in [*caches.entropy, *caches.encoder, *caches.decoder])
-    linear = sum(c.max_bytes_per_slot for c in caches.global_)
-    assert all(c.ring and c.capacity == 6 for c in [*caches.entropy, *caches.encoder, *caches.decoder])
-    assert all(not c.ring and c.capacity == 101 for c in caches.global_)
+    assert all(c.ring and c.capacity == 6 for c in (caches.entropy, caches.encoder, caches.decoder))
+    assert not caches.global_.ring and caches.global_.capacity == 101
+    assert caches.global_.size < 101  # linear caches grow only as patches arrive
     engine.generate_one(b"x" * 40, SamplingParams(max_new_bytes=60))
-    assert all(c.size <= c.capacity for c in caches.global_)
-    assert caches.bytes_per_slot <= ring + linear + 2 * caches.read_keys[0].numel() * 4
+    assert caches.global_.size <= caches.global_.capacity
+    assert caches.bytes_per_slot <= caches.max_bytes_per_slot
+    per_position = caches.global_.bytes_per_position()
+    assert caches.max_bytes_per_slot - caches.bytes_per_slot == (101 - caches.global_.size) * per_position
+
+
+def test_trained_checkpoint_fast_path_matches_the_reference(tiny_checkpoint):
+    import engines
+
+    engine = engines.load(tiny_checkpoint, scheduler=SchedulerConfig(max_batch_size=3, max_sequence_bytes=300))
+    prompts = [b"def ", "# ñandú 日本\n".encode(), b"", b"\x00\xff\x10binary", b"import os\nimport sys\n"]
+    params = SamplingParams(max_new_bytes=48)
+    requests = [engine.submit(p, params) for p in prompts]  # 5 requests through 3 slots
+    for prompt, request in zip(prompts, requests):
+        fast, slow = request.result(), reference(engine, prompt, params)
+        assert fast.text == slow.text and fast.patch_lengths == slow.patch_lengths
+    sampled = SamplingParams(max_new_bytes=48, temperature=0.9, top_k=40, seed=7)
+    assert engine.generate_one(b"class ", sampled).text == reference(engine, b"class ", sampled).text

@@ -106,6 +106,9 @@ class BltEngine:
     def prefill(self, caches, slot: int, prompt: bytes):
         return incremental.prefill(self.model, caches, slot, prompt_tokens(prompt))
 
+    def move(self, caches, source: int, target: int) -> None:
+        caches.move(source, target)
+
     def decode(self, caches, slots, states, symbols) -> torch.Tensor:
         return incremental.decode_step(self.model, caches, slots, states, symbols)
 

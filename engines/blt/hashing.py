@@ -47,3 +47,27 @@ def hash_table_ids(tokens: torch.Tensor, ngram_sizes: list[int], n_functions: in
             table = len(ids)
             ids.append(ngram_hash_ids(tokens, n, PRIMES[function], buckets) + table * buckets)
     return torch.stack(ids, dim=-1)
+
+
+def last_position_coefficients(ngram_sizes: list[int], n_functions: int, device) -> torch.Tensor:
+    """int64 [n_tables, max(ngram_sizes)]: row t holds table t's prime powers
+    aligned to the end of the window, zero before its n-gram."""
+    context = max(ngram_sizes)
+    coefficients = torch.zeros(n_functions * len(ngram_sizes), context, dtype=torch.int64)
+    for function in range(n_functions):
+        prime = torch.tensor(PRIMES[function], dtype=torch.int64)
+        for i, n in enumerate(ngram_sizes):
+            coefficients[function * len(ngram_sizes) + i, context - n :] = prime ** torch.arange(n)
+    return coefficients.to(device)
+
+
+def last_hash_table_ids(recent: torch.Tensor, coefficients: torch.Tensor, buckets: int) -> torch.Tensor:
+    """The ids of ``hash_table_ids`` for the last position only, from the last
+    ``max(ngram_sizes)`` symbols [B, C] (left-padded with 0): [B, n_tables].
+
+    Every table's hash is its coefficient row (``last_position_coefficients``)
+    dotted with the window; wrapping int64 arithmetic gives the same value in
+    any summation order.
+    """
+    offsets = torch.arange(coefficients.shape[0], device=recent.device) * buckets
+    return torch.remainder((recent[:, None, :] * coefficients).sum(dim=-1), buckets) + offsets

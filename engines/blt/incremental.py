@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engines.blt.model import BltModel
+from engines.kv_cache import slot_selector
 from engines.blt.patching import entropies_from_logits, patch_ids_from_starts, patch_starts, rule_starts, uses_entropies
 
 
@@ -37,10 +38,10 @@ class BltCaches:
     def __init__(self, model: BltModel, slots: int, max_patches: int):
         param = next(model.parameters())
         device, dtype = param.device, param.dtype
-        self.entropy = model.entropy_model.stack.new_caches(slots, max_patches, device, dtype)
-        self.encoder = model.local_encoder.stack.new_caches(slots, max_patches, device, dtype)
-        self.global_ = model.global_model.stack.new_caches(slots, max_patches, device, dtype)
-        self.decoder = model.local_decoder.stack.new_caches(slots, max_patches, device, dtype)
+        self.entropy = model.entropy_model.stack.new_cache(slots, max_patches, device, dtype)
+        self.encoder = model.local_encoder.stack.new_cache(slots, max_patches, device, dtype)
+        self.global_ = model.global_model.stack.new_cache(slots, max_patches, device, dtype)
+        self.decoder = model.local_decoder.stack.new_cache(slots, max_patches, device, dtype)
         decoder = model.local_decoder
         n_cross, heads = len(decoder.cross_attn_layers), decoder.cross_attn_layers[0].n_heads
         shape = (slots, n_cross, decoder.k, heads, decoder.dim // heads)
@@ -49,16 +50,31 @@ class BltCaches:
         self.max_patches = max_patches
 
     def all(self):
-        return [*self.entropy, *self.encoder, *self.global_, *self.decoder]
+        return [self.entropy, self.encoder, self.global_, self.decoder]
+
+    @property
+    def _read_bytes_per_slot(self) -> int:
+        return 2 * self.read_keys[0].numel() * self.read_keys.element_size()
 
     @property
     def bytes_per_slot(self) -> int:
-        read = 2 * self.read_keys[0].numel() * self.read_keys.element_size()
-        return sum(cache.bytes_per_slot for cache in self.all()) + read
+        """Cache memory one sequence slot occupies now."""
+        return sum(cache.bytes_per_slot for cache in self.all()) + self._read_bytes_per_slot
+
+    @property
+    def max_bytes_per_slot(self) -> int:
+        """The most cache memory one sequence can take (set by the config)."""
+        return sum(cache.max_bytes_per_slot for cache in self.all()) + self._read_bytes_per_slot
 
     def release(self, slot: int) -> None:
         for cache in self.all():
             cache.clear(slot)
+
+    def move(self, source: int, target: int) -> None:
+        for cache in self.all():
+            cache.move(source, target)
+        self.read_keys[target] = self.read_keys[source]
+        self.read_values[target] = self.read_values[source]
 
 
 @dataclass
@@ -88,30 +104,28 @@ def prefill(model: BltModel, caches: BltCaches, slot: int, tokens: list[int]) ->
     device = caches.read_keys.device
     x = torch.tensor([tokens], device=device)  # [1, n]
     n = x.shape[1]
-    slot_index = torch.tensor([slot], device=device)
-    positions = torch.arange(n, device=device)[None]
     caches.release(slot)
 
     entropies = None
     if uses_entropies(cfg.patching):
-        views = model.entropy_model.stack.views(caches.entropy, slot_index, positions)
-        entropies = entropies_from_logits(model.entropy_model(x, views))
+        stack = model.entropy_model.stack
+        entropies = entropies_from_logits(model.entropy_model(x, stack.prefill_view(caches.entropy, slot, n)))
     starts = patch_starts(x, entropies, cfg.patching)[0]  # [n + 1]
     natural = patch_starts(x, entropies, cfg.patching.model_copy(update={"max_patch_length": None}))[0]
     patch_ids = patch_ids_from_starts(starts[None])[0]
 
     encoder = model.local_encoder
-    byte_states = encoder.stack(encoder.embed(x), encoder.stack.views(caches.encoder, slot_index, positions))
+    byte_states = encoder.stack(encoder.embed(x), encoder.stack.prefill_view(caches.encoder, slot, n))
     closed = int(patch_ids[n])  # patches before the one the next symbol belongs to
     in_closed = int((patch_ids[:n] < closed).sum())  # their bytes come first
     vectors = encoder.pool_patches(byte_states[:, :in_closed], patch_ids[None, :in_closed], closed)
-    global_views = model.global_model.stack.views(caches.global_, slot_index, torch.arange(closed, device=device)[None])
-    global_states = model.global_model(vectors, global_views)  # [1, closed, Dg]
+    global_cache = model.global_model.stack.prefill_view(caches.global_, slot, closed)
+    global_states = model.global_model(vectors, global_cache)  # [1, closed, Dg]
 
     decoder = model.local_decoder
     slots = decoder.patch_slots(global_states)  # [1, closed, k, dim]
     read_patch = patch_ids[None, 1:] - 1
-    logits = decoder(byte_states, slots, read_patch, decoder.stack.views(caches.decoder, slot_index, positions))
+    logits = decoder(byte_states, slots, read_patch, decoder.stack.prefill_view(caches.decoder, slot, n))
     keys, values = decoder.slot_keys_values(slots[0, closed - 1])
     caches.read_keys[slot], caches.read_values[slot] = keys, values
 
@@ -138,18 +152,18 @@ def decode_step(
     logits of each sequence's next symbol [B, V]. Updates ``states`` in place."""
     cfg = model.cfg
     device = caches.read_keys.device
-    slot_index = torch.tensor(slots, device=device)
+    slot_index = slot_selector(slots, device)
     positions = torch.tensor([len(s.tokens) for s in states], device=device)  # position of the new symbol
     for state, token in zip(states, new_tokens):
         state.tokens.append(token)
-    step_positions = positions[:, None]
     new = torch.tensor(new_tokens, device=device)[:, None]  # [B, 1]
 
     # 1. entropy model -> does the symbol after the new one open a patch?
     entropy = torch.zeros(len(states), device=device)
     if uses_entropies(cfg.patching):
-        views = model.entropy_model.stack.views(caches.entropy, slot_index, step_positions)
-        entropy = entropies_from_logits(model.entropy_model.decode(new, views))[:, 0]
+        stack = model.entropy_model.stack
+        view = stack.decode_view(caches.entropy, slots, positions)
+        entropy = entropies_from_logits(model.entropy_model.decode(new, view))[:, 0]
     entropy_before = torch.tensor([s.entropy for s in states], device=device)
     previous = torch.tensor([s.tokens[-2] for s in states], device=device)
     next_position = positions + 1
@@ -163,7 +177,7 @@ def decode_step(
     # 2. local encoder -> the new byte's state joins its patch
     encoder = model.local_encoder
     recent = torch.tensor([_recent(s.tokens, encoder.context) for s in states], device=device)
-    byte_states = encoder.decode(recent, encoder.stack.views(caches.encoder, slot_index, step_positions))
+    byte_states = encoder.decode(recent, encoder.stack.decode_view(caches.encoder, slots, positions))
 
     opens_list, entropy_list, natural_list = opens.tolist(), entropy.tolist(), natural_start.tolist()
     closing = []
@@ -182,8 +196,8 @@ def decode_step(
 
     # 4. local decoder -> logits of the next symbol
     decoder = model.local_decoder
-    views = decoder.stack.views(caches.decoder, slot_index, step_positions)
-    logits = decoder.decode(byte_states, caches.read_keys[slot_index], caches.read_values[slot_index], views)
+    view = decoder.stack.decode_view(caches.decoder, slots, positions)
+    logits = decoder.decode(byte_states, caches.read_keys[slot_index], caches.read_values[slot_index], view)
     return logits[:, 0].float()
 
 
@@ -202,10 +216,10 @@ def _close_patches(model: BltModel, caches: BltCaches, slots: list[int], states:
     ])
     valid = torch.arange(longest, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
     vectors = model.local_encoder.pool_one_patch(padded, valid)  # [b, 1, k * dim]
-    slot_index = torch.tensor(slots, device=device)
-    patch_positions = torch.tensor([[s.closed_patches] for s in states], device=device)
-    views = model.global_model.stack.views(caches.global_, slot_index, patch_positions)
-    global_states = model.global_model.decode(vectors, views)  # [b, 1, Dg]
+    slot_index = slot_selector(slots, device)
+    patch_positions = torch.tensor([s.closed_patches for s in states], device=device)
+    view = model.global_model.stack.decode_view(caches.global_, slots, patch_positions)
+    global_states = model.global_model.decode(vectors, view)  # [b, 1, Dg]
     keys, values = model.local_decoder.slot_keys_values(model.local_decoder.patch_slots(global_states)[:, 0])
     caches.read_keys[slot_index], caches.read_values[slot_index] = keys, values
     for state in states:

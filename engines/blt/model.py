@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from engines.blt.config import BltConfig
-from engines.blt.hashing import hash_table_ids
+from engines.blt.hashing import hash_table_ids, last_hash_table_ids, last_position_coefficients
 from engines.blt.patching import entropies_from_logits, patch_starts, uses_entropies
 from engines.kv_cache import CacheView
 from engines.layers import CrossAttention, RMSNorm, TransformerConfig, TransformerStack
@@ -28,13 +28,13 @@ class EntropyModel(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, vocab_size, bias=False)
 
-    def forward(self, tokens: torch.Tensor, views: list[CacheView] | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: CacheView | None = None) -> torch.Tensor:
         # tokens: [B, T] -> logits [B, T, V]
-        return self.lm_head(self.norm(self.stack(self.embed_tokens(tokens), views)))
+        return self.lm_head(self.norm(self.stack(self.embed_tokens(tokens), cache)))
 
-    def decode(self, tokens: torch.Tensor, views: list[CacheView]) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, cache: CacheView) -> torch.Tensor:
         # tokens: [B, 1] -> logits [B, 1, V]
-        return self.lm_head(self.norm(self.stack.decode(self.embed_tokens(tokens), views)))
+        return self.lm_head(self.norm(self.stack.decode(self.embed_tokens(tokens), cache)))
 
 
 class LocalEncoder(nn.Module):
@@ -47,6 +47,7 @@ class LocalEncoder(nn.Module):
         self.stack = TransformerStack(local)
         self.patch_embedding_projection = nn.Linear(local.dim, local.dim * cfg.cross_attn_k, bias=False)
         self.cross_attn = CrossAttention(local.dim, local.n_heads, local.norm_eps)
+        self._coefficients: torch.Tensor | None = None  # hash coefficients of one decode step
 
     @property
     def context(self) -> int:
@@ -89,11 +90,17 @@ class LocalEncoder(nn.Module):
         n_patches = int(patch_ids.max()) + 1
         return byte_states, self.pool_patches(byte_states, patch_ids, n_patches)
 
-    def decode(self, recent_tokens: torch.Tensor, views: list[CacheView]) -> torch.Tensor:
+    def decode(self, recent_tokens: torch.Tensor, cache: CacheView) -> torch.Tensor:
         """recent_tokens: [B, context], the last ``context`` symbols of each
         sequence (left-padded with 0 like the hash windows), the new one last.
         Returns the new byte's states [B, 1, dim]."""
-        return self.stack.decode(self.embed(recent_tokens)[:, -1:], views)
+        if self._coefficients is None or self._coefficients.device != recent_tokens.device:
+            self._coefficients = last_position_coefficients(
+                self.hashing.ngram_sizes, self.hashing.n_functions, recent_tokens.device
+            )
+        ids = last_hash_table_ids(recent_tokens, self._coefficients, self.hashing.buckets)
+        embedded = self.embed_tokens(recent_tokens[:, -1:]) + self.hash_embeddings(ids).sum(dim=1)[:, None]
+        return self.stack.decode(embedded, cache)
 
 
 class GlobalModel(nn.Module):
@@ -109,13 +116,13 @@ class GlobalModel(nn.Module):
         )
         self.stack = TransformerStack(cfg.global_model)
 
-    def forward(self, patch_vectors: torch.Tensor, views: list[CacheView] | None = None) -> torch.Tensor:
+    def forward(self, patch_vectors: torch.Tensor, cache: CacheView | None = None) -> torch.Tensor:
         # [B, P, k * local dim] -> [B, P, global dim]
-        return self.stack(self.token_embedding_projection(patch_vectors), views)
+        return self.stack(self.token_embedding_projection(patch_vectors), cache)
 
-    def decode(self, patch_vectors: torch.Tensor, views: list[CacheView]) -> torch.Tensor:
+    def decode(self, patch_vectors: torch.Tensor, cache: CacheView) -> torch.Tensor:
         # [B, 1, k * local dim] -> [B, 1, global dim]
-        return self.stack.decode(self.token_embedding_projection(patch_vectors), views)
+        return self.stack.decode(self.token_embedding_projection(patch_vectors), cache)
 
 
 class LocalDecoder(nn.Module):
@@ -144,30 +151,30 @@ class LocalDecoder(nn.Module):
 
     def forward(
         self, byte_states: torch.Tensor, slots: torch.Tensor, read_patch: torch.Tensor,
-        views: list[CacheView] | None = None,
+        cache: CacheView | None = None,
     ) -> torch.Tensor:
         """byte_states: [B, T, dim]; slots: [B, P, k, dim]; read_patch: [B, T],
         the patch whose slots each byte reads. Returns logits [B, T, V]; with
-        ``views`` (a prompt) the self-attention keys/values are also stored."""
-        cos, sin, mask = self.stack.positions(byte_states.shape[1], byte_states.device)
+        ``cache`` (a prompt) the self-attention keys/values are also stored."""
+        rotations, mask = self.stack.positions(byte_states.shape[1], byte_states.device)
         h = byte_states
         for i, layer in enumerate(self.stack.layers):
             if i < len(self.cross_attn_layers):
                 h = h + self.cross_attn_layers[i].forward_grouped(h, slots, read_patch)
-            h = layer(h, cos, sin, mask, views[i] if views else None)
+            h = layer(h, rotations, mask, cache, i)
         return self.lm_head(self.norm(h))
 
     def decode(
-        self, byte_states: torch.Tensor, read_keys: torch.Tensor, read_values: torch.Tensor, views: list[CacheView]
+        self, byte_states: torch.Tensor, read_keys: torch.Tensor, read_values: torch.Tensor, cache: CacheView
     ) -> torch.Tensor:
         """One byte per sequence: byte_states [B, 1, dim]; read_keys/values
         [B, n_cross, k, H, hd] of the patch each byte reads. Returns logits [B, 1, V]."""
-        cos, sin = self.stack.rotary(views[0].positions)
+        rotations = self.stack.rotary(cache.positions)
         h = byte_states
-        for i, (layer, view) in enumerate(zip(self.stack.layers, views)):
+        for i, layer in enumerate(self.stack.layers):
             if i < len(self.cross_attn_layers):
                 h = h + self.cross_attn_layers[i].attend_slots(h, read_keys[:, None, i], read_values[:, None, i])
-            h = layer(h, cos, sin, None, view)
+            h = layer(h, rotations, None, cache, i)
         return self.lm_head(self.norm(h))
 
 
