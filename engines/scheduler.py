@@ -50,6 +50,10 @@ class AdmissionError(Exception):
     """A request the scheduler refuses (gRPC RESOURCE_EXHAUSTED)."""
 
 
+class RequestCancelled(Exception):
+    """Delivered to a request that was cancelled before it finished."""
+
+
 class StepModel(Protocol):
     """What a family provides to be scheduled."""
 
@@ -119,7 +123,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.steps = 0
-        self.batch_sizes: list[int] = []
+        self.batch_sizes: deque[int] = deque(maxlen=4096)  # decode batch size of recent steps
 
     def submit(
         self, prompt: bytes, params: SamplingParams, emit: Callable[[Any], None] | None = None
@@ -179,10 +183,12 @@ class Scheduler:
     def step(self) -> None:
         """Drop cancelled requests, admit waiting ones, decode one symbol for all."""
         for request in [r for r in self._running if r.cancelled]:
-            self._retire(request, None)
+            self._retire(request, RequestCancelled())
         self._compact()
         with self._lock:
-            self._waiting = deque(r for r in self._waiting if not r.cancelled)
+            for request in [r for r in self._waiting if r.cancelled]:
+                self._waiting.remove(request)
+                request._emit(RequestCancelled())
             admitted = []
             while self._waiting and self._free:
                 request = self._waiting.popleft()
@@ -194,7 +200,11 @@ class Scheduler:
             if request.decoding.finished:  # max_new_bytes == 0
                 self._finish(request)
                 continue
-            logits, request.state = self.model.prefill(self.caches, request.slot, request.prompt)
+            try:
+                logits, request.state = self.model.prefill(self.caches, request.slot, request.prompt)
+            except Exception as error:  # fails this request only
+                self._retire(request, error)
+                continue
             self._choose(request, logits)
         batch = [r for r in self._running if not r.decoding.finished]
         if batch:
@@ -234,8 +244,7 @@ class Scheduler:
         self._retire(request, self.model.result(request.prompt, request.decoding, request.state))
 
     def _retire(self, request: Request, outcome: Any) -> None:
-        if outcome is not None:
-            request._emit(outcome)
+        request._emit(outcome)
         self._running.remove(request)
         with self._lock:
             self._free.append(request.slot)

@@ -10,7 +10,7 @@ from engines.blt.engine import BltEngine
 from engines.blt.patching import patch_ids_from_starts
 from engines.blt.reference import prompt_tokens
 from engines.generation import FinishReason, Generation, SamplingParams
-from engines.scheduler import AdmissionError, SchedulerConfig
+from engines.scheduler import AdmissionError, RequestCancelled, SchedulerConfig
 from tests.conftest import random_blt
 
 # Thresholds sit inside the random model's entropy range (about 5.0 to 5.2
@@ -69,6 +69,23 @@ def test_mixed_batches_match_the_reference_and_leave_no_state_behind():
         slow = reference(engine, prompt, SamplingParams(max_new_bytes=n))
         assert result.text == slow.text and result.patch_lengths == slow.patch_lengths
     assert max(engine.scheduler.batch_sizes) == 3
+
+
+def test_a_failing_prefill_fails_only_its_request():
+    engine = make_engine()
+    prefill = engine.prefill
+
+    def failing(caches, slot, prompt):
+        if prompt == b"bad":
+            raise RuntimeError("prefill failed")
+        return prefill(caches, slot, prompt)
+
+    engine.prefill = failing
+    good = engine.submit(b"good", SamplingParams(max_new_bytes=20))
+    bad = engine.submit(b"bad", SamplingParams(max_new_bytes=20))
+    with pytest.raises(RuntimeError, match="prefill failed"):
+        bad.result()
+    assert len(good.result().text) == 20
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch():
@@ -148,6 +165,8 @@ def test_cancelling_frees_the_slot_for_the_next_request():
     blocker.cancel()
     assert len(waiting.result().text) == 3
     assert engine.scheduler.running == 0 and engine.scheduler.queue_depth == 0
+    with pytest.raises(RequestCancelled):
+        list(iterator)  # the cancelled request ends instead of waiting forever
 
 
 def test_cache_memory_per_sequence_is_bounded_by_the_config():
