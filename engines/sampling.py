@@ -18,7 +18,10 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     """logits: [V] (disallowed symbols already at -inf) -> the chosen symbol id."""
     if params.temperature == 0.0:
         return int(torch.argmax(logits))
-    logits = logits.float() / params.temperature
+    logits = logits.float()
+    # Shift the best logit to 0 before dividing: any positive temperature,
+    # however small or large, then gives finite probabilities.
+    logits = (logits - logits.max()) / params.temperature
     if 0 < params.top_k < logits.shape[-1]:
         kth_largest = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))

@@ -1,15 +1,16 @@
-"""python -m serving up | down | client ...
+"""python -m serving up | down | config | status | scale | models | client ...
 
 ``up`` starts a local Ray cluster, Ray Serve's gRPC proxy and the Patchwork
-application serving every checkpoint under --checkpoints. Without --detach it
-stays in the foreground and stops everything on Ctrl-C; with --detach the
-cluster keeps running until ``python -m serving down``.
+application serving every checkpoint under --checkpoints, by deploying the
+Ray Serve config file of the chosen setup. Without --detach it stays in the
+foreground and stops everything on Ctrl-C; with --detach the cluster keeps
+running until ``python -m serving down``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import json
 import signal
 import subprocess
 import sys
@@ -17,15 +18,19 @@ import threading
 import time
 from pathlib import Path
 
+import yaml
+
 from serving import client
-from serving.config import APP_NAME, ROUTE_PREFIX, ServingConfig
+from serving.config import ServingConfig
 
 EXAMPLES = """\
 Patchwork is serving {models} on 127.0.0.1:{port} (default model: {default}).
+Metrics: http://127.0.0.1:{metrics}/metrics
 Try:
   python -m serving client --target 127.0.0.1:{port} generate "def " --max-new-bytes 64
   python -m serving client --target 127.0.0.1:{port} generate "import " --stream --temperature 0.8 --seed 1
   python -m serving client --target 127.0.0.1:{port} score "def main():"
+  python -m serving models --target 127.0.0.1:{port}
 """
 
 
@@ -51,30 +56,48 @@ def _wait_healthy(port: int, timeout_s: float) -> bool:
     return False
 
 
+def load_config(args: argparse.Namespace) -> ServingConfig:
+    """--config FILE (a ServingConfig as YAML) or --setup, then the command-line overrides."""
+    from serving.deploy import setup
+
+    if args.config is not None:
+        config = ServingConfig.model_validate(yaml.safe_load(args.config.read_text()) or {})
+    else:
+        config = setup(args.setup)
+    overrides = {key: getattr(args, key) for key in ("checkpoints", "grpc_port", "device", "metrics_port")
+                 if getattr(args, key, None) is not None}
+    return config.model_copy(update=overrides)
+
+
 def up(args: argparse.Namespace) -> int:
     import ray
 
     from engines.checkpoint import CheckpointError
-    from serving.app import default_model, discover_checkpoints, start
+    from serving.app import default_model, discover_checkpoints
+    from serving.deploy import apply, deploy_config
 
-    config = ServingConfig(checkpoints=args.checkpoints, grpc_port=args.grpc_port, device=args.device)
+    config = load_config(args)
+    config = config.model_copy(update={"checkpoints": config.checkpoints.resolve()})
     try:
         models = discover_checkpoints(config.checkpoints)
         default = default_model(models, config)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cpus = str(args.num_cpus or os.cpu_count() or 1)
+    cpus = args.num_cpus
     if args.detach:
-        _ray("start", "--head", "--num-cpus", cpus, "--include-dashboard=false", "--disable-usage-stats")
+        _ray("start", "--head", "--include-dashboard=false", "--disable-usage-stats",
+             f"--metrics-export-port={config.metrics_port}", *([f"--num-cpus={cpus}"] if cpus else []))
         ray.init(address="auto", logging_level="WARNING")
     else:
-        ray.init(num_cpus=int(cpus), include_dashboard=False, logging_level="WARNING")
-    start(config, APP_NAME, ROUTE_PREFIX)
-    if not _wait_healthy(config.grpc_port, timeout_s=120):
-        print("error: the application did not become healthy; see `ray logs` / `serve status`", file=sys.stderr)
+        ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING",
+                 _metrics_export_port=config.metrics_port)
+    apply(deploy_config(config, list(models)))
+    if not _wait_healthy(config.grpc_port, timeout_s=300):
+        print("error: the application did not become healthy; see `python -m serving status`", file=sys.stderr)
         return 1
-    print(EXAMPLES.format(models=", ".join(sorted(models)), port=config.grpc_port, default=default), flush=True)
+    print(EXAMPLES.format(models=", ".join(sorted(models)), port=config.grpc_port, default=default,
+                          metrics=config.metrics_port), flush=True)
     if args.detach:
         print("Running in the background; stop it with `python -m serving down`.")
         return 0
@@ -105,19 +128,74 @@ def down(_: argparse.Namespace) -> int:
     return 0
 
 
+def config_file(args: argparse.Namespace) -> int:
+    from serving.app import discover_checkpoints
+    from serving.deploy import deploy_config, to_yaml
+
+    config = load_config(args)
+    models = list(discover_checkpoints(config.checkpoints)) if args.discover else ["blt-default"]
+    text = to_yaml(deploy_config(config, models))
+    if args.out:
+        args.out.write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def status_command(args: argparse.Namespace) -> int:
+    from serving import ops
+
+    report = ops.status()
+    print(json.dumps(report, indent=2) if args.json else ops.format_status(report))
+    return 0
+
+
+def scale_command(args: argparse.Namespace) -> int:
+    from serving import ops
+
+    try:
+        ops.scale(args.deployment, args.replicas, timeout_s=args.timeout)
+    except (KeyError, TimeoutError) as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 1
+    print(f"{args.deployment}: {args.replicas} running replicas")
+    return 0
+
+
+def _setup_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--setup", choices=["cpu", "gpu", "autoscale"], default="cpu")
+    parser.add_argument("--config", type=Path, help="a ServingConfig as YAML (instead of --setup)")
+    parser.add_argument("--checkpoints", type=Path)
+    parser.add_argument("--grpc-port", type=int)
+    parser.add_argument("--metrics-port", type=int)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serving", description="Serve Patchwork models over gRPC.")
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("up", help="start serving every checkpoint under --checkpoints")
-    start.add_argument("--checkpoints", type=Path, default=Path("checkpoints"))
-    start.add_argument("--grpc-port", type=int, default=9000)
-    start.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _setup_arguments(start)
     start.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
     start.add_argument("--detach", action="store_true", help="leave the server running in the background")
     commands.add_parser("down", help="stop a detached server")
+    config = commands.add_parser("config", help="print the Ray Serve config file of a setup")
+    _setup_arguments(config)
+    config.add_argument("--discover", action="store_true", help="list the checkpoints found instead of blt-default")
+    config.add_argument("--out", type=Path)
+    status = commands.add_parser("status", help="applications, deployments and replicas of the running server")
+    status.add_argument("--json", action="store_true")
+    scale = commands.add_parser("scale", help="set a deployment's replica count, without dropping requests")
+    scale.add_argument("deployment", help="e.g. model-blt-default or gateway")
+    scale.add_argument("replicas", type=int)
+    scale.add_argument("--timeout", type=float, default=300.0)
+    models = commands.add_parser("models", help="the models being served, with their config and metrics")
+    client.add_connection_arguments(models)
     client.add_arguments(commands.add_parser("client", help="call a running server"))
     args = parser.parse_args(argv)
-    return {"up": up, "down": down, "client": client.run}[args.command](args)
+    handlers = {"up": up, "down": down, "config": config_file, "status": status_command, "scale": scale_command,
+                "models": client.list_models, "client": client.run}
+    return handlers[args.command](args)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 Every checkpoint directory directly under ``ServingConfig.checkpoints`` is a
 model, named after its directory, served by its own deployment
-(``model-<name>``) with the replicas and resources of ``ServingConfig.models``.
+(``model-<name>``) with the replicas and resources of ``ServingConfig.models``
+(or of ``model_overrides[name]``). ``build`` is the application builder that
+Ray Serve config files name (``import_path: serving.app:build``).
 """
 
 from __future__ import annotations
@@ -10,19 +12,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ray import serve
-from ray.serve.config import gRPCOptions
-
 from engines.checkpoint import CONFIG_FILE, CheckpointError, read_header, read_manifest
 from engines.registry import get_family
-from serving.config import ServingConfig
+from serving.config import GATEWAY, ServingConfig, model_deployment
+from serving.deploy import deployment_entry
 from serving.gateway import Gateway
 from serving.model_server import ModelServer
 
-GRPC_SERVICERS = [
-    "patchwork.v1.bytelm_pb2_grpc.add_ByteLMServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
-]
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -64,33 +60,20 @@ def default_model(models: dict[str, Path], config: ServingConfig) -> str:
 
 def build_app(config: ServingConfig):
     models = discover_checkpoints(config.checkpoints)
-    options = config.models
-    threads = max(1, int(options.ray_actor_options.num_cpus))
-    handles = {
-        name: ModelServer.options(
-            name=f"model-{name}",
-            num_replicas=options.num_replicas,
-            max_ongoing_requests=options.max_ongoing_requests,
-            ray_actor_options=options.ray_actor_options.model_dump(),
-        ).bind(str(path), config.device, threads, config.engine.model_dump())
-        for name, path in models.items()
-    }
-    gateway = config.gateway
-    return Gateway.options(
-        num_replicas=gateway.num_replicas,
-        max_ongoing_requests=gateway.max_ongoing_requests,
-        ray_actor_options=gateway.ray_actor_options.model_dump(),
-    ).bind(handles, default_model(models, config), config.limits.model_dump())
-
-
-def grpc_options(config: ServingConfig) -> gRPCOptions:
-    return gRPCOptions(port=config.grpc_port, grpc_servicer_functions=GRPC_SERVICERS)
-
-
-def start(config: ServingConfig, app_name: str, route_prefix: str) -> None:
-    """Starts Serve's proxies on the connected Ray cluster and runs the application."""
-    serve.start(
-        grpc_options=grpc_options(config),
-        http_options={"host": "127.0.0.1", "port": config.http_port},
+    handles = {}
+    for name, path in models.items():
+        options = config.options_for(name)
+        threads = max(1, int(options.ray_actor_options.num_cpus))
+        handles[name] = ModelServer.options(**deployment_entry(model_deployment(name), options)).bind(
+            str(path), config.device, threads, config.engine.model_dump()
+        )
+    return Gateway.options(**deployment_entry(GATEWAY, config.gateway)).bind(
+        handles, default_model(models, config), config.limits.model_dump(), config.auth.model_dump(mode="json")
     )
-    serve.run(build_app(config), name=app_name, route_prefix=route_prefix, blocking=False)
+
+
+def build(args: dict):
+    """Application builder for Ray Serve config files: ``args = {"config": ServingConfig}``.
+    Replica counts, autoscaling and admission bounds come from the file's
+    ``deployments`` entries."""
+    return build_app(ServingConfig.model_validate(args.get("config", {})))

@@ -10,6 +10,8 @@ the scheduler's next step. Scoring runs on a worker thread.
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
@@ -18,6 +20,7 @@ from ray import serve
 
 import engines
 from engines.generation import Generation, SamplingParams
+from serving.metrics import model_metrics
 
 
 def generation_dict(result: Generation) -> dict:
@@ -43,6 +46,14 @@ class ModelServer:
             checkpoint, device=pick_device(device), scheduler=SchedulerConfig(**(scheduler or {}))
         )
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
+        self.metrics = model_metrics()
+        self.tags = {"model": self.engine.name}
+
+    def _record_load(self) -> None:
+        scheduler = self.engine.scheduler
+        self.metrics["batch_size"].set(scheduler.running, tags=self.tags)
+        self.metrics["queue_depth"].set(scheduler.queue_depth, tags=self.tags)
+        self.metrics["cache_bytes"].set(scheduler.running * scheduler.caches.bytes_per_slot, tags=self.tags)
 
     async def _events(self, prompt: bytes, params: dict):
         """Byte deltas, then the Generation, from the engine's scheduler thread."""
@@ -51,16 +62,32 @@ class ModelServer:
         request = self.engine.submit(
             prompt, SamplingParams(**params), emit=lambda item: loop.call_soon_threadsafe(items.put_nowait, item)
         )
+        self._record_load()
+        submitted = last = time.perf_counter()
         try:
             while True:
                 item = await items.get()
                 if isinstance(item, BaseException):
                     raise item
+                now = time.perf_counter()
+                if isinstance(item, Generation):
+                    self._record_result(item)
+                elif last == submitted:
+                    self.metrics["ttfb"].observe(now - submitted, tags=self.tags)
+                else:
+                    self.metrics["inter_byte"].observe((now - last) / len(item), tags=self.tags)
+                last = now
                 yield item
                 if isinstance(item, Generation):
                     return
         finally:
             request.cancel()  # frees the slot if the caller left early; no-op once finished
+            self._record_load()
+
+    def _record_result(self, result: Generation) -> None:
+        self.metrics["generated"].inc(len(result.text), tags=self.tags)
+        for length in result.patch_lengths:
+            self.metrics["patch_length"].observe(length, tags=self.tags)
 
     async def generate(self, prompt: bytes, params: dict) -> dict:
         async for item in self._events(prompt, params):
@@ -80,6 +107,7 @@ class ModelServer:
         return self.engine.describe()
 
     def stats(self) -> dict:
-        """The scheduler's running sequences and waiting requests."""
+        """The scheduler's running sequences and waiting requests, and this replica's process."""
         scheduler = self.engine.scheduler
-        return {"running": scheduler.running, "waiting": scheduler.queue_depth, "steps": scheduler.steps}
+        return {"running": scheduler.running, "waiting": scheduler.queue_depth, "steps": scheduler.steps,
+                "pid": os.getpid()}

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 
@@ -63,12 +64,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+AUTH_TOKEN = "patchwork-test-token"
+
+
+class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds the test server's bearer token to every call."""
+
+    def __init__(self, token: str):
+        self.metadata = [("authorization", f"Bearer {token}")]
+
+    def _with_token(self, details):
+        return details._replace(metadata=list(details.metadata or []) + self.metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
+    """One Ray cluster for the session; returns its Prometheus metrics port."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield
+    # Replicas inherit the environment of the cluster: the gateway finds the
+    # token there, and metrics reach the exporter every second.
+    os.environ["PATCHWORK_AUTH_TOKEN"] = AUTH_TOKEN
+    os.environ["RAY_metrics_report_interval_ms"] = "1000"
+    metrics_port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             _metrics_export_port=metrics_port)
+    yield metrics_port
     from ray import serve
 
     serve.shutdown()
@@ -76,19 +103,78 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
-def grpc_target(ray_cluster, tiny_checkpoint) -> str:
-    """host:port of a running Patchwork application serving the tiny checkpoint."""
-    from serving.app import start
+def serving_config(tiny_checkpoint):
     from engines.scheduler import SchedulerConfig
-    from serving.config import APP_NAME, ROUTE_PREFIX, ActorOptions, DeploymentOptions, Limits, ServingConfig
+    from serving.config import ActorOptions, DeploymentOptions, Limits, ServingConfig
 
-    config = ServingConfig(
+    return ServingConfig(
         checkpoints=tiny_checkpoint.parent,
         grpc_port=free_port(),
         http_port=free_port(),
         limits=Limits(max_new_bytes=512, default_new_bytes=16, max_prompt_bytes=1024, max_stop_sequences=4),
-        models=DeploymentOptions(ray_actor_options=ActorOptions(num_cpus=1)),
+        models=DeploymentOptions(
+            max_ongoing_requests=4, max_queued_requests=4, ray_actor_options=ActorOptions(num_cpus=1)
+        ),
         engine=SchedulerConfig(max_batch_size=4, max_sequence_bytes=700, max_queue=8),
     )
-    start(config, APP_NAME, ROUTE_PREFIX)
-    return f"127.0.0.1:{config.grpc_port}"
+
+
+@pytest.fixture(scope="session")
+def grpc_target(ray_cluster, serving_config) -> str:
+    """host:port of the Patchwork application serving the tiny checkpoint,
+    deployed from its Ray Serve config file as `python -m serving up` does."""
+    from serving.app import discover_checkpoints
+    from serving.deploy import apply, deploy_config
+
+    apply(deploy_config(serving_config, list(discover_checkpoints(serving_config.checkpoints))))
+    target = f"127.0.0.1:{serving_config.grpc_port}"
+    wait_serving(target, timeout_s=180)
+    return target
+
+
+def wait_serving(target: str, timeout_s: float) -> float:
+    """Polls the health check until SERVING; returns the seconds it took."""
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    start = time.monotonic()
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() - start < timeout_s:
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1:
+                    return time.monotonic() - start
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"{target} did not become healthy in {timeout_s} s")
+
+
+@pytest.fixture(scope="session")
+def channel(grpc_target):
+    """A channel that sends the server's bearer token."""
+    with grpc.insecure_channel(grpc_target) as raw:
+        grpc.channel_ready_future(raw).result(timeout=60)
+        yield grpc.intercept_channel(raw, BearerToken(AUTH_TOKEN))
+
+
+@pytest.fixture(scope="session")
+def stub(channel):
+    from patchwork.v1 import bytelm_pb2_grpc
+
+    return bytelm_pb2_grpc.ByteLMStub(channel)
+
+
+@pytest.fixture(scope="session")
+def pb2():
+    from patchwork.v1 import bytelm_pb2
+
+    return bytelm_pb2
+
+
+@pytest.fixture(scope="session")
+def model_handle(grpc_target):
+    from ray import serve
+
+    return serve.get_deployment_handle("model-tiny", app_name="patchwork")

@@ -10,7 +10,9 @@ GENERATED = REPO / "protos" / "patchwork" / "v1"
 def test_committed_stubs_match_the_proto(tmp_path):
     subprocess.run([sys.executable, str(REPO / "protos" / "generate.py"), "--out", str(tmp_path)], check=True)
     fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.py*"))
-    assert [p.name for p in fresh] == ["bytelm_pb2.py", "bytelm_pb2.pyi", "bytelm_pb2_grpc.py"]
+    assert [p.name for p in fresh] == [
+        "bytelm_pb2.py", "bytelm_pb2.pyi", "bytelm_pb2_grpc.py", "models_pb2.py", "models_pb2.pyi", "models_pb2_grpc.py",
+    ]
     for relative in fresh:
         committed = REPO / "protos" / relative
         assert committed.read_text() == (tmp_path / relative).read_text(), (

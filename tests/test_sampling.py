@@ -39,3 +39,10 @@ def test_same_seed_same_draws_and_other_seeds_differ():
     params = SamplingParams(temperature=1.0)
     assert draws(LOGITS, params, seed=7) == draws(LOGITS, params, seed=7)
     assert draws(LOGITS, params, seed=7) != draws(LOGITS, params, seed=8)
+
+
+def test_extreme_temperatures_stay_finite():
+    tiny = draws(LOGITS, SamplingParams(temperature=1.4e-45), n=50)
+    assert set(tiny) == {1}  # as good as greedy
+    huge = draws(LOGITS, SamplingParams(temperature=3.0e38), n=2000)
+    assert set(huge) == {0, 1, 2, 3, 4}  # as good as uniform over the allowed symbols

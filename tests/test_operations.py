@@ -1,0 +1,182 @@
+"""Operations through the real proxy: auth, reflection, models, status, scaling, metrics, config files."""
+
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+import yaml
+
+from tests.conftest import AUTH_TOKEN, REPO
+
+
+def serving_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "serving", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# -- deployment config files ------------------------------------------------
+
+
+@pytest.mark.parametrize("setup", ["cpu", "gpu", "autoscale"])
+def test_committed_config_files_are_what_the_config_generates(setup):
+    from ray.serve.schema import ServeDeploySchema
+
+    committed = REPO / "serving" / "configs" / f"{setup}.yaml"
+    generated = serving_cli("config", "--setup", setup)
+    assert generated.returncode == 0, generated.stderr
+    assert committed.read_text() == generated.stdout, f"{committed} is stale: regenerate it with `serving config`"
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(committed.read_text()))
+    deployments = {d.name: d for d in schema.applications[0].deployments}
+    model = deployments["model-blt-default"]
+    if setup == "gpu":
+        assert model.ray_actor_options.num_gpus == 1.0
+    if setup == "autoscale":
+        assert model.autoscaling_config["max_replicas"] == 4 and "num_replicas" not in model.model_fields_set
+    assert schema.grpc_options.port == 9000 and len(schema.grpc_options.grpc_servicer_functions) == 3
+
+
+def test_the_config_file_builder_builds_the_application(tiny_checkpoint):
+    from serving.app import build
+
+    app = build({"config": {"checkpoints": str(tiny_checkpoint.parent)}})
+    assert type(app).__name__ == "Application"
+
+
+# -- auth and discovery -------------------------------------------------------
+
+
+def test_every_service_needs_the_token(grpc_target, pb2):
+    from patchwork.v1 import bytelm_pb2_grpc, models_pb2, models_pb2_grpc
+
+    with grpc.insecure_channel(grpc_target) as raw:
+        stub = bytelm_pb2_grpc.ByteLMStub(raw)
+        calls = [
+            lambda md: stub.Generate(pb2.GenerateRequest(prompt=b"x", max_new_bytes=2), timeout=30, metadata=md),
+            lambda md: list(stub.GenerateStream(pb2.GenerateRequest(max_new_bytes=2), timeout=30, metadata=md)),
+            lambda md: stub.Score(pb2.ScoreRequest(text=b"x"), timeout=30, metadata=md),
+            lambda md: models_pb2_grpc.ModelsStub(raw).ListModels(models_pb2.ListModelsRequest(), timeout=30,
+                                                                   metadata=md),
+        ]
+        for call in calls:
+            for metadata in ([], [("authorization", "Bearer wrong")], [("authorization", AUTH_TOKEN)]):
+                with pytest.raises(grpc.RpcError) as error:
+                    call(metadata)
+                assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            call([("authorization", f"Bearer {AUTH_TOKEN}")])
+
+
+def test_reflection_lists_the_services(grpc_target):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(grpc_target) as raw:
+        services = set(ProtoReflectionDescriptorDatabase(raw).get_services())
+    assert {"patchwork.v1.ByteLM", "patchwork.v1.Models", "grpc.health.v1.Health"} <= services
+
+
+def test_models_service_and_command(channel, grpc_target, tiny_checkpoint):
+    import json
+
+    from patchwork.v1 import models_pb2, models_pb2_grpc
+
+    (model,) = models_pb2_grpc.ModelsStub(channel).ListModels(models_pb2.ListModelsRequest(), timeout=30).models
+    manifest = json.loads((tiny_checkpoint / "manifest.json").read_text())
+    assert (model.name, model.family, model.deployment, model.is_default) == ("tiny", "blt", "model-tiny", True)
+    assert json.loads(model.config_json) == json.loads((tiny_checkpoint / "config.json").read_text())
+    assert model.metrics["heldout_bits_per_byte"] == pytest.approx(manifest["training"]["metrics"]["heldout_bits_per_byte"])
+    listed = serving_cli("models", "--target", grpc_target, timeout=60)
+    assert listed.returncode == 0 and "tiny (default): family=blt deployment=model-tiny" in listed.stdout
+    assert "heldout_bits_per_byte" in listed.stdout
+
+
+# -- status and scaling -------------------------------------------------------
+
+
+def test_status_and_scaling_without_dropping_requests(stub, pb2, grpc_target):
+    report = serving_cli("status", "--json", timeout=120)
+    assert report.returncode == 0, report.stderr
+    deployments = yaml.safe_load(report.stdout)["patchwork"]["deployments"]
+    assert deployments["model-tiny"]["replicas"] == {"RUNNING": 1}
+    assert set(deployments) == {"gateway", "model-tiny"}
+
+    for replicas in (2, 1):
+        results = []
+
+        def stream():
+            request = pb2.GenerateRequest(prompt=b"scaling", max_new_bytes=300)
+            results.append(list(stub.GenerateStream(request, timeout=120))[-1])
+
+        in_flight = [threading.Thread(target=stream) for _ in range(2)]
+        for thread in in_flight:
+            thread.start()
+        scaled = serving_cli("scale", "model-tiny", str(replicas))
+        assert scaled.returncode == 0, scaled.stderr
+        for thread in in_flight:
+            thread.join(timeout=120)
+        assert [r.usage.generated_bytes for r in results] == [300, 300]  # none dropped
+        assert yaml.safe_load(serving_cli("status", "--json").stdout)["patchwork"]["deployments"]["model-tiny"][
+            "replicas"] == {"RUNNING": replicas}
+    missing = serving_cli("scale", "model-nope", "2")
+    assert missing.returncode == 1 and "no deployment 'model-nope'" in missing.stderr
+
+
+# -- metrics --------------------------------------------------------------------
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Sum of each metric's samples by name, and by name[method] where there is a method label."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        match = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? ([0-9.eE+-]+|NaN)$", line)
+        if not match:
+            continue
+        name, labels, value = match.groups()
+        totals[name] = totals.get(name, 0.0) + float(value)
+        method = re.search(r'method="([^"]+)"', labels or "")
+        if method:
+            key = f"{name}[{method.group(1)}]"
+            totals[key] = totals.get(key, 0.0) + float(value)
+    return totals
+
+
+def test_metrics_are_exported_after_traffic(stub, pb2, ray_cluster):
+    stop = threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            list(stub.GenerateStream(pb2.GenerateRequest(prompt=b"metrics", max_new_bytes=200), timeout=120))
+
+    workers = [threading.Thread(target=traffic) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    stub.Generate(pb2.GenerateRequest(prompt=b"m", max_new_bytes=5), timeout=60)
+    with pytest.raises(grpc.RpcError):
+        stub.Generate(pb2.GenerateRequest(temperature=-1), timeout=60)
+    wanted = [
+        "ray_patchwork_requests_total[Generate]", "ray_patchwork_requests_total[GenerateStream]",
+        "ray_patchwork_request_duration_seconds_count[Generate]", "ray_patchwork_time_to_first_byte_seconds_count",
+        "ray_patchwork_inter_byte_latency_seconds_count", "ray_patchwork_generated_bytes_total",
+        "ray_patchwork_patch_length_bytes_count", "ray_patchwork_running_sequences", "ray_patchwork_kv_cache_bytes",
+        "ray_serve_num_grpc_requests_total",
+    ]
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            metrics = scrape(ray_cluster)
+            if all(metrics.get(name, 0) > 0 for name in wanted) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=120)
+    assert {name: metrics.get(name, 0) > 0 for name in wanted} == {name: True for name in wanted}
+    assert "ray_patchwork_queued_requests" in metrics
+    error_lines = [line for line in urllib.request.urlopen(f"http://127.0.0.1:{ray_cluster}/metrics").read()
+                   .decode().splitlines() if line.startswith("ray_patchwork_requests_total") and "INVALID_ARGUMENT" in line]
+    assert error_lines, "requests are counted by status code"

@@ -1,0 +1,141 @@
+"""Deadlines, backpressure, a killed replica and fuzzed input, through the real proxy."""
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import wait_serving
+
+
+def wait_idle(model_handle, timeout_s=30.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = model_handle.stats.remote().result()
+        if (stats["running"], stats["waiting"]) == (0, 0) or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.05)
+
+
+def test_a_deadline_ends_the_work(stub, pb2, model_handle):
+    for method in ("Generate", "GenerateStream"):
+        with pytest.raises(grpc.RpcError) as error:
+            call = getattr(stub, method)(pb2.GenerateRequest(prompt=b"slow", max_new_bytes=512), timeout=0.4)
+            if method == "GenerateStream":
+                list(call)
+        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        stats = wait_idle(model_handle)
+        assert (stats["running"], stats["waiting"]) == (0, 0), "the expired request still holds a batch slot"
+
+
+def test_past_the_queue_bound_requests_are_refused_quickly(stub, pb2, model_handle):
+    # The test server admits 4 ongoing and 4 queued requests per model replica.
+    request = pb2.GenerateRequest(prompt=b"busy", max_new_bytes=512)
+    calls = [stub.GenerateStream(request, timeout=120) for _ in range(20)]
+    outcomes, refused_after = [], []
+    start = time.monotonic()
+    for call in calls:
+        try:
+            next(call)
+            outcomes.append("running")
+        except grpc.RpcError as e:
+            outcomes.append(e.code())
+            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                refused_after.append(time.monotonic() - start)
+    for call in calls:
+        call.cancel()
+    assert outcomes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 8
+    assert set(outcomes) <= {"running", grpc.StatusCode.RESOURCE_EXHAUSTED}
+    # Refusals do not wait behind the running generations (512 bytes take seconds).
+    assert max(refused_after) < 0.5 * sum(1 for o in outcomes if o == "running") + 5
+    assert wait_idle(model_handle)["running"] == 0
+
+
+def test_killing_a_replica_under_load_hangs_nothing_and_the_service_recovers(stub, pb2, model_handle, grpc_target):
+    pid = model_handle.stats.remote().result()["pid"]
+    deadline_s = 60
+
+    def unary(i):
+        return stub.Generate(pb2.GenerateRequest(prompt=b"kill %d" % i, max_new_bytes=200), timeout=deadline_s)
+
+    def stream(i):
+        return list(stub.GenerateStream(pb2.GenerateRequest(prompt=b"kill %d" % i, max_new_bytes=200),
+                                        timeout=deadline_s))[-1]
+
+    def outcome(future):
+        try:
+            future.result()
+            return grpc.StatusCode.OK
+        except grpc.RpcError as e:
+            return e.code()
+
+    with ThreadPoolExecutor(8) as pool:
+        started = time.monotonic()
+        futures = [pool.submit(unary if i % 2 else stream, i) for i in range(8)]
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        codes = [outcome(f) for f in futures]
+    assert time.monotonic() - started < deadline_s + 5, "a request outlived its deadline"
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
+    assert grpc.StatusCode.UNAVAILABLE in codes  # requests in flight on the killed replica
+    # New requests succeed once Ray Serve has replaced the replica.
+    recovered = None
+    while time.monotonic() - killed < 120:
+        try:
+            stub.Generate(pb2.GenerateRequest(prompt=b"back", max_new_bytes=4), timeout=10)
+            recovered = time.monotonic() - killed
+            break
+        except grpc.RpcError as e:
+            assert e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            time.sleep(0.2)
+    assert recovered is not None
+    print(f"service answered again {recovered:.1f} s after the replica was killed")
+    wait_serving(grpc_target, timeout_s=60)
+    assert model_handle.stats.remote().result()["pid"] != pid
+
+
+PROPER = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+generate_requests = st.fixed_dictionaries({}, optional={
+    "prompt": st.binary(max_size=1500),
+    "max_new_bytes": st.one_of(st.integers(0, 6), st.integers(0, 2**32 - 1)),
+    "temperature": st.floats(width=32),
+    "top_p": st.floats(width=32),
+    "top_k": st.integers(0, 2**32 - 1),
+    "seed": st.integers(0, 2**64 - 1),
+    "stop": st.lists(st.binary(max_size=80), max_size=6),
+    "model": st.one_of(st.just("tiny"), st.text(max_size=20)),
+})
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(fields=generate_requests, method=st.sampled_from(["Generate", "GenerateStream", "Score", "raw"]),
+       raw=st.binary(max_size=64))
+def test_fuzzed_requests_get_proper_status_codes(stub, pb2, channel, fields, method, raw):
+    if fields.get("max_new_bytes", 0) > 6:
+        fields["max_new_bytes"] = fields["max_new_bytes"] % 7 if fields["max_new_bytes"] % 3 else 10**6
+    try:
+        if method == "Score":
+            stub.Score(pb2.ScoreRequest(text=fields.get("prompt", b""), model=fields.get("model", "")), timeout=60)
+        elif method == "raw":  # bytes that may not even parse as a GenerateRequest
+            channel.unary_unary("/patchwork.v1.ByteLM/Generate")(raw, timeout=60)
+        elif method == "Generate":
+            stub.Generate(pb2.GenerateRequest(**fields), timeout=60)
+        else:
+            list(stub.GenerateStream(pb2.GenerateRequest(**fields), timeout=60))
+        code = grpc.StatusCode.OK
+    except grpc.RpcError as e:
+        code = e.code()
+    assert code in PROPER, (method, fields, raw, code)
+
+
+def test_still_healthy_after_the_fuzzing(grpc_target, stub, pb2):
+    wait_serving(grpc_target, timeout_s=30)
+    assert stub.Generate(pb2.GenerateRequest(prompt=b"ok", max_new_bytes=3), timeout=30).usage.generated_bytes == 3
