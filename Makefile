@@ -8,7 +8,11 @@ CHECKPOINTS ?= checkpoints
 DEFAULT_CHECKPOINT := $(CHECKPOINTS)/blt-default
 GRPC_PORT ?= 9000
 
-.PHONY: setup protos serve train test clean
+USERS ?= 16
+DURATION ?= 60s
+TARGET ?= 127.0.0.1:$(GRPC_PORT)
+
+.PHONY: setup protos serve train test loadtest bench clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +35,15 @@ serve: setup train
 
 test: setup
 	$(PY) -m pytest
+
+# Locust against a running server (one is started on $(CHECKPOINTS) if none answers).
+loadtest: setup train
+	$(PY) -m loadtests run --target $(TARGET) --users $(USERS) --duration $(DURATION) \
+		--start-if-down $(CHECKPOINTS) --out results/loadtest/users_$(USERS)
+
+# The BLT generation benchmark (docs/benchmarks.md).
+bench: setup train
+	$(PY) -m engines.blt.bench --checkpoint $(DEFAULT_CHECKPOINT) --json results/bench.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -85,7 +85,8 @@ class ModelServer:
             self._record_load()
 
     def _record_result(self, result: Generation) -> None:
-        self.metrics["generated"].inc(len(result.text), tags=self.tags)
+        if result.text:  # counters only take positive increments
+            self.metrics["generated"].inc(len(result.text), tags=self.tags)
         for length in result.patch_lengths:
             self.metrics["patch_length"].observe(length, tags=self.tags)
 

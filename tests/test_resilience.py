@@ -38,22 +38,21 @@ def test_past_the_queue_bound_requests_are_refused_quickly(stub, pb2, model_hand
     # The test server admits 4 ongoing and 4 queued requests per model replica.
     request = pb2.GenerateRequest(prompt=b"busy", max_new_bytes=512)
     calls = [stub.GenerateStream(request, timeout=120) for _ in range(20)]
-    outcomes, refused_after = [], []
-    start = time.monotonic()
+    outcomes, running = [], []
     for call in calls:
         try:
             next(call)
             outcomes.append("running")
+            running.append(call)
         except grpc.RpcError as e:
             outcomes.append(e.code())
-            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                refused_after.append(time.monotonic() - start)
+    # Every refusal came back while the admitted generations (512 bytes each)
+    # were still running: refused requests do not wait for a slot.
+    assert not any(call.done() for call in running)
     for call in calls:
         call.cancel()
     assert outcomes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 8
     assert set(outcomes) <= {"running", grpc.StatusCode.RESOURCE_EXHAUSTED}
-    # Refusals do not wait behind the running generations (512 bytes take seconds).
-    assert max(refused_after) < 0.5 * sum(1 for o in outcomes if o == "running") + 5
     assert wait_idle(model_handle)["running"] == 0
 
 

@@ -182,3 +182,13 @@ def test_command_line_client(grpc_target):
     assert scored.returncode == 0 and b"bits_per_byte=" in scored.stdout
     rejected = client("generate", "x", "--temperature", "-1")
     assert rejected.returncode == 1 and b"INVALID_ARGUMENT: temperature" in rejected.stderr
+
+
+def test_an_empty_generation_is_recorded_without_error(ray_cluster, tiny_checkpoint):
+    from engines.generation import FinishReason, Generation
+    from serving.model_server import ModelServer
+
+    server = ModelServer.func_or_class(str(tiny_checkpoint), "cpu")
+    empty = Generation(text=b"", finish_reason=FinishReason.END_OF_SEQUENCE, patch_lengths=[], prompt_bytes=3,
+                       global_steps=1)
+    server._record_result(empty)  # an immediate end of sequence generated nothing

@@ -1,0 +1,221 @@
+"""Load tests of a Patchwork server with Locust (headless, bounded in time, loopback only).
+
+    python -m loadtests run     [--target 127.0.0.1:9000] [--users 16] [--duration 60s] [--out DIR] [--slo-p99-ms MS]
+    python -m loadtests sweep   [--users-list 1,2,4,8,16,32] [--duration 30s] ...
+    python -m loadtests compare [--replicas 1,2] [--deployment model-blt-default] [--users 16] ...
+    python -m loadtests overhead --checkpoint DIR [--target ...] [--requests 200]
+
+Each run writes Locust's CSV files, a markdown summary (time to first byte,
+time per output byte, inter-byte and end-to-end latency: mean, p50, p90,
+p99; request and byte throughput; error rate) and PNG plots into --out.
+With --start-if-down a server is started (`serving up --detach`) when none
+answers at the target, and stopped afterwards. --slo-p99-ms makes the run
+exit with status 3 when the chosen p99 is over the threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from loadtests import report
+
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+
+
+class UsageError(Exception):
+    pass
+
+
+def seconds(duration: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        return float(duration[:-1]) * units[duration[-1]] if duration[-1] in units else float(duration)
+    except (ValueError, IndexError):
+        raise UsageError(f"--duration {duration!r}: expected e.g. 60s, 5m") from None
+
+
+def check_loopback(target: str) -> tuple[str, int]:
+    host, _, port = target.rpartition(":")
+    host = host.strip("[]")
+    try:
+        address = ipaddress.ip_address(socket.gethostbyname(host) if host != "::1" else host)
+    except (OSError, ValueError):
+        raise UsageError(f"--target {target!r}: cannot resolve {host!r}") from None
+    if not address.is_loopback:
+        raise UsageError(f"--target {target!r}: load tests only target loopback addresses")
+    return host, int(port)
+
+
+def healthy(target: str, timeout_s: float = 3.0) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            return False
+
+
+def locust(target: str, users: int, duration: float, prefix: Path, args: argparse.Namespace) -> report.RunSummary:
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PATCHWORK_MAX_NEW_BYTES": str(args.max_new_bytes)}
+    if args.model:
+        env["PATCHWORK_MODEL"] = args.model
+    command = [
+        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
+        "--host", target, "-u", str(users), "-r", str(args.spawn_rate or users), "-t", f"{int(duration)}s",
+        "--stop-timeout", "30",
+        "--csv", str(prefix), "--csv-full-history", "--exit-code-on-error", "0",
+    ]
+    subprocess.run(command, env=env, check=True, timeout=duration + 120,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return report.summarize(prefix, users, duration)
+
+
+def _slo_failed(summary: report.RunSummary, args: argparse.Namespace) -> bool:
+    if args.slo_p99_ms is None:
+        return False
+    latency = summary.ttfb if args.slo_metric == "ttfb" else summary.stream_e2e
+    p99 = latency.p99 if latency else float("inf")
+    failed = p99 > args.slo_p99_ms
+    print(f"SLO {args.slo_metric} p99 <= {args.slo_p99_ms} ms: {'FAILED' if failed else 'met'} (p99 {p99:.1f} ms)")
+    return failed
+
+
+def run_one(args: argparse.Namespace) -> int:
+    summary = locust(args.target, args.users, seconds(args.duration), args.out / "run", args)
+    text = report.markdown(summary, f"{args.users} users against {args.target}")
+    (args.out / "summary.md").write_text(text)
+    report.plot_history(args.out / "run", args.out / "latency_over_time.png")
+    print(text)
+    return 3 if _slo_failed(summary, args) else 0
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    users_list = [int(u) for u in args.users_list.split(",")]
+    summaries = [locust(args.target, users, seconds(args.duration), args.out / f"users_{users}" / "run", args)
+                 for users in users_list]
+    text = report.sweep_markdown(summaries, report.knee(summaries))
+    (args.out / "sweep.md").write_text(text)
+    report.plot_sweep(summaries, args.out / "sweep.png")
+    print(text)
+    return 3 if any(_slo_failed(s, args) for s in summaries) else 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    summaries = []
+    for replicas in [int(r) for r in args.replicas.split(",")]:
+        scaled = subprocess.run([sys.executable, "-m", "serving", "scale", args.deployment, str(replicas)],
+                                capture_output=True, text=True, timeout=600)
+        if scaled.returncode != 0:
+            raise UsageError(f"scaling {args.deployment} to {replicas}: {scaled.stderr.strip()}")
+        summary = locust(args.target, args.users, seconds(args.duration), args.out / f"replicas_{replicas}" / "run", args)
+        summary.users = replicas  # the x axis of this comparison
+        summaries.append(summary)
+    text = report.sweep_markdown(summaries, None, label="replicas")
+    (args.out / "compare.md").write_text(f"{args.users} users, {args.deployment}\n\n" + text)
+    report.plot_sweep(summaries, args.out / "compare.png", label="replicas")
+    print(text)
+    return 3 if any(_slo_failed(s, args) for s in summaries) else 0
+
+
+def run_overhead(args: argparse.Namespace) -> int:
+    """p50 of a 1-byte Generate through gRPC and Ray Serve minus the same call
+    on the engine in this process (same checkpoint, sequential calls)."""
+    import grpc
+
+    import engines
+    from engines.generation import SamplingParams
+    from patchwork.v1 import bytelm_pb2, bytelm_pb2_grpc
+
+    engine = engines.load(args.checkpoint)
+    params = SamplingParams(max_new_bytes=1)
+    prompt = b"def "
+    in_process = []
+    for _ in range(args.requests):
+        start = time.perf_counter()
+        engine.generate_one(prompt, params)
+        in_process.append(time.perf_counter() - start)
+    metadata = [("authorization", f"Bearer {os.environ['PATCHWORK_AUTH_TOKEN']}")] \
+        if os.environ.get("PATCHWORK_AUTH_TOKEN") else []
+    served = []
+    with grpc.insecure_channel(args.target) as channel:
+        stub = bytelm_pb2_grpc.ByteLMStub(channel)
+        request = bytelm_pb2.GenerateRequest(prompt=prompt, max_new_bytes=1, model=args.model)
+        stub.Generate(request, timeout=60, metadata=metadata)
+        for _ in range(args.requests):
+            start = time.perf_counter()
+            stub.Generate(request, timeout=60, metadata=metadata)
+            served.append(time.perf_counter() - start)
+    p50_local, p50_served = statistics.median(in_process), statistics.median(served)
+    text = (
+        f"1-byte generation, {args.requests} sequential calls each:\n"
+        f"- in-process engine p50: {1000 * p50_local:.2f} ms\n"
+        f"- through gRPC + Ray Serve p50: {1000 * p50_served:.2f} ms "
+        f"(p90 {1000 * statistics.quantiles(served, n=10)[-1]:.2f} ms)\n"
+        f"- overhead p50: {1000 * (p50_served - p50_local):.2f} ms\n"
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "overhead.md").write_text(text)
+    print(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtests", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "sweep", "compare", "overhead"):
+        command = commands.add_parser(name)
+        command.add_argument("--target", default="127.0.0.1:9000")
+        command.add_argument("--out", type=Path, default=Path("results") / "loadtest" / name)
+        command.add_argument("--model", default="")
+        command.add_argument("--max-new-bytes", type=int, default=64)
+        command.add_argument("--duration", default="60s")
+        command.add_argument("--users", type=int, default=16)
+        command.add_argument("--spawn-rate", type=float, help="users started per second (default: all at once)")
+        command.add_argument("--slo-p99-ms", type=float)
+        command.add_argument("--slo-metric", choices=["ttfb", "e2e"], default="ttfb")
+        command.add_argument("--start-if-down", type=Path, metavar="CHECKPOINTS",
+                             help="start a server on these checkpoints when none answers (stopped afterwards)")
+        if name == "sweep":
+            command.add_argument("--users-list", default="1,2,4,8,16,32")
+        if name == "compare":
+            command.add_argument("--replicas", default="1,2")
+            command.add_argument("--deployment", default="model-blt-default")
+        if name == "overhead":
+            command.add_argument("--checkpoint", type=Path, required=True)
+            command.add_argument("--requests", type=int, default=200)
+    args = parser.parse_args(argv)
+    try:
+        seconds(args.duration)  # every run is bounded in time
+        _, port = check_loopback(args.target)
+        started = False
+        if not healthy(args.target):
+            if args.start_if_down is None:
+                raise UsageError(f"no healthy server at {args.target}; start one or pass --start-if-down CHECKPOINTS")
+            subprocess.run([sys.executable, "-m", "serving", "up", "--detach", "--checkpoints",
+                            str(args.start_if_down), "--grpc-port", str(port)], check=True, timeout=900)
+            started = True
+        try:
+            handler = {"run": run_one, "sweep": run_sweep, "compare": run_compare, "overhead": run_overhead}
+            return handler[args.command](args)
+        finally:
+            if started:
+                subprocess.run([sys.executable, "-m", "serving", "down"], timeout=120)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
