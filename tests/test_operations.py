@@ -106,7 +106,7 @@ def test_status_and_scaling_without_dropping_requests(stub, pb2, grpc_target):
     for replicas in (2, 1):
         results = []
 
-        def stream():
+        def stream(results=results):
             request = pb2.GenerateRequest(prompt=b"scaling", max_new_bytes=300)
             results.append(list(stub.GenerateStream(request, timeout=120))[-1])
 
