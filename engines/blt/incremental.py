@@ -111,7 +111,9 @@ def prefill(model: BltModel, caches: BltCaches, slot: int, tokens: list[int]) ->
         stack = model.entropy_model.stack
         entropies = entropies_from_logits(model.entropy_model(x, stack.prefill_view(caches.entropy, slot, n)))
     starts = patch_starts(x, entropies, cfg.patching)[0]  # [n + 1]
-    natural = patch_starts(x, entropies, cfg.patching.model_copy(update={"max_patch_length": None}))[0]
+    natural = starts  # starts by the mode's own rule, before max_patch_length splits
+    if cfg.patching.max_patch_length is not None:
+        natural = patch_starts(x, entropies, cfg.patching.model_copy(update={"max_patch_length": None}))[0]
     patch_ids = patch_ids_from_starts(starts[None])[0]
 
     encoder = model.local_encoder
