@@ -76,10 +76,13 @@ class KVCache:
         (a ring keeps the last ``size``) and returns where the layers write and read."""
         if self.ring and positions.shape[1] > self.size:
             positions = positions[:, -self.size :]
-        if not self.ring and int(positions.max()) >= self.size:
-            self._grow(int(positions.max()) + 1)
-        index = positions % self.size if self.ring else positions
-        view = CacheView(self, slot_selector(slots, positions.device), positions, index)
+        if self.ring:
+            length, index = self.size, positions % self.size
+        else:
+            length, index = int(positions.max()) + 1, positions  # one host sync per stack and step
+            if length > self.size:
+                self._grow(length)
+        view = CacheView(self, slot_selector(slots, positions.device), positions, index, length)
         view.rows(self.positions)[view.batch_rows, index] = positions
         if decode:
             view.mask_for(window)
@@ -91,9 +94,11 @@ class CacheView:
     batch, the positions of their new tokens and, for a decode step, the mask
     [B, 1, T, L] of the cached entries each new token may attend to."""
 
-    def __init__(self, cache: KVCache, slots: slice | torch.Tensor, positions: torch.Tensor, index: torch.Tensor):
+    def __init__(
+        self, cache: KVCache, slots: slice | torch.Tensor, positions: torch.Tensor, index: torch.Tensor, length: int
+    ):
         self.cache, self.slots, self.positions, self.index = cache, slots, positions, index
-        self.length = cache.size if cache.ring else int(positions.max()) + 1
+        self.length = length  # cached entries a read covers
         batch = positions.shape[0]
         # Row indices into rows(...): the batch itself for a slice, the slots otherwise.
         rows = torch.arange(batch, device=positions.device) if isinstance(slots, slice) else slots

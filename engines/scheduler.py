@@ -17,6 +17,7 @@ sequence's state.
 from __future__ import annotations
 
 import atexit
+import heapq
 import queue
 import threading
 import weakref
@@ -116,7 +117,7 @@ class Scheduler:
     def __init__(self, model: StepModel, config: SchedulerConfig, device):
         self.model, self.config, self.device = model, config, device
         self.caches = model.new_caches(config.max_batch_size, config.max_sequence_bytes)
-        self._free = list(range(config.max_batch_size - 1, -1, -1))  # popped from the end: lowest first
+        self._free = list(range(config.max_batch_size))  # a heap: the lowest free slot first
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._lock = threading.Condition()
@@ -137,12 +138,12 @@ class Scheduler:
             )
         request = Request(prompt, params, emit)
         with self._lock:
+            if self._closed:
+                raise AdmissionError("the engine is shutting down")
             if len(self._waiting) - len(self._free) >= self.config.max_queue:
                 raise AdmissionError(f"{self.config.max_queue} requests are already waiting for a slot (the limit)")
             self._waiting.append(request)
             self._lock.notify()
-            if self._closed:
-                raise AdmissionError("the engine is shutting down")
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
                 self._thread.start()
@@ -192,7 +193,7 @@ class Scheduler:
             admitted = []
             while self._waiting and self._free:
                 request = self._waiting.popleft()
-                request.slot = self._free.pop()
+                request.slot = heapq.heappop(self._free)
                 admitted.append(request)
         for request in admitted:
             self._running.append(request)
@@ -223,9 +224,7 @@ class Scheduler:
             if request.slot < count:
                 break
             with self._lock:
-                target = self._free.pop()
-                self._free.append(request.slot)
-                self._free.sort(reverse=True)
+                target = heapq.heapreplace(self._free, request.slot)
             self.model.move(self.caches, request.slot, target)
             request.slot = target
         self._running.sort(key=lambda r: r.slot)
@@ -247,8 +246,7 @@ class Scheduler:
         request._emit(outcome)
         self._running.remove(request)
         with self._lock:
-            self._free.append(request.slot)
-            self._free.sort(reverse=True)
+            heapq.heappush(self._free, request.slot)
 
 
 def _close(scheduler_ref: weakref.ref) -> None:

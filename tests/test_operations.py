@@ -40,11 +40,16 @@ def test_committed_config_files_are_what_the_config_generates(setup):
     assert schema.grpc_options.port == 9000 and len(schema.grpc_options.grpc_servicer_functions) == 3
 
 
-def test_the_config_file_builder_builds_the_application(tiny_checkpoint):
+def test_the_config_file_builder_builds_the_application(tiny_checkpoint, tmp_path):
+    from engines.checkpoint import CheckpointError
     from serving.app import build
 
     app = build({"config": {"checkpoints": str(tiny_checkpoint.parent)}})
     assert type(app).__name__ == "Application"
+    with pytest.raises(CheckpointError, match="no checkpoints found"):
+        build({"config": {"checkpoints": str(tmp_path)}})
+    with pytest.raises(ValueError, match="grpc_port"):
+        build({"config": {"checkpoints": str(tiny_checkpoint.parent), "grpc_port": 0}})
 
 
 # -- auth and discovery -------------------------------------------------------

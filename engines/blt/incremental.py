@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from torch.nn.utils.rnn import pad_sequence
+
 from engines.blt.model import BltModel
-from engines.kv_cache import slot_selector
 from engines.blt.patching import entropies_from_logits, patch_ids_from_starts, patch_starts, rule_starts, uses_entropies
+from engines.kv_cache import slot_selector
 
 
 class BltCaches:
@@ -47,7 +49,6 @@ class BltCaches:
         shape = (slots, n_cross, decoder.k, heads, decoder.dim // heads)
         self.read_keys = torch.zeros(shape, device=device, dtype=dtype)
         self.read_values = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_patches = max_patches
 
     def all(self):
         return [self.entropy, self.encoder, self.global_, self.decoder]
@@ -131,12 +132,14 @@ def prefill(model: BltModel, caches: BltCaches, slot: int, tokens: list[int]) ->
     keys, values = decoder.slot_keys_values(slots[0, closed - 1])
     caches.read_keys[slot], caches.read_values[slot] = keys, values
 
-    last_entropies = entropies[0, -2:].tolist() if entropies is not None else [0.0, 0.0]
+    # H of the last two prompt symbols (only the entropy modes read them).
+    last = entropies[0, -2:].tolist() if entropies is not None else []
+    last = [0.0] * (2 - len(last)) + last
     state = PatchState(
         starts=starts.tolist(),
         natural_start=int(natural.nonzero().max()),
-        entropy=last_entropies[-1],
-        entropy_before=last_entropies[0] if len(last_entropies) > 1 else 0.0,
+        entropy=last[1],
+        entropy_before=last[0],
         open_states=byte_states[0, in_closed:],
         closed_patches=closed,
         global_steps=1,
@@ -210,13 +213,9 @@ def _recent(tokens: list[int], context: int) -> list[int]:
 
 def _close_patches(model: BltModel, caches: BltCaches, slots: list[int], states: list[PatchState]) -> None:
     device = caches.read_keys.device
-    lengths = [s.open_states.shape[0] for s in states]
-    longest = max(lengths)
-    padded = torch.stack([
-        torch.cat([s.open_states, s.open_states.new_zeros(longest - s.open_states.shape[0], s.open_states.shape[1])])
-        for s in states
-    ])
-    valid = torch.arange(longest, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
+    padded = pad_sequence([s.open_states for s in states], batch_first=True)  # [b, L, dim]
+    lengths = torch.tensor([s.open_states.shape[0] for s in states], device=device)
+    valid = torch.arange(padded.shape[1], device=device)[None] < lengths[:, None]
     vectors = model.local_encoder.pool_one_patch(padded, valid)  # [b, 1, k * dim]
     slot_index = slot_selector(slots, device)
     patch_positions = torch.tensor([s.closed_patches for s in states], device=device)
