@@ -95,19 +95,32 @@ def apply_rotary(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(pairs * rotations.unsqueeze(-2)).flatten(-2).to(x.dtype)
 
 
-def fused_weight(owner: nn.Module, linears: tuple[nn.Linear, ...]) -> torch.Tensor:
-    """The weights of ``linears`` stacked into one matrix, so projections that
-    read the same input run as one matmul. Without autograd the stacked copy is
-    kept and rebuilt only when a weight changes (moved or written in place)."""
-    weights = [linear.weight for linear in linears]
-    if torch.is_grad_enabled():
-        return torch.cat(weights)
-    key = tuple((w.data_ptr(), w._version) for w in weights)
-    cached = owner.__dict__.get("_fused")
-    if cached is None or cached[0] != key:
-        cached = (key, torch.cat(weights))
-        owner.__dict__["_fused"] = cached
-    return cached[1]
+def fuse_linears(*linears: nn.Linear) -> torch.Tensor:
+    """Stacks the weights of ``linears`` (which read the same input) into one
+    matrix and makes each weight a view into it, so inference runs them as one
+    matmul with no second copy of the weights. The parameters keep their names
+    and shapes; writing to one (``load_state_dict``) writes the stacked matrix."""
+    fused = torch.cat([linear.weight.detach() for linear in linears])
+    offset = 0
+    for linear in linears:
+        rows = linear.weight.shape[0]
+        linear.weight = nn.Parameter(fused[offset : offset + rows], requires_grad=linear.weight.requires_grad)
+        offset += rows
+    return fused
+
+
+def stacked_weight(fused: torch.Tensor | None, *linears: nn.Linear) -> torch.Tensor:
+    """The stacked weight of ``linears``: the fused matrix when there is one
+    (inference), else a concatenation that autograd sees through (training)."""
+    return fused if fused is not None else torch.cat([linear.weight for linear in linears])
+
+
+def fuse_projections(model: nn.Module) -> None:
+    """Fuses the q/k/v and gate/up projections of every block of ``model``
+    (inference: one matmul each, one copy of the weights)."""
+    for module in model.modules():
+        if isinstance(module, (SelfAttention, FeedForward)):
+            module.fuse()
 
 
 def causal_mask(n_queries: int, n_keys: int, window: int | None, device) -> torch.Tensor:
@@ -131,25 +144,26 @@ class SelfAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.qkv_weight: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        self.qkv_weight = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x, rotations, mask, cache: CacheView | None = None, layer: int = 0):
-        """x: [B, T, dim]. With ``mask`` the tokens attend among themselves (a
-        whole sequence, or a prompt whose keys/values are also stored in
-        ``cache``); with ``mask=None`` they are stored first and attend to
-        what ``cache`` allows (one decode step)."""
+        """x: [B, T, dim]. Without ``cache`` the tokens attend among themselves
+        under ``mask``; with it they are stored in the cache and attend to
+        what the cache holds for them."""
         batch, seq, _ = x.shape
         n_qk = self.n_heads + self.n_kv_heads
-        qkv = F.linear(x, fused_weight(self, (self.q_proj, self.k_proj, self.v_proj)))
+        qkv = F.linear(x, stacked_weight(self.qkv_weight, self.q_proj, self.k_proj, self.v_proj))
         qkv = qkv.view(batch, seq, n_qk + self.n_kv_heads, self.head_dim)
         qk = apply_rotary(qkv[:, :, :n_qk], rotations).transpose(1, 2)  # [B, H + Hkv, T, hd]
         q, k, v = qk[:, : self.n_heads], qk[:, self.n_heads :], qkv[:, :, n_qk:].transpose(1, 2)
+        gqa = self.n_heads != self.n_kv_heads
         if cache is not None:
-            cache.write(layer, k, v)
-            if mask is None:
-                (k, v), mask = cache.read(layer), cache.mask
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads
-        )
+            out = cache.attend(layer, q, k, v, gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -159,9 +173,13 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+        self.gate_up_weight: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        self.gate_up_weight = fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x):
-        gate, up = F.linear(x, fused_weight(self, (self.gate_proj, self.up_proj))).chunk(2, dim=-1)
+        gate, up = F.linear(x, stacked_weight(self.gate_up_weight, self.gate_proj, self.up_proj)).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -199,28 +217,27 @@ class TransformerStack(nn.Module):
         size = self.cfg.window if ring else capacity
         return KVCache(len(self.layers), slots, self.cfg.kv_heads, self.cfg.head_dim, size, ring, device, dtype)
 
-    def prefill_view(self, cache: KVCache, slot: int, length: int) -> CacheView:
-        """Where a prompt of ``length`` tokens at positions 0.. of ``slot`` is stored."""
-        positions = torch.arange(length, device=cache.keys.device)[None]
-        return cache.view([slot], positions, self.cfg.window, decode=False)
-
     def decode_view(self, cache: KVCache, slots: list[int], positions: torch.Tensor) -> CacheView:
         """One new token per sequence of ``slots``, at ``positions`` [B]."""
-        return cache.view(slots, positions[:, None], self.cfg.window, decode=True)
+        return cache.decode_view(slots, positions, self.cfg.window)
 
-    def forward(self, h: torch.Tensor, cache: CacheView | None = None) -> torch.Tensor:
-        """h: [B, T, dim] at positions 0..T-1; with ``cache`` (a prompt) the keys
-        and values are also stored."""
+    def extend_view(self, cache: KVCache, slots: list[int], positions: torch.Tensor) -> CacheView:
+        """A chunk of new tokens per sequence of ``slots`` at ``positions`` [B, T] (-1: padding)."""
+        return cache.extend_view(slots, positions, self.cfg.window)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h: [B, T, dim], a whole sequence at positions 0..T-1."""
         rotations, mask = self.positions(h.shape[1], h.device)
         for i, layer in enumerate(self.layers):
-            h = layer(h, rotations, mask, cache, i)
+            h = layer(h, rotations, mask, None, i)
         return h
 
-    def decode(self, h: torch.Tensor, cache: CacheView) -> torch.Tensor:
-        """h: [B, 1, dim], one new token per sequence at ``cache.positions``."""
-        rotations = self.rotary(cache.positions)
+    def step(self, h: torch.Tensor, cache: CacheView) -> torch.Tensor:
+        """h: [B, T, dim], new tokens at ``cache.positions`` that attend to the
+        cache (one decode step, or a chunk of a prompt)."""
+        rotations = self.rotary(cache.positions.clamp(min=0))
         for i, layer in enumerate(self.layers):
-            h = layer(h, rotations, None, cache, i)
+            h = layer(h, rotations, cache.mask, cache, i)
         return h
 
 

@@ -1,34 +1,61 @@
 """Continuous batching inside one replica, for every family.
 
 A scheduler owns the engine's caches and one background thread. Requests are
-submitted from any thread; at each step the scheduler drops cancelled
-requests, admits waiting ones into free cache slots (prefill), advances every
-running sequence by one symbol in a single batched step, and retires the
-finished ones, freeing their slots at once. Requests beyond the free slots
-wait in a bounded queue. Running sequences always occupy slots 0..B-1 (a
-retired sequence's slot is refilled by moving the last one down), so a
-step reads its caches as views, never as gathered copies.
+submitted from any thread; at each step the scheduler
 
-The family supplies the model math through ``StepModel``: ``prefill`` for one
-new sequence and ``decode`` for a batch; the scheduler never looks inside a
-sequence's state.
+1. drops requests whose caller cancelled them or whose deadline passed, in
+   whatever phase they are (waiting, prefilling, decoding);
+2. compacts the running sequences into slots 0..B-1 (a retired sequence's slot
+   is refilled by moving the last one down), so a step reads its caches as
+   views, never as gathered copies;
+3. admits waiting requests into free slots;
+4. runs one model step for everyone: newly admitted short prompts whole, a
+   chunk of at most ``prefill_budget`` symbols shared among the longer prompts
+   still being read (a long prompt takes several steps, so it never stalls
+   the running sequences for long), and one symbol for every sequence past
+   its prompt;
+5. chooses each sequence's next symbol and retires the finished ones, freeing
+   their slots at once.
+
+Requests beyond the free slots wait in a bounded queue. The whole loop runs
+under one ``torch.inference_mode()``, and the caches are created in it too, so
+every cache tensor is an inference tensor that only this thread updates.
+
+Failures stay contained: a request is in the running list before anything
+that can fail is called for it, so every failure path frees its slot exactly
+once. When a model step fails, the prompts in it start over one request at a
+time (so a bad request fails alone) and the decoding sequences run again
+without them (a family's step changes no state until it has succeeded); if
+that fails too, they fail. The thread survives a failing step and a failing
+delivery. Should the thread
+ever stop, every request fails with ``EngineUnavailable`` and new ones are
+refused with it. ``health()`` reports a stopped or stalled thread from a
+heartbeat the loop updates, without touching the model.
+
+The family supplies the model math through ``StepModel``; the scheduler never
+looks inside a sequence's state.
 """
 
 from __future__ import annotations
 
 import atexit
 import heapq
+import logging
 import queue
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from engines.generation import Decoding, Generation, SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 class SchedulerConfig(BaseModel):
@@ -40,19 +67,62 @@ class SchedulerConfig(BaseModel):
     max_sequence_bytes: int = Field(default=8192, ge=1)
     # Requests that may wait for a free slot; more are refused.
     max_queue: int = Field(default=64, ge=0)
+    # Prompt symbols prefilled per step while other sequences are generating,
+    # shared among the sequences still reading their prompts (vLLM's token
+    # budget). It bounds how long one step can hold up the running sequences;
+    # longer prompts take several steps (measured: docs/benchmarks.md).
+    prefill_budget: int = Field(default=32, ge=1)
+    # The same when no sequence is generating: nobody waits on the step then.
+    idle_prefill_budget: int = Field(default=512, ge=1)
+    # Prompts of at most this many symbols are read whole in the step they are
+    # admitted, beside the budget: a burst of short requests gets its first
+    # bytes together, and one step reads at most max_batch_size of them.
+    short_prompt: int = Field(default=64, ge=0)
     # Intra-op threads of the scheduler thread's model steps (CPU). Decode
     # steps are many small operations that gain little from more threads, and
     # on a small machine a second OpenMP pool beside the caller's halves
     # throughput (measured: docs/benchmarks.md). Raise it on large CPU replicas.
     threads: int = Field(default=1, ge=1)
+    # A scheduler with work whose step has not finished in this long is
+    # stalled, and ``health()`` says so.
+    stall_timeout_s: float = Field(default=60.0, gt=0)
 
 
 class AdmissionError(Exception):
-    """A request the scheduler refuses (gRPC RESOURCE_EXHAUSTED)."""
+    """A request refused for now (the queue is full): retry later (gRPC RESOURCE_EXHAUSTED)."""
+
+
+class RequestTooLarge(ValueError):
+    """A request that can never fit a cache slot (gRPC INVALID_ARGUMENT); ``field`` names the culprit."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(field, message)  # the arguments, so it survives pickling between processes
+        self.field, self.message = field, message
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+class EngineUnavailable(Exception):
+    """The engine cannot serve: its scheduler stopped or is shutting down (gRPC UNAVAILABLE)."""
 
 
 class RequestCancelled(Exception):
     """Delivered to a request that was cancelled before it finished."""
+
+
+class DeadlineExceeded(Exception):
+    """Delivered to a request whose deadline passed before it finished."""
+
+
+@dataclass
+class StepBatch:
+    """Sequences a model step advances together: ``symbols[i]`` follow
+    ``states[i]``, whose cache entries are in ``slots[i]``."""
+
+    slots: list[int]
+    states: list[Any]
+    symbols: list[list[int]]
 
 
 class StepModel(Protocol):
@@ -63,11 +133,26 @@ class StepModel(Protocol):
     def move(self, caches: Any, source: int, target: int) -> None:
         """Moves one sequence's cache entries to another slot."""
 
-    def prefill(self, caches: Any, slot: int, prompt: bytes) -> tuple[torch.Tensor, Any]:
-        """Fills ``slot`` from the prompt; returns the next-symbol logits [V] and the sequence state."""
+    def release(self, caches: Any, slot: int) -> None:
+        """Empties a slot whose sequence has left and gives its memory back."""
 
-    def decode(self, caches: Any, slots: list[int], states: list[Any], symbols: list[int]) -> torch.Tensor:
-        """Appends ``symbols[i]`` to ``states[i]``; returns next-symbol logits [B, V]."""
+    def cache_bytes(self, caches: Any, states: list[Any]) -> int:
+        """Cache memory the sequences in ``states`` take now."""
+
+    def encode(self, prompt: bytes) -> list[int]:
+        """The prompt's symbols, as the model reads them."""
+
+    def new_state(self, caches: Any, prompt: list[int]) -> Any:
+        """The state of a sequence that has read nothing of ``prompt`` yet."""
+
+    def step(
+        self, caches: Any, chunks: StepBatch | None, decodes: StepBatch | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Runs prompt ``chunks`` (the next prompt symbols of each sequence)
+        and ``decodes`` (one chosen symbol each) through the model in one step.
+        Returns the logits of the symbol after each chunk [B1, V] (only rows of
+        chunks that end their prompt are read) and after each decoded symbol
+        [B2, V]. It changes no state unless it succeeds."""
 
     def choose(self, decoding: Decoding, logits: torch.Tensor) -> tuple[int, bytes]:
         """Picks and records the next symbol; returns it and the released bytes."""
@@ -78,24 +163,47 @@ class StepModel(Protocol):
 class Request:
     """A submitted generation. Iterate it for byte deltas and the final
     ``Generation``, or call ``result()``; ``cancel()`` frees its slot at the
-    next step."""
+    next step. ``deadline`` is a ``time.monotonic()`` instant."""
 
-    def __init__(self, prompt: bytes, params: SamplingParams, emit: Callable[[Any], None] | None):
-        self.prompt, self.params = prompt, params
+    def __init__(
+        self, prompt: bytes, params: SamplingParams, emit: Callable[[Any], None] | None, deadline: float | None
+    ):
+        self.prompt, self.params, self.deadline = prompt, params, deadline
         self._queue: queue.SimpleQueue | None = None if emit else queue.SimpleQueue()
         self._emit = emit or self._queue.put
         self._cancelled = threading.Event()
+        self._reason: BaseException | None = None
         self.decoding: Decoding | None = None
         self.state: Any = None
+        self.symbols: list[int] = []  # the prompt's symbols
+        self.prefilled = 0  # how many of them the model has read
+        self.isolated = False  # prefill alone (after a batch it was in failed)
         self.slot = -1
         self.pending = -1  # the latest chosen symbol, not yet run through the model
+        self.done = False
 
-    def cancel(self) -> None:
+    def cancel(self, reason: BaseException | None = None) -> None:
+        """Stops the request at the next step; ``reason`` is what its caller
+        receives (``RequestCancelled`` by default)."""
+        if reason is not None and self._reason is None:
+            self._reason = reason
         self._cancelled.set()
 
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
+
+    def stop_reason(self, now: float) -> BaseException | None:
+        """Why the request must stop now, if it must."""
+        if self._cancelled.is_set():
+            return self._reason or RequestCancelled()
+        if self.deadline is not None and now >= self.deadline:
+            return DeadlineExceeded("the request's deadline passed")
+        return None
+
+    @property
+    def reading_prompt(self) -> bool:
+        return self.prefilled < len(self.symbols)
 
     def __iter__(self) -> Iterator[bytes | Generation]:
         if self._queue is None:
@@ -116,30 +224,38 @@ class Request:
 class Scheduler:
     def __init__(self, model: StepModel, config: SchedulerConfig, device):
         self.model, self.config, self.device = model, config, device
-        self.caches = model.new_caches(config.max_batch_size, config.max_sequence_bytes)
+        with torch.inference_mode():
+            self.caches = model.new_caches(config.max_batch_size, config.max_sequence_bytes)
         self._free = list(range(config.max_batch_size))  # a heap: the lowest free slot first
         self._waiting: deque[Request] = deque()
-        self._running: list[Request] = []
+        self._running: list[Request] = []  # every request that holds a slot
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._failure: BaseException | None = None
+        self.heartbeat = time.monotonic()  # the loop's latest sign of life
         self.steps = 0
         self.batch_sizes: deque[int] = deque(maxlen=4096)  # decode batch size of recent steps
+        self.prefill_sizes: deque[int] = deque(maxlen=4096)  # prompt symbols prefilled in recent steps
 
     def submit(
-        self, prompt: bytes, params: SamplingParams, emit: Callable[[Any], None] | None = None
+        self, prompt: bytes, params: SamplingParams, emit: Callable[[Any], None] | None = None,
+        deadline: float | None = None,
     ) -> Request:
-        """Queues a request; raises AdmissionError when it can never fit or the queue is full."""
+        """Queues a request. Raises RequestTooLarge when it can never fit,
+        AdmissionError when the queue is full, EngineUnavailable when the
+        scheduler has stopped or is shutting down."""
+        limit = self.config.max_sequence_bytes
         needed = len(prompt) + params.max_new_bytes
-        if needed > self.config.max_sequence_bytes:
-            raise AdmissionError(
-                f"prompt ({len(prompt)} bytes) plus max_new_bytes ({params.max_new_bytes}) needs {needed} bytes "
-                f"of cache; a sequence may use at most {self.config.max_sequence_bytes}"
+        if needed > limit:
+            field = "prompt" if len(prompt) >= limit else "max_new_bytes"
+            raise RequestTooLarge(
+                field, f"the prompt ({len(prompt)} bytes) plus max_new_bytes ({params.max_new_bytes}) needs "
+                f"{needed} bytes of cache; a sequence may use at most {limit}"
             )
-        request = Request(prompt, params, emit)
+        request = Request(prompt, params, emit, deadline)
         with self._lock:
-            if self._closed:
-                raise AdmissionError("the engine is shutting down")
+            self._check_serving()
             if len(self._waiting) - len(self._free) >= self.config.max_queue:
                 raise AdmissionError(f"{self.config.max_queue} requests are already waiting for a slot (the limit)")
             self._waiting.append(request)
@@ -150,14 +266,49 @@ class Scheduler:
                 atexit.register(_close, weakref.ref(self))
         return request
 
+    def _check_serving(self) -> None:
+        if self._failure is not None:
+            raise EngineUnavailable(f"the scheduler stopped ({type(self._failure).__name__})")
+        if self._closed:
+            raise EngineUnavailable("the engine is shutting down")
+
     def close(self) -> None:
-        """Stops the scheduler thread after its current step (also run at exit,
-        so the interpreter never stops in the middle of a model step)."""
+        """Stops the scheduler thread after its current step; requests still
+        waiting or running fail with EngineUnavailable. Also run at exit, so
+        the interpreter never stops in the middle of a model step."""
         with self._lock:
             self._closed = True
             self._lock.notify()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
+
+    def abort_all(self, reason: BaseException) -> int:
+        """Ends every waiting and running request with ``reason`` at the next
+        step (a drain's deadline); returns how many there were."""
+        with self._lock:
+            requests = [*self._waiting, *self._running]
+            for request in requests:
+                request.cancel(reason)
+            self._lock.notify()
+        return len(requests)
+
+    def health(self) -> str | None:
+        """None when the scheduler can serve, else why not."""
+        if self._failure is not None:
+            return f"the scheduler stopped: {type(self._failure).__name__}: {self._failure}"
+        if self._thread is not None and not self._thread.is_alive() and not self._closed:
+            return "the scheduler thread is not running"
+        if self._closed:
+            return "the engine is shutting down"
+        stalled = time.monotonic() - self.heartbeat
+        if (self._running or self._waiting) and stalled > self.config.stall_timeout_s:
+            return f"the scheduler has not finished a step in {stalled:.0f} s"
+        return None
+
+    def cache_bytes(self) -> int:
+        """Cache memory the running sequences take now."""
+        states = [r.state for r in [*self._running] if r.state is not None]
+        return self.model.cache_bytes(self.caches, states)
 
     @property
     def queue_depth(self) -> int:
@@ -167,86 +318,228 @@ class Scheduler:
     def running(self) -> int:
         return len(self._running)
 
+    # -- the loop -------------------------------------------------------------
+
     def _loop(self) -> None:
         torch.set_num_threads(self.config.threads)  # per thread: callers keep their own setting
+        with torch.inference_mode():
+            try:
+                self._serve()
+            except BaseException as error:  # the thread ends here, reported by health()
+                self._failure = error
+                logger.critical("the scheduler thread stopped", exc_info=True)
+            finally:
+                self._fail_everything()
+
+    def _serve(self) -> None:
         while True:
             with self._lock:
                 while not self._waiting and not self._running and not self._closed:
-                    self._lock.wait()
+                    self.heartbeat = time.monotonic()
+                    self._lock.wait(timeout=1.0)
                 if self._closed:
                     return
             try:
                 self.step()
             except Exception as error:  # a failed step fails its requests, never the replica
+                logger.exception("scheduler step failed; failing the running requests")
                 for request in [*self._running]:
                     self._retire(request, error)
 
-    def step(self) -> None:
-        """Drop cancelled requests, admit waiting ones, decode one symbol for all."""
-        for request in [r for r in self._running if r.cancelled]:
-            self._retire(request, RequestCancelled())
-        self._compact()
+    def _fail_everything(self) -> None:
+        """Ends every request still here once the loop has stopped."""
         with self._lock:
-            for request in [r for r in self._waiting if r.cancelled]:
+            waiting, self._waiting = [*self._waiting], deque()
+        error = EngineUnavailable("the engine stopped before the request finished; retry")
+        for request in waiting + [*self._running]:
+            self._retire(request, error)
+
+    def step(self) -> None:
+        """Drop stopped requests, admit waiting ones, run one model step, choose the next symbols."""
+        self.heartbeat = time.monotonic()
+        self._drop_stopped()
+        self._compact()
+        self._admit()
+        self._run_model()
+        self.steps += 1
+        self.heartbeat = time.monotonic()
+
+    def _drop_stopped(self) -> None:
+        now = time.monotonic()
+        stopped = [(r, reason) for r in self._running if (reason := r.stop_reason(now)) is not None]
+        with self._lock:
+            for request in [r for r in self._waiting if r.stop_reason(now) is not None]:
                 self._waiting.remove(request)
-                request._emit(RequestCancelled())
+                stopped.append((request, request.stop_reason(now)))
+        for request, reason in stopped:
+            self._retire(request, reason)
+
+    def _compact(self) -> None:
+        """Moves sequences down so the running ones hold slots 0..B-1. The free
+        list changes only after a move succeeded, so a failed move can never
+        leave a slot both free and in use."""
+        while self._running:
+            highest = max(self._running, key=lambda r: r.slot)
+            if highest.slot < len(self._running):
+                break
+            target = self._free[0]  # the lowest free slot, below the highest used one
+            try:
+                self.model.move(self.caches, highest.slot, target)
+            except Exception as error:
+                logger.exception("moving a sequence between cache slots failed")
+                self._retire(highest, error)
+                continue
+            with self._lock:
+                heapq.heapreplace(self._free, highest.slot)
+            highest.slot = target
+        self._running.sort(key=lambda r: r.slot)
+
+    def _admit(self) -> None:
+        with self._lock:
             admitted = []
             while self._waiting and self._free:
                 request = self._waiting.popleft()
                 request.slot = heapq.heappop(self._free)
+                self._running.append(request)  # tracked before anything can fail
                 admitted.append(request)
         for request in admitted:
-            self._running.append(request)
-            request.decoding = Decoding(request.params, self.device)
-            if request.decoding.finished:  # max_new_bytes == 0
-                self._finish(request)
-                continue
             try:
-                logits, request.state = self.model.prefill(self.caches, request.slot, request.prompt)
-            except Exception as error:  # fails this request only
+                request.decoding = Decoding(request.params, self.device)
+                request.symbols = self.model.encode(request.prompt)
+                request.state = self.model.new_state(self.caches, request.symbols)
+            except Exception as error:
                 self._retire(request, error)
                 continue
-            self._choose(request, logits)
-        batch = [r for r in self._running if not r.decoding.finished]
-        if batch:
-            self.batch_sizes.append(len(batch))
-            logits = self.model.decode(
-                self.caches, [r.slot for r in batch], [r.state for r in batch], [r.pending for r in batch]
-            )
-            for request, row in zip(batch, logits):
-                self._choose(request, row)
-        self.steps += 1
+            if request.decoding.finished:  # max_new_bytes == 0
+                self._finish(request)
 
-    def _compact(self) -> None:
-        """Moves sequences down so the running ones hold slots 0..B-1."""
-        count = len(self._running)
-        for request in sorted(self._running, key=lambda r: r.slot, reverse=True):
-            if request.slot < count:
-                break
-            with self._lock:
-                target = heapq.heapreplace(self._free, request.slot)
-            self.model.move(self.caches, request.slot, target)
-            request.slot = target
-        self._running.sort(key=lambda r: r.slot)
+    def _run_model(self) -> None:
+        decoding = [r for r in self._running if not r.reading_prompt and not r.done and r.pending >= 0]
+        reading = self._prompt_chunks(self.config.prefill_budget if decoding else self.config.idle_prefill_budget)
+        if not reading and not decoding:
+            return
+        chunks = StepBatch([r.slot for r, _ in reading], [r.state for r, _ in reading], [c for _, c in reading])
+        decodes = StepBatch([r.slot for r in decoding], [r.state for r in decoding], [[r.pending] for r in decoding])
+        try:
+            chunk_logits, decode_logits = self.model.step(self.caches, chunks if reading else None,
+                                                          decodes if decoding else None)
+        except Exception as error:
+            if not reading:
+                logger.exception("a decode step failed; failing its %d requests", len(decoding))
+                for request in decoding:
+                    self._retire(request, error)
+                return
+            self._start_prompts_over([r for r, _ in reading], error)
+            chunk_logits, reading = None, []
+            if decoding:
+                try:
+                    _, decode_logits = self.model.step(self.caches, None, decodes)
+                except Exception as error:
+                    logger.exception("a decode step failed; failing its %d requests", len(decoding))
+                    for request in decoding:
+                        self._retire(request, error)
+                    return
+        if reading:
+            self.prefill_sizes.append(sum(len(chunk) for _, chunk in reading))
+        if decoding:
+            self.batch_sizes.append(len(decoding))
+        for (request, chunk), row in zip(reading, chunk_logits if reading else []):
+            request.prefilled += len(chunk)
+            if not request.reading_prompt:
+                self._choose(request, row)
+        for request, row in zip(decoding, decode_logits if decoding else []):
+            self._choose(request, row)
+
+    def _prompt_chunks(self, budget: int) -> list[tuple[Request, list[int]]]:
+        """The prompt symbols to read in this step: short new prompts whole,
+        ``budget`` shared among the others; or one request alone that must be
+        retried by itself."""
+        reading = [r for r in self._running if r.reading_prompt and not r.done]
+        isolated = [r for r in reading if r.isolated]
+        if isolated:
+            reading = isolated[:1]
+        short = [r for r in reading if not isolated and r.prefilled == 0 and len(r.symbols) <= self.config.short_prompt]
+        long = [r for r in reading if r not in short]
+        sizes = _share_budget([len(r.symbols) - r.prefilled for r in long], budget)
+        chunks = [(r, r.symbols) for r in short]
+        return chunks + [(r, r.symbols[r.prefilled : r.prefilled + size]) for r, size in zip(long, sizes) if size]
+
+    def _start_prompts_over(self, requests: list[Request], error: Exception) -> None:
+        """After a failed step, each prompt in it gets one more try, alone: it
+        starts over and is read by itself. A prompt that fails alone fails."""
+        logger.warning("a model step with %d prompts failed (%s); each gets one retry alone", len(requests), error)
+        for request in requests:
+            if request.isolated:
+                self._retire(request, error)
+                continue
+            try:
+                request.state = self.model.new_state(self.caches, request.symbols)
+                request.prefilled, request.isolated = 0, True
+            except Exception as failure:
+                self._retire(request, failure)
 
     def _choose(self, request: Request, logits: torch.Tensor) -> None:
-        request.pending, delta = self.model.choose(request.decoding, logits)
+        try:
+            request.pending, delta = self.model.choose(request.decoding, logits)
+        except Exception as error:
+            self._retire(request, error)
+            return
         if delta:
-            request._emit(delta)
+            self._deliver(request, delta)
         if request.decoding.finished:
             self._finish(request)
 
     def _finish(self, request: Request) -> None:
-        tail = request.decoding.tail()
+        try:
+            tail = request.decoding.tail()
+            result = self.model.result(request.prompt, request.decoding, request.state)
+        except Exception as error:
+            self._retire(request, error)
+            return
         if tail:
-            request._emit(tail)
-        self._retire(request, self.model.result(request.prompt, request.decoding, request.state))
+            self._deliver(request, tail)
+        self._retire(request, result)
 
     def _retire(self, request: Request, outcome: Any) -> None:
-        request._emit(outcome)
-        self._running.remove(request)
-        with self._lock:
-            heapq.heappush(self._free, request.slot)
+        """Frees the request's slot (exactly once) and delivers its outcome."""
+        if request.done:
+            return
+        request.done = True
+        if request in self._running:
+            self._running.remove(request)
+        slot, request.slot = request.slot, -1
+        if slot >= 0:
+            try:
+                self.model.release(self.caches, slot)
+            except Exception:  # the slot is still reusable: a new sequence starts it afresh
+                logger.exception("releasing a cache slot failed")
+            with self._lock:
+                heapq.heappush(self._free, slot)
+        self._deliver(request, outcome)
+
+    def _deliver(self, request: Request, item: Any) -> None:
+        """Hands an item to the request's consumer; a consumer that fails is
+        logged and its request cancelled, never the loop."""
+        try:
+            request._emit(item)
+        except Exception:
+            logger.exception("delivering a generation event failed; cancelling the request")
+            request.cancel()
+
+
+def _share_budget(remaining: list[int], budget: int) -> list[int]:
+    """Splits ``budget`` prompt symbols among requests with ``remaining``
+    symbols each: equal shares, what a short prompt does not use going to the
+    others, and at least one symbol per request in order while the budget
+    lasts (so a short prompt beside a long one is read in one step)."""
+    shares = [0] * len(remaining)
+    left = budget
+    order = sorted(range(len(remaining)), key=lambda i: remaining[i])
+    for rank, i in enumerate(order):
+        share = max(1, left // (len(order) - rank)) if left else 0
+        shares[i] = min(remaining[i], share)
+        left -= shares[i]
+    return shares
 
 
 def _close(scheduler_ref: weakref.ref) -> None:

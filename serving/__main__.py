@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -25,18 +24,13 @@ from serving.config import ServingConfig
 
 EXAMPLES = """\
 Patchwork is serving {models} on 127.0.0.1:{port} (default model: {default}).
-Metrics: http://127.0.0.1:{metrics}/metrics
+Metrics: http://{metrics}/metrics
 Try:
   python -m serving client --target 127.0.0.1:{port} generate "def " --max-new-bytes 64
   python -m serving client --target 127.0.0.1:{port} generate "import " --stream --temperature 0.8 --seed 1
   python -m serving client --target 127.0.0.1:{port} score "def main():"
   python -m serving models --target 127.0.0.1:{port}
 """
-
-
-def _ray(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 
 def _wait_healthy(port: int, timeout_s: float) -> bool:
@@ -73,6 +67,7 @@ def up(args: argparse.Namespace) -> int:
     import ray
 
     from engines.checkpoint import CheckpointError
+    from serving import cluster, ops
     from serving.app import default_model, discover_checkpoints
     from serving.deploy import apply, deploy_config
 
@@ -84,47 +79,42 @@ def up(args: argparse.Namespace) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cpus = args.num_cpus
-    if args.detach:
-        _ray("start", "--head", "--include-dashboard=false", "--disable-usage-stats",
-             f"--metrics-export-port={config.metrics_port}", *([f"--num-cpus={cpus}"] if cpus else []))
-        ray.init(address="auto", logging_level="WARNING")
-    else:
-        ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING",
-                 _metrics_export_port=config.metrics_port)
+    cluster.start(config, num_cpus=args.num_cpus, detach=args.detach)
     apply(deploy_config(config, list(models)))
     if not _wait_healthy(config.grpc_port, timeout_s=300):
         print("error: the application did not become healthy; see `python -m serving status`", file=sys.stderr)
         return 1
     print(EXAMPLES.format(models=", ".join(sorted(models)), port=config.grpc_port, default=default,
-                          metrics=config.metrics_port), flush=True)
+                          metrics=f"{config.metrics_host}:{config.metrics_port}"), flush=True)
     if args.detach:
         print("Running in the background; stop it with `python -m serving down`.")
         return 0
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
-    print("Press Ctrl-C to stop.", flush=True)
+    print("Press Ctrl-C to stop (requests in flight get the drain grace period to finish).", flush=True)
     stopped.wait()
-    from ray import serve
-
-    serve.shutdown()
+    print(f"stopped in {ops.stop():.1f} s")
     ray.shutdown()
     return 0
 
 
-def down(_: argparse.Namespace) -> int:
+def down(args: argparse.Namespace) -> int:
+    """Drains and stops a detached server: requests in flight finish (or end
+    with UNAVAILABLE after the grace period), new ones are refused."""
     import ray
-    from ray import serve
+
+    from serving import cluster, ops
 
     try:
-        ray.init(address="auto", logging_level="WARNING")
-        serve.shutdown()
-        ray.shutdown()
+        cluster.connect()
     except ConnectionError:
-        pass
-    _ray("stop")
-    print("stopped")
+        print("no running server")
+        return 0
+    seconds = ops.stop(args.grace)
+    ray.shutdown()
+    cluster.ray_command("stop")
+    print(f"stopped in {seconds:.1f} s")
     return 0
 
 
@@ -178,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_arguments(start)
     start.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
     start.add_argument("--detach", action="store_true", help="leave the server running in the background")
-    commands.add_parser("down", help="stop a detached server")
+    stop = commands.add_parser("down", help="drain and stop a detached server")
+    stop.add_argument("--grace", type=float, help="seconds requests in flight may take (default: the setup's drain_grace_s)")
     config = commands.add_parser("config", help="print the Ray Serve config file of a setup")
     _setup_arguments(config)
     config.add_argument("--discover", action="store_true", help="list the checkpoints found instead of blt-default")

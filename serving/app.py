@@ -64,10 +64,11 @@ def build_app(config: ServingConfig):
     for name, path in models.items():
         options = config.options_for(name)
         threads = max(1, int(options.ray_actor_options.num_cpus))
-        handles[name] = ModelServer.options(**deployment_entry(model_deployment(name), options)).bind(
-            str(path), config.device, threads, config.engine.model_dump()
+        entry = deployment_entry(model_deployment(name), options, config.drain_grace_s)
+        handles[name] = ModelServer.options(**entry).bind(
+            str(path), config.device, threads, config.engine_for(name).model_dump()
         )
-    return Gateway.options(**deployment_entry(GATEWAY, config.gateway)).bind(
+    return Gateway.options(**deployment_entry(GATEWAY, config.gateway, config.drain_grace_s)).bind(
         handles, default_model(models, config), config.limits.model_dump(), config.auth.model_dump(mode="json")
     )
 

@@ -55,7 +55,8 @@ class DeploymentOptions(BaseModel):
     """One deployment's replicas and admission: a fixed ``num_replicas`` or an
     ``autoscaling_config``; ``max_ongoing_requests`` per replica, and beyond it
     up to ``max_queued_requests`` waiting per caller (-1: no bound) before
-    RESOURCE_EXHAUSTED."""
+    RESOURCE_EXHAUSTED. Ray Serve calls each replica's health check every
+    ``health_check_period_s`` and replaces a replica that keeps failing it."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -63,6 +64,11 @@ class DeploymentOptions(BaseModel):
     autoscaling_config: AutoscalingConfig | None = None
     max_ongoing_requests: int = Field(default=16, ge=1)
     max_queued_requests: int = Field(default=64, ge=-1)
+    health_check_period_s: float = Field(default=5.0, gt=0)
+    # A replica that does not answer within this (three times in a row) is
+    # replaced; shorter catches a frozen replica sooner but can replace one
+    # that is merely slow on an overloaded machine.
+    health_check_timeout_s: float = Field(default=30.0, gt=0)
     ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
 
     @model_validator(mode="after")
@@ -82,7 +88,8 @@ class Limits(BaseModel):
     max_new_bytes: int = Field(default=4096, ge=1)
     # Taken when a request leaves max_new_bytes at 0.
     default_new_bytes: int = Field(default=256, ge=1)
-    max_prompt_bytes: int = Field(default=8192, ge=0)
+    # With the default new bytes it fills the engine's default 8192-byte slot.
+    max_prompt_bytes: int = Field(default=7936, ge=0)
     max_stop_sequences: int = Field(default=16, ge=0)
     max_stop_bytes: int = Field(default=64, ge=1)
 
@@ -91,6 +98,17 @@ class Limits(BaseModel):
         if self.default_new_bytes > self.max_new_bytes:
             raise ValueError("default_new_bytes must not exceed max_new_bytes")
         return self
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest gRPC message a call within these limits needs, either
+        way: a request with the longest prompt and every stop sequence, a
+        Score response (a float and a patch length per byte), a generation
+        (text and patch lengths), with room for the small fields and a model
+        listing. The gRPC proxy refuses larger messages before they reach
+        Patchwork."""
+        request = self.max_prompt_bytes + self.max_stop_sequences * (self.max_stop_bytes + 4)
+        return max(request, 8 * self.max_prompt_bytes, 4 * self.max_new_bytes) + 64 * 1024
 
 
 class AuthConfig(BaseModel):
@@ -116,8 +134,15 @@ class ServingConfig(BaseModel):
     # Ray Serve's HTTP proxy (health and routes) on 127.0.0.1.
     http_port: int = Field(default=8000, ge=1, le=65535)
     # Prometheus metrics of the whole Ray cluster (Ray Serve's and Patchwork's),
-    # at http://127.0.0.1:<metrics_port>/metrics; set when `serving up` starts Ray.
+    # at http://<metrics_host>:<metrics_port>/metrics; set when `serving up`
+    # starts Ray. "127.0.0.1" keeps them on loopback (the local cluster's node
+    # address is loopback then); any other value lets Ray listen on every interface.
     metrics_port: int = Field(default=8088, ge=1, le=65535)
+    metrics_host: Literal["127.0.0.1", "0.0.0.0"] = "127.0.0.1"
+    # How long `serving down` lets requests in flight finish. New requests are
+    # refused (UNAVAILABLE) from the start; what is still running at the end
+    # ends with UNAVAILABLE, so clients can retry elsewhere.
+    drain_grace_s: float = Field(default=30.0, ge=0)
     # Server-side limit on one request, end to end (None: only client deadlines).
     request_timeout_s: float | None = Field(default=None, gt=0)
     # Model used when a request names none; None picks the first name in sorted order.
@@ -135,8 +160,30 @@ class ServingConfig(BaseModel):
     models: DeploymentOptions = Field(default_factory=DeploymentOptions)
     model_overrides: dict[str, DeploymentOptions] = Field(default_factory=dict)
     # Continuous batching inside each model replica: slots, bytes per slot,
-    # and how many requests may wait for a slot (RESOURCE_EXHAUSTED beyond).
+    # the prefill budget, and how many requests may wait for a slot
+    # (RESOURCE_EXHAUSTED beyond); `engine_overrides` per model name.
     engine: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    engine_overrides: dict[str, SchedulerConfig] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _limits_fit_every_engine(self) -> "ServingConfig":
+        engines = {"engine": self.engine, **{f"engine_overrides[{name}]": e for name, e in self.engine_overrides.items()}}
+        for where, engine in engines.items():
+            slot = engine.max_sequence_bytes
+            if self.limits.max_prompt_bytes + self.limits.default_new_bytes > slot:
+                raise ValueError(
+                    f"limits.max_prompt_bytes ({self.limits.max_prompt_bytes}) plus limits.default_new_bytes "
+                    f"({self.limits.default_new_bytes}) exceeds {where}.max_sequence_bytes ({slot}): a request at "
+                    "the advertised prompt limit could never be served"
+                )
+            if self.limits.max_new_bytes > slot:
+                raise ValueError(
+                    f"limits.max_new_bytes ({self.limits.max_new_bytes}) exceeds {where}.max_sequence_bytes ({slot})"
+                )
+        return self
 
     def options_for(self, model: str) -> DeploymentOptions:
         return self.model_overrides.get(model, self.models)
+
+    def engine_for(self, model: str) -> SchedulerConfig:
+        return self.engine_overrides.get(model, self.engine)

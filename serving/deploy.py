@@ -29,8 +29,14 @@ from serving.config import (
 GRPC_SERVICERS = [
     "serving.grpc_services.add_ByteLM_to_server",
     "serving.grpc_services.add_Models_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+    "serving.grpc_services.add_Health_to_server",
 ]
+# Seconds a replica being stopped waits beyond the drain grace period before
+# Ray Serve stops it anyway (the engine has ended its requests by then).
+SHUTDOWN_MARGIN_S = 10.0
+# What a running deployment is told by `reconfigure` (Ray Serve's user_config):
+# whether it is draining, and until when (a Unix time).
+SERVING = {"draining_until": None}
 
 
 def setup(name: str, checkpoints: Path = Path("checkpoints")) -> ServingConfig:
@@ -48,7 +54,7 @@ def setup(name: str, checkpoints: Path = Path("checkpoints")) -> ServingConfig:
     raise ValueError(f"unknown setup {name!r}; expected cpu, gpu or autoscale")
 
 
-def deployment_entry(name: str, options: DeploymentOptions) -> dict:
+def deployment_entry(name: str, options: DeploymentOptions, drain_grace_s: float) -> dict:
     entry = {"name": name}
     if options.autoscaling_config is not None:
         entry["autoscaling_config"] = options.autoscaling_config.model_dump()
@@ -56,6 +62,12 @@ def deployment_entry(name: str, options: DeploymentOptions) -> dict:
         entry["num_replicas"] = options.num_replicas
     entry["max_ongoing_requests"] = options.max_ongoing_requests
     entry["max_queued_requests"] = options.max_queued_requests
+    entry["user_config"] = dict(SERVING)
+    entry["health_check_period_s"] = options.health_check_period_s
+    entry["health_check_timeout_s"] = options.health_check_timeout_s
+    # A replica being stopped (scale-down, `serving down`) first lets its requests finish.
+    entry["graceful_shutdown_wait_loop_s"] = 0.5
+    entry["graceful_shutdown_timeout_s"] = drain_grace_s + SHUTDOWN_MARGIN_S
     entry["ray_actor_options"] = options.ray_actor_options.model_dump()
     return entry
 
@@ -77,8 +89,9 @@ def deploy_config(config: ServingConfig, models: list[str]) -> dict:
                 "route_prefix": ROUTE_PREFIX,
                 "import_path": "serving.app:build",
                 "args": {"config": config.model_dump(mode="json")},
-                "deployments": [deployment_entry(GATEWAY, config.gateway)]
-                + [deployment_entry(model_deployment(m), config.options_for(m)) for m in sorted(models)],
+                "deployments": [deployment_entry(GATEWAY, config.gateway, config.drain_grace_s)]
+                + [deployment_entry(model_deployment(m), config.options_for(m), config.drain_grace_s)
+                   for m in sorted(models)],
             }
         ],
     }
@@ -121,6 +134,17 @@ def running_config() -> dict:
         },
         "applications": [application],
     }
+
+
+def with_drain(document: dict, until: float | None, grace_s: float) -> dict:
+    """``document`` with every deployment draining until ``until`` (a Unix
+    time; None: serving), and given ``grace_s`` plus a margin to finish its
+    requests when stopped. Ray Serve applies both to running replicas in place,
+    without restarting them."""
+    for entry in document["applications"][0].setdefault("deployments", []):
+        entry["user_config"] = {**SERVING, "draining_until": until}
+        entry["graceful_shutdown_timeout_s"] = grace_s + SHUTDOWN_MARGIN_S
+    return document
 
 
 def with_replicas(document: dict, deployment: str, replicas: int) -> dict:

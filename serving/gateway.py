@@ -5,12 +5,21 @@ Ray Serve's gRPC proxy routes an RPC to the ingress method of the same name.
 Protobuf classes are imported inside the methods, so the deployment never
 captures them when it is defined.
 
-Status codes: INVALID_ARGUMENT names the offending field; RESOURCE_EXHAUSTED
-when a request can never fit a replica's cache or the model's queue is full;
-UNAVAILABLE when the model's replica died under the request (Ray Serve
-replaces it; retry); UNAUTHENTICATED without the configured bearer token;
-DEADLINE_EXCEEDED and CANCELLED come from the client, and the request's work
-stops with them.
+Status codes: INVALID_ARGUMENT names the offending field (including a request
+that can never fit a cache slot); RESOURCE_EXHAUSTED when the model's queue is
+full (retry later); UNAVAILABLE when the model's replica died or cannot serve,
+or the server is shutting down (retry, elsewhere); UNAUTHENTICATED without the
+configured bearer token, or with more than one; DEADLINE_EXCEEDED and
+CANCELLED come from the client, and the request's work stops with them;
+INTERNAL says only "internal error" and the request id, whose traceback is in
+the gateway's log.
+
+Health (grpc.health.v1.Health/Check) reads the model deployments' replica
+states from Ray Serve's controller, at most once a second, and never calls a
+model: SERVING when every model deployment has a running replica and the
+gateway is not draining. A model replica whose scheduler stops or stalls fails
+Ray Serve's own health check (``ModelServer.check_health``), leaves the running
+state and is replaced.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import os
 import time
 from contextlib import contextmanager
@@ -31,15 +41,17 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 
-from engines.scheduler import AdmissionError
+from engines.scheduler import AdmissionError, DeadlineExceeded, EngineUnavailable, RequestCancelled, RequestTooLarge
 from engines.utf8 import Utf8Chunker
-from serving.config import AuthConfig, Limits, model_deployment
-from serving.metrics import gateway_metrics
+from serving.config import APP_NAME, AuthConfig, Limits, model_deployment
+from serving.edge import DEADLINE_KEY
 from serving.validation import InvalidArgument, generate_params, resolve_model, score_text
 
+logger = logging.getLogger("ray.serve")
+
 SERVICES = ("patchwork.v1.ByteLM", "patchwork.v1.Models")
-HEALTH_TIMEOUT_S = 5.0
-_UNAVAILABLE = (RayActorError, ActorDiedError, ActorUnavailableError, DeploymentUnavailableError)
+HEALTH_REFRESH_S = 1.0
+_UNAVAILABLE = (RayActorError, ActorDiedError, ActorUnavailableError, DeploymentUnavailableError, EngineUnavailable)
 
 
 class _Abort(Exception):
@@ -52,16 +64,28 @@ def _abort(context: RayServegRPCContext, code: grpc.StatusCode, details: str):
     raise _Abort(details)
 
 
+def _original(error: BaseException) -> BaseException:
+    """Errors raised in a model replica arrive wrapped; the original is their cause."""
+    return getattr(error, "cause", None) or error
+
+
 @contextmanager
 def _model_errors(context: RayServegRPCContext):
     """Maps what a model deployment can raise to gRPC status codes."""
     try:
         yield
+    except RequestTooLarge as e:
+        _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(_original(e)))
     except (AdmissionError, BackPressureError) as e:
-        # Errors raised in a model replica arrive wrapped; the original is their cause.
-        _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(getattr(e, "cause", None) or e))
+        _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(_original(e)))
+    except DeadlineExceeded:
+        _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed")
+    except RequestCancelled:
+        _abort(context, grpc.StatusCode.CANCELLED, "the request was cancelled")
     except _UNAVAILABLE as e:
-        _abort(context, grpc.StatusCode.UNAVAILABLE, f"the model replica is unavailable ({type(e).__name__}); retry")
+        cause = _original(e)
+        reason = str(cause) if isinstance(cause, EngineUnavailable) else f"the model replica is unavailable ({type(cause).__name__})"
+        _abort(context, grpc.StatusCode.UNAVAILABLE, f"{reason}; retry")
 
 
 def _parse(message_type, raw, context: RayServegRPCContext):
@@ -99,6 +123,43 @@ def _finish_reason(result: dict, pb2) -> int:
     }[result["finish_reason"]]
 
 
+class ModelHealth:
+    """Whether every model deployment has a running replica, as Ray Serve's
+    controller sees it; asked at most once per ``HEALTH_REFRESH_S``, by one
+    caller at a time, whatever the rate of health checks."""
+
+    def __init__(self, deployments: list[str]):
+        self.deployments = deployments
+        self.serving = False
+        self.checked = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def current(self) -> bool:
+        if time.monotonic() - self.checked < HEALTH_REFRESH_S:
+            return self.serving
+        async with self._lock:
+            if time.monotonic() - self.checked >= HEALTH_REFRESH_S:
+                try:
+                    status = await asyncio.get_running_loop().run_in_executor(None, serve.status)
+                    self.serving = self._all_running(status)
+                except Exception:
+                    logger.warning("reading the deployments' status failed", exc_info=True)
+                    self.serving = False
+                self.checked = time.monotonic()
+        return self.serving
+
+    def _all_running(self, status) -> bool:
+        application = status.applications.get(APP_NAME)
+        if application is None:
+            return False
+        for name in self.deployments:
+            deployment = application.deployments.get(name)
+            states = {str(getattr(k, "value", k)): v for k, v in (deployment.replica_states if deployment else {}).items()}
+            if states.get("RUNNING", 0) < 1:
+                return False
+        return True
+
+
 @serve.deployment
 class Gateway:
     def __init__(self, models: dict[str, DeploymentHandle], default_model: str, limits: dict, auth: dict):
@@ -106,33 +167,39 @@ class Gateway:
         self.default_model = default_model
         self.limits = Limits(**limits)
         self.token = load_token(AuthConfig(**auth))
+        self.health = ModelHealth([model_deployment(name) for name in models])
+        self.draining_until: float | None = None
+
+    def reconfigure(self, config: dict) -> None:
+        """Ray Serve's user_config: ``draining_until`` (a Unix time) starts a drain."""
+        self.draining_until = config.get("draining_until")
 
     # -- shared pieces ----------------------------------------------------
 
     @contextmanager
-    def _observed(self, method: str, context: RayServegRPCContext):
-        """Authorizes the call and records its count and latency by status code."""
-        start = time.perf_counter()
-        code = "OK"
+    def _serving(self, context: RayServegRPCContext):
+        """Refuses calls while draining, authorizes, and turns anything
+        unexpected into INTERNAL with the request id (the traceback is logged)."""
         try:
+            if self.draining_until is not None:
+                _abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry elsewhere")
             self._authorize(context)
             yield
-        except BaseException as e:
-            code = context.code().name if isinstance(e, _Abort) and context.code() else (
-                "CANCELLED" if isinstance(e, (asyncio.CancelledError, GeneratorExit)) else "INTERNAL"
-            )
+        except (_Abort, asyncio.CancelledError, GeneratorExit):
             raise
-        finally:
-            recorded = gateway_metrics()
-            tags = {"method": method, "code": code}
-            recorded["requests"].inc(tags=tags)
-            recorded["latency"].observe(time.perf_counter() - start, tags=tags)
+        except Exception:
+            request_id = context.request_id() or "-"
+            logger.exception("request %s failed", request_id)
+            _abort(context, grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
 
     def _authorize(self, context: RayServegRPCContext) -> None:
         if self.token is None:
             return
-        supplied = dict(context.invocation_metadata()).get("authorization", "")
-        if not hmac.compare_digest(supplied.encode(), f"Bearer {self.token}".encode()):
+        supplied = [value for key, value in context.invocation_metadata() if key == "authorization"]
+        if len(supplied) > 1:
+            _abort(context, grpc.StatusCode.UNAUTHENTICATED, "send one 'authorization' header, not several")
+        given = supplied[0] if supplied else ""
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
             _abort(context, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong 'authorization: Bearer <token>'")
 
     def _model(self, name: str, context) -> tuple[str, DeploymentHandle]:
@@ -150,16 +217,27 @@ class Gateway:
         model, handle = self._model(request.model, context)
         return model, handle, params.model_dump()
 
+    @staticmethod
+    def _deadline(context: RayServegRPCContext) -> float | None:
+        """The client's deadline (a Unix time) the edge passed on, if any."""
+        for key, value in context.invocation_metadata():
+            if key == DEADLINE_KEY:
+                try:
+                    return float(value)
+                except ValueError:
+                    return None
+        return None
+
     # -- patchwork.v1.ByteLM ---------------------------------------------
 
     async def Generate(self, request, grpc_context: RayServegRPCContext):
         from patchwork.v1 import bytelm_pb2 as pb2
 
-        with self._observed("Generate", grpc_context):
+        with self._serving(grpc_context):
             request = _parse(pb2.GenerateRequest, request, grpc_context)
             model, handle, params = self._generate_args(request, grpc_context)
             with _model_errors(grpc_context):
-                result = await handle.generate.remote(request.prompt, params)
+                result = await handle.generate.remote(request.prompt, params, self._deadline(grpc_context))
             return pb2.GenerateResponse(
                 text=result["text"],
                 finish_reason=_finish_reason(result, pb2),
@@ -171,12 +249,13 @@ class Gateway:
     async def GenerateStream(self, request, grpc_context: RayServegRPCContext):
         from patchwork.v1 import bytelm_pb2 as pb2
 
-        with self._observed("GenerateStream", grpc_context):
+        with self._serving(grpc_context):
             request = _parse(pb2.GenerateRequest, request, grpc_context)
             model, handle, params = self._generate_args(request, grpc_context)
             chunker = Utf8Chunker()
+            deadline = self._deadline(grpc_context)
             with _model_errors(grpc_context):
-                async for item in handle.options(stream=True).generate_stream.remote(request.prompt, params):
+                async for item in handle.options(stream=True).generate_stream.remote(request.prompt, params, deadline):
                     if "finish_reason" not in item:
                         text = chunker.push(item["text"])
                         if text:
@@ -193,7 +272,7 @@ class Gateway:
     async def Score(self, request, grpc_context: RayServegRPCContext):
         from patchwork.v1 import bytelm_pb2 as pb2
 
-        with self._observed("Score", grpc_context):
+        with self._serving(grpc_context):
             request = _parse(pb2.ScoreRequest, request, grpc_context)
             try:
                 text = score_text(request, self.limits)
@@ -214,7 +293,7 @@ class Gateway:
     async def ListModels(self, request, grpc_context: RayServegRPCContext):
         from patchwork.v1 import models_pb2
 
-        with self._observed("ListModels", grpc_context):
+        with self._serving(grpc_context):
             _parse(models_pb2.ListModelsRequest, request, grpc_context)
             names = sorted(self.models)
             with _model_errors(grpc_context):
@@ -234,16 +313,12 @@ class Gateway:
     # -- grpc.health.v1.Health -------------------------------------------
 
     async def Check(self, request, grpc_context: RayServegRPCContext):
-        """Health/Check (no token needed): SERVING when every model deployment answers."""
+        """Health/Check (no token needed): SERVING when every model deployment
+        has a running replica and the server is not draining."""
         from grpc_health.v1 import health_pb2
 
         if request.service not in ("", *SERVICES):
             _abort(grpc_context, grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
-        try:
-            await asyncio.wait_for(
-                asyncio.gather(*(handle.describe.remote() for handle in self.models.values())), HEALTH_TIMEOUT_S
-            )
-            status = health_pb2.HealthCheckResponse.SERVING
-        except Exception:
-            status = health_pb2.HealthCheckResponse.NOT_SERVING
+        serving = self.draining_until is None and await self.health.current()
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         return health_pb2.HealthCheckResponse(status=status)

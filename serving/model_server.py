@@ -4,7 +4,16 @@ Generation requests are handed to the engine's continuous-batching
 scheduler, which runs on its own thread; events come back to the replica's
 event loop as they are produced. When a caller goes away (a cancelled
 stream, a deadline), the request is cancelled and its cache slot is freed at
-the scheduler's next step. Scoring runs on a worker thread.
+the scheduler's next step; the client's deadline also travels with the
+request, so the scheduler ends it on time by itself. Scoring runs on a worker
+thread.
+
+Ray Serve calls ``check_health`` every few seconds: it fails when the
+scheduler thread has stopped or a step has stalled, and Ray Serve then
+replaces the replica. ``reconfigure`` receives the drain: new requests are
+refused from then on, and whatever still runs at the drain's deadline ends
+with UNAVAILABLE. The load gauges are refreshed every half second, so they
+are never stale.
 """
 
 from __future__ import annotations
@@ -20,7 +29,10 @@ from ray import serve
 
 import engines
 from engines.generation import Generation, SamplingParams
+from engines.scheduler import EngineUnavailable
 from serving.metrics import model_metrics
+
+GAUGE_INTERVAL_S = 0.5
 
 
 def generation_dict(result: Generation) -> dict:
@@ -48,19 +60,69 @@ class ModelServer:
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
         self.metrics = model_metrics()
         self.tags = {"model": self.engine.name}
+        self.draining = False
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self._gauges: asyncio.Task | None = None
+
+    # -- Ray Serve hooks --------------------------------------------------
+
+    def check_health(self) -> None:
+        """Raises when the scheduler cannot serve (Ray Serve replaces the replica)."""
+        reason = self.engine.scheduler.health()
+        if reason is not None:
+            raise RuntimeError(reason)
+
+    async def reconfigure(self, config: dict) -> None:
+        """Ray Serve's user_config: ``draining_until`` (a Unix time) starts a
+        drain that ends what still runs at that time; None serves again."""
+        self._start_gauges()
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
+        until = config.get("draining_until")
+        self.draining = until is not None
+        if self.draining:
+            stopped = EngineUnavailable("the server stopped before this request finished")
+            self._drain_timer = asyncio.get_running_loop().call_later(
+                max(0.0, until - time.time()), self.engine.scheduler.abort_all, stopped
+            )
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)  # absent when loading failed
+        if engine is not None:
+            engine.close()
+
+    # -- load gauges ------------------------------------------------------
+
+    def _start_gauges(self) -> None:
+        if self._gauges is None:
+            self._gauges = asyncio.get_running_loop().create_task(self._refresh_gauges())
+
+    async def _refresh_gauges(self) -> None:
+        while True:
+            self._record_load()
+            await asyncio.sleep(GAUGE_INTERVAL_S)
 
     def _record_load(self) -> None:
         scheduler = self.engine.scheduler
         self.metrics["batch_size"].set(scheduler.running, tags=self.tags)
         self.metrics["queue_depth"].set(scheduler.queue_depth, tags=self.tags)
-        self.metrics["cache_bytes"].set(scheduler.running * scheduler.caches.bytes_per_slot, tags=self.tags)
+        self.metrics["cache_bytes"].set(scheduler.cache_bytes(), tags=self.tags)
 
-    async def _events(self, prompt: bytes, params: dict):
-        """Byte deltas, then the Generation, from the engine's scheduler thread."""
+    # -- requests ---------------------------------------------------------
+
+    async def _events(self, prompt: bytes, params: dict, deadline: float | None):
+        """Byte deltas, then the Generation, from the engine's scheduler thread.
+        ``deadline`` is the client's, as a Unix time."""
+        self._start_gauges()
+        if self.draining:
+            raise EngineUnavailable("the server is shutting down")
         loop = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
+        until = None if deadline is None else time.monotonic() + (deadline - time.time())
         request = self.engine.submit(
-            prompt, SamplingParams(**params), emit=lambda item: loop.call_soon_threadsafe(items.put_nowait, item)
+            prompt, SamplingParams(**params), emit=lambda item: loop.call_soon_threadsafe(items.put_nowait, item),
+            deadline=until,
         )
         self._record_load()
         submitted = last = time.perf_counter()
@@ -90,17 +152,19 @@ class ModelServer:
         for length in result.patch_lengths:
             self.metrics["patch_length"].observe(length, tags=self.tags)
 
-    async def generate(self, prompt: bytes, params: dict) -> dict:
-        async for item in self._events(prompt, params):
+    async def generate(self, prompt: bytes, params: dict, deadline: float | None = None) -> dict:
+        async for item in self._events(prompt, params, deadline):
             if isinstance(item, Generation):
                 return generation_dict(item)
 
-    async def generate_stream(self, prompt: bytes, params: dict):
+    async def generate_stream(self, prompt: bytes, params: dict, deadline: float | None = None):
         """Yields {"text": delta} items, then the final generation dict."""
-        async for item in self._events(prompt, params):
+        async for item in self._events(prompt, params, deadline):
             yield generation_dict(item) if isinstance(item, Generation) else {"text": item}
 
     async def score(self, text: bytes) -> dict:
+        if self.draining:
+            raise EngineUnavailable("the server is shutting down")
         result = await asyncio.get_running_loop().run_in_executor(self.worker, self.engine.score, text)
         return asdict(result)
 
@@ -111,4 +175,4 @@ class ModelServer:
         """The scheduler's running sequences and waiting requests, and this replica's process."""
         scheduler = self.engine.scheduler
         return {"running": scheduler.running, "waiting": scheduler.queue_depth, "steps": scheduler.steps,
-                "pid": os.getpid()}
+                "pid": os.getpid(), "health": scheduler.health()}

@@ -8,10 +8,9 @@ from serving.config import APP_NAME
 
 
 def connect() -> None:
-    import ray
+    from serving.cluster import connect as connect_to_cluster
 
-    if not ray.is_initialized():
-        ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+    connect_to_cluster(logging_level="ERROR", log_to_driver=False)
 
 
 def status() -> dict:
@@ -66,3 +65,63 @@ def format_status(report: dict) -> str:
             if deployment["message"]:
                 lines.append(f"    {deployment['message']}")
     return "\n".join(lines) or "no applications"
+
+
+def _wait_running(timeout_s: float) -> None:
+    """Waits until the application has applied its latest config."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        application = serve.status().applications.get(APP_NAME)
+        if application is not None and str(getattr(application.status, "value", application.status)) == "RUNNING":
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"the application did not apply its new config in {timeout_s:.0f} s")
+
+
+def drain(grace_s: float, timeout_s: float = 60.0) -> float:
+    """Tells every replica of the running application to drain: from now on
+    new requests get UNAVAILABLE and health says NOT_SERVING; requests in
+    flight go on until ``grace_s`` has passed, then end with UNAVAILABLE; and
+    a replica being stopped waits that long for its requests. Ray Serve
+    applies it to the running replicas in place. Returns the drain's deadline
+    (a Unix time)."""
+    from serving.deploy import apply, running_config, with_drain
+
+    connect()
+    until = time.time() + grace_s
+    apply(with_drain(running_config(), until, grace_s))
+    _wait_running(timeout_s)
+    return until
+
+
+def resume(timeout_s: float = 60.0) -> None:
+    """Ends a drain: the replicas serve new requests again."""
+    from serving.deploy import apply, running_config, with_drain
+
+    connect()
+    apply(with_drain(running_config(), None, drain_grace()))
+    _wait_running(timeout_s)
+
+
+def drain_grace() -> float:
+    """The drain grace period of the running setup."""
+    from serving.deploy import running_config
+
+    return float(running_config()["applications"][0]["args"]["config"]["drain_grace_s"])
+
+
+def stop(grace_s: float | None = None) -> float:
+    """Drains the application (``drain``), waits for Ray Serve to stop its
+    replicas once their requests have ended, then stops Ray Serve. Returns
+    the seconds it took."""
+    from ray import serve
+
+    started = time.monotonic()
+    connect()
+    if APP_NAME in serve.status().applications:
+        drain(drain_grace() if grace_s is None else grace_s)
+        serve.delete(APP_NAME)  # each replica first waits for its requests to end
+    serve.shutdown()
+    return time.monotonic() - started

@@ -22,6 +22,15 @@ from engines.layers import TransformerConfig
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "stops_serve: stops and restarts Ray Serve; runs after every other test")
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that stop Ray Serve run last, so no other test sees the restart."""
+    items.sort(key=lambda item: item.get_closest_marker("stops_serve") is not None)
+
+
 def small_blt_config(window: int = 16, **updates) -> BltConfig:
     """A BLT small enough for exhaustive unit tests; ``window`` is the local
     models' attention window, ``updates`` replace top-level config fields."""
@@ -53,7 +62,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("checkpoints") / "tiny"
     subprocess.run(
         [sys.executable, "-m", "training", "blt", "--preset", "tiny", "--out", str(out)],
-        check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1200,
     )
     return out
 
@@ -84,38 +93,53 @@ class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterc
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One Ray cluster for the session; returns its Prometheus metrics port."""
+def ray_cluster(serving_config):
+    """One Ray cluster for the session, started as `python -m serving up`
+    starts it; returns its Prometheus metrics port."""
     import ray
+
+    from serving import cluster
 
     # Replicas inherit the environment of the cluster: the gateway finds the
     # token there, and metrics reach the exporter every second.
     os.environ["PATCHWORK_AUTH_TOKEN"] = AUTH_TOKEN
     os.environ["RAY_metrics_report_interval_ms"] = "1000"
-    metrics_port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-             _metrics_export_port=metrics_port)
-    yield metrics_port
+    cluster.start(serving_config, num_cpus=2, logging_level="ERROR", log_to_driver=False)
+    yield serving_config.metrics_port
     from ray import serve
 
     serve.shutdown()
     ray.shutdown()
 
 
+WIDE_MODEL = "wide"
+
+
 @pytest.fixture(scope="session")
 def serving_config(tiny_checkpoint):
+    """The test server: the tiny checkpoint twice, as ``tiny`` (4 slots, 4
+    requests in flight and 4 queued per replica) and ``wide`` (32 slots, for
+    tests with many concurrent streams)."""
+    import shutil
+
     from engines.scheduler import SchedulerConfig
     from serving.config import ActorOptions, DeploymentOptions, Limits, ServingConfig
 
+    shutil.copytree(tiny_checkpoint, tiny_checkpoint.parent / WIDE_MODEL, dirs_exist_ok=True)
+    half_cpu = ActorOptions(num_cpus=0.5)
     return ServingConfig(
         checkpoints=tiny_checkpoint.parent,
         grpc_port=free_port(),
         http_port=free_port(),
-        limits=Limits(max_new_bytes=512, default_new_bytes=16, max_prompt_bytes=1024, max_stop_sequences=4),
-        models=DeploymentOptions(
-            max_ongoing_requests=4, max_queued_requests=4, ray_actor_options=ActorOptions(num_cpus=1)
-        ),
-        engine=SchedulerConfig(max_batch_size=4, max_sequence_bytes=700, max_queue=8),
+        metrics_port=free_port(),
+        default_model="tiny",
+        limits=Limits(max_new_bytes=1900, default_new_bytes=16, max_prompt_bytes=1536, max_stop_sequences=4),
+        models=DeploymentOptions(max_ongoing_requests=4, max_queued_requests=4, ray_actor_options=half_cpu),
+        # The frozen-replica test freezes `wide`: a shorter health-check timeout finds it sooner.
+        model_overrides={WIDE_MODEL: DeploymentOptions(max_ongoing_requests=64, max_queued_requests=64,
+                                                       health_check_timeout_s=10, ray_actor_options=half_cpu)},
+        engine=SchedulerConfig(max_batch_size=4, max_sequence_bytes=2000, max_queue=8),
+        engine_overrides={WIDE_MODEL: SchedulerConfig(max_batch_size=32, max_sequence_bytes=2000, max_queue=64)},
     )
 
 
@@ -128,7 +152,7 @@ def grpc_target(ray_cluster, serving_config) -> str:
 
     apply(deploy_config(serving_config, list(discover_checkpoints(serving_config.checkpoints))))
     target = f"127.0.0.1:{serving_config.grpc_port}"
-    wait_serving(target, timeout_s=180)
+    wait_serving(target, timeout_s=900)
     return target
 
 
@@ -178,3 +202,10 @@ def model_handle(grpc_target):
     from ray import serve
 
     return serve.get_deployment_handle("model-tiny", app_name="patchwork")
+
+
+@pytest.fixture(scope="session")
+def wide_handle(grpc_target):
+    from ray import serve
+
+    return serve.get_deployment_handle(f"model-{WIDE_MODEL}", app_name="patchwork")

@@ -6,46 +6,11 @@ import pytest
 import torch
 
 from engines.blt import incremental
-from engines.blt.engine import BltEngine
 from engines.blt.patching import patch_ids_from_starts
 from engines.blt.reference import prompt_tokens
-from engines.generation import FinishReason, Generation, SamplingParams
-from engines.scheduler import AdmissionError, RequestCancelled, SchedulerConfig
-from tests.conftest import random_blt
-
-# Thresholds sit inside the random model's entropy range (about 5.0 to 5.2
-# nats), so every mode cuts patches of mixed lengths.
-PATCHINGS = {
-    "entropy": {"threshold": 5.12},
-    "entropy-max-length": {"threshold": 5.14, "max_patch_length": 3},
-    "monotonic": {"mode": "monotonic", "threshold": 0.045},
-    "static": {"mode": "static", "patch_size": 3},
-    "space": {"mode": "space"},
-}
-
-
-def make_engine(patching: dict | None = None, window: int = 6, **scheduler) -> BltEngine:
-    # Short windows: the ring caches wrap around within the tests' lengths.
-    model = random_blt(seed=4, window=window, patching=patching or PATCHINGS["entropy"])
-    config = SchedulerConfig(**{"max_batch_size": 4, "max_sequence_bytes": 400, **scheduler})
-    return BltEngine(model, model.cfg, name="random", scheduler=config)
-
-
-def random_prompts(seed: int, count: int) -> list[bytes]:
-    rng = random.Random(seed)
-    kinds = [
-        lambda: b"",
-        lambda: bytes(rng.randrange(256) for _ in range(rng.randint(1, 40))),  # binary
-        lambda: "".join(rng.choice("ñandú日本語🎉 ok") for _ in range(rng.randint(1, 12))).encode(),
-        lambda: bytes(rng.choice(b"abc de\n") for _ in range(rng.randint(1, 90))),
-    ]
-    return [kinds[i % len(kinds)]() for i in range(count)]
-
-
-def reference(engine: BltEngine, prompt: bytes, params: SamplingParams) -> Generation:
-    *_, result = engine.generate_reference(prompt, params)
-    return result
-
+from engines.generation import FinishReason, SamplingParams
+from engines.scheduler import AdmissionError, RequestCancelled, RequestTooLarge, SchedulerConfig, StepBatch
+from tests.helpers import PATCHINGS, make_engine, random_prompts, reference
 
 @pytest.mark.parametrize("patching", list(PATCHINGS))
 def test_greedy_batch_of_one_is_byte_identical_to_the_reference(patching):
@@ -73,19 +38,22 @@ def test_mixed_batches_match_the_reference_and_leave_no_state_behind():
 
 def test_a_failing_prefill_fails_only_its_request():
     engine = make_engine()
-    prefill = engine.prefill
+    step = engine.step
+    bad_prompt = prompt_tokens(b"bad")
 
-    def failing(caches, slot, prompt):
-        if prompt == b"bad":
+    def failing(caches, chunks, decodes):
+        if chunks is not None and bad_prompt in chunks.symbols:
             raise RuntimeError("prefill failed")
-        return prefill(caches, slot, prompt)
+        return step(caches, chunks, decodes)
 
-    engine.prefill = failing
+    engine.step = failing
+    # Submitted together, both are prefilled in one batch that fails; each is
+    # then retried alone, so only the bad one fails.
     good = engine.submit(b"good", SamplingParams(max_new_bytes=20))
     bad = engine.submit(b"bad", SamplingParams(max_new_bytes=20))
     with pytest.raises(RuntimeError, match="prefill failed"):
         bad.result()
-    assert len(good.result().text) == 20
+    assert good.result().text == reference(engine, b"good", SamplingParams(max_new_bytes=20)).text
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch():
@@ -142,8 +110,10 @@ def test_global_model_runs_once_per_patch():
 
 def test_a_request_that_can_never_fit_is_refused():
     engine = make_engine(max_sequence_bytes=50)
-    with pytest.raises(AdmissionError, match="needs 61 bytes of cache; a sequence may use at most 50"):
+    with pytest.raises(RequestTooLarge, match="^max_new_bytes: .* needs 61 bytes of cache; a sequence may use at most 50"):
         engine.submit(b"x" * 11, SamplingParams(max_new_bytes=50))
+    with pytest.raises(RequestTooLarge, match="^prompt: "):
+        engine.submit(b"x" * 50, SamplingParams(max_new_bytes=1))
 
 
 def test_queue_is_bounded():
@@ -169,19 +139,6 @@ def test_cancelling_frees_the_slot_for_the_next_request():
         list(iterator)  # the cancelled request ends instead of waiting forever
 
 
-def test_cache_memory_per_sequence_is_bounded_by_the_config():
-    engine = make_engine(max_sequence_bytes=100)
-    caches = engine.scheduler.caches
-    assert all(c.ring and c.capacity == 6 for c in (caches.entropy, caches.encoder, caches.decoder))
-    assert not caches.global_.ring and caches.global_.capacity == 101
-    assert caches.global_.size < 101  # linear caches grow only as patches arrive
-    engine.generate_one(b"x" * 40, SamplingParams(max_new_bytes=60))
-    assert caches.global_.size <= caches.global_.capacity
-    assert caches.bytes_per_slot <= caches.max_bytes_per_slot
-    per_position = caches.global_.bytes_per_position()
-    assert caches.max_bytes_per_slot - caches.bytes_per_slot == (101 - caches.global_.size) * per_position
-
-
 def test_trained_checkpoint_fast_path_matches_the_reference(tiny_checkpoint):
     import engines
 
@@ -194,3 +151,108 @@ def test_trained_checkpoint_fast_path_matches_the_reference(tiny_checkpoint):
         assert fast.text == slow.text and fast.patch_lengths == slow.patch_lengths
     sampled = SamplingParams(max_new_bytes=48, temperature=0.9, top_k=40, seed=7)
     assert engine.generate_one(b"class ", sampled).text == reference(engine, b"class ", sampled).text
+
+
+# -- long prompts, chunked prefill, slots that move ----------------------------
+
+LONG_PROMPT_LENGTHS = [100, 1000, 350, 600, 220]
+STAGGERED_NEW_BYTES = [5, 24, 12, 30, 1]
+
+
+def text_prompt(seed: int, length: int) -> bytes:
+    rng = random.Random(seed)
+    words = [b"def", b"return", b"\xc3\xb1and\xc3\xba", b"x", b"(self)", b"\n    ", b"\xe6\x97\xa5\xe6\x9c\xac", b"42"]
+    out = bytearray()
+    while len(out) < length:
+        out += rng.choice(words) + rng.choice([b" ", b"", b"\n"])
+    return bytes(out[:length])
+
+
+@pytest.mark.parametrize("patching", list(PATCHINGS))
+def test_long_prompts_with_staggered_lengths_match_the_reference(patching):
+    # Five requests through three slots: long prompts are read in chunks while
+    # others generate, sequences finish out of order and move between slots
+    # after their caches hold hundreds of positions.
+    engine = make_engine(PATCHINGS[patching], max_batch_size=3, max_sequence_bytes=1100, prefill_budget=48)
+    prompts = [text_prompt(i, n) for i, n in enumerate(LONG_PROMPT_LENGTHS)]
+    params = [SamplingParams(max_new_bytes=n) for n in STAGGERED_NEW_BYTES]
+    requests = [engine.submit(p, q) for p, q in zip(prompts, params)]
+    for prompt, param, request in zip(prompts, params, requests):
+        fast, slow = request.result(), reference(engine, prompt, param)
+        assert fast.text == slow.text and fast.patch_lengths == slow.patch_lengths, len(prompt)
+    assert max(engine.scheduler.prefill_sizes) <= 512  # chunks within the idle budget...
+    assert any(size <= 48 for size in engine.scheduler.prefill_sizes)  # ...and the busy one
+    assert engine.scheduler.running == 0
+
+
+def test_a_long_request_then_concurrent_requests_that_finish_out_of_order():
+    engine = make_engine(PATCHINGS["static"], max_batch_size=4, max_sequence_bytes=1100, prefill_budget=32)
+    long = text_prompt(7, 1000)
+    first = SamplingParams(max_new_bytes=40)
+    assert engine.generate_one(long, first).text == reference(engine, long, first).text
+    # The first submitted finishes last; each later one finishes before the one before it.
+    prompts = [text_prompt(10 + i, n) for i, n in enumerate([700, 300, 150, 20])]
+    params = [SamplingParams(max_new_bytes=n) for n in (40, 25, 10, 3)]
+    requests = [engine.submit(p, q) for p, q in zip(prompts, params)]
+    for prompt, param, request in zip(prompts, params, requests):
+        assert request.result().text == reference(engine, prompt, param).text
+
+
+@pytest.mark.parametrize("budget", [1, 7, 64, 2000])
+def test_how_a_prompt_is_cut_into_chunks_does_not_change_the_output(budget):
+    engine = make_engine(PATCHINGS["entropy-max-length"], prefill_budget=budget, idle_prefill_budget=budget)
+    prompt, params = text_prompt(3, 120), SamplingParams(max_new_bytes=20)
+    assert engine.generate_one(prompt, params).text == reference(engine, prompt, params).text
+    assert max(engine.scheduler.prefill_sizes) == min(budget, len(prompt) + 1)
+
+
+def test_a_step_with_prompt_chunks_and_decoding_sequences_matches_the_full_forward():
+    engine = make_engine(PATCHINGS["monotonic"])
+    model = engine.model
+    caches = incremental.BltCaches(model, slots=3, max_patches=200)
+    tokens = prompt_tokens(text_prompt(5, 60))
+    sequences = [tokens[:20], tokens[5:30], tokens]
+    states = [incremental.new_state(model, caches, len(s)) for s in sequences]
+    incremental.step(model, caches, chunks=StepBatch([0, 1], states[:2], sequences[:2]))
+    rng, read = random.Random(3), 0
+    while read < len(sequences[2]):
+        chunk = sequences[2][read : read + 7]
+        new = [rng.randrange(4, 260) for _ in range(2)]
+        chunk_logits, decode_logits = incremental.step(
+            model, caches, chunks=StepBatch([2], [states[2]], [chunk]),
+            decodes=StepBatch([0, 1], states[:2], [[n] for n in new]),
+        )
+        read += len(chunk)
+        checks = []
+        for i in range(2):
+            sequences[i] = sequences[i] + [new[i]]
+            checks.append((i, sequences[i], decode_logits[i]))
+        if read == len(sequences[2]):
+            checks.append((2, sequences[2], chunk_logits[0]))
+        for i, symbols, logits in checks:
+            x = torch.tensor([symbols])
+            starts, _ = model.patch(x)
+            with torch.no_grad():
+                full = model(x, patch_ids_from_starts(starts))[0, -1]
+            assert states[i].starts == starts[0].tolist()
+            torch.testing.assert_close(logits, full, atol=1e-4, rtol=1e-4)
+
+
+def test_the_decoder_skips_prompt_positions_no_generated_byte_can_see():
+    engine = make_engine(PATCHINGS["entropy"], prefill_budget=16, idle_prefill_budget=16)
+    decoder = engine.model.local_decoder
+    layers, window = engine.model.cfg.local_decoder.n_layers, engine.model.cfg.local_decoder.window
+    ran = []
+    step = decoder.step
+
+    def counting(byte_states, keys, values, view):
+        ran.append(int((view.positions >= 0).sum()))
+        return step(byte_states, keys, values, view)
+
+    decoder.step = counting
+    prompt, params = text_prompt(9, 200), SamplingParams(max_new_bytes=6)
+    assert engine.generate_one(prompt, params).text == reference(engine, prompt, params).text
+    prompt_symbols = len(prompt) + 1
+    needed = 1 + layers * (window - 1)  # the positions from decoder_start on
+    assert incremental.decoder_start(engine.model, prompt_symbols) == prompt_symbols - needed
+    assert sum(ran) == needed + 5  # the prompt's last positions, then one per generated byte but the last

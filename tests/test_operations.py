@@ -1,6 +1,5 @@
 """Operations through the real proxy: auth, reflection, models, status, scaling, metrics, config files."""
 
-import re
 import subprocess
 import sys
 import threading
@@ -12,6 +11,7 @@ import pytest
 import yaml
 
 from tests.conftest import AUTH_TOKEN, REPO
+from tests.helpers import scrape
 
 
 def serving_cli(*args, timeout=300):
@@ -88,7 +88,8 @@ def test_models_service_and_command(channel, grpc_target, tiny_checkpoint):
 
     from patchwork.v1 import models_pb2, models_pb2_grpc
 
-    (model,) = models_pb2_grpc.ModelsStub(channel).ListModels(models_pb2.ListModelsRequest(), timeout=30).models
+    model, wide = models_pb2_grpc.ModelsStub(channel).ListModels(models_pb2.ListModelsRequest(), timeout=30).models
+    assert (wide.name, wide.deployment, wide.is_default) == ("wide", "model-wide", False)
     manifest = json.loads((tiny_checkpoint / "manifest.json").read_text())
     assert (model.name, model.family, model.deployment, model.is_default) == ("tiny", "blt", "model-tiny", True)
     assert json.loads(model.config_json) == json.loads((tiny_checkpoint / "config.json").read_text())
@@ -106,7 +107,7 @@ def test_status_and_scaling_without_dropping_requests(stub, pb2, grpc_target):
     assert report.returncode == 0, report.stderr
     deployments = yaml.safe_load(report.stdout)["patchwork"]["deployments"]
     assert deployments["model-tiny"]["replicas"] == {"RUNNING": 1}
-    assert set(deployments) == {"gateway", "model-tiny"}
+    assert set(deployments) == {"gateway", "model-tiny", "model-wide"}
 
     for replicas in (2, 1):
         results = []
@@ -132,21 +133,15 @@ def test_status_and_scaling_without_dropping_requests(stub, pb2, grpc_target):
 # -- metrics --------------------------------------------------------------------
 
 
-def scrape(port: int) -> dict[str, float]:
+def totals(port: int) -> dict[str, float]:
     """Sum of each metric's samples by name, and by name[method] where there is a method label."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    totals: dict[str, float] = {}
-    for line in text.splitlines():
-        match = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? ([0-9.eE+-]+|NaN)$", line)
-        if not match:
-            continue
-        name, labels, value = match.groups()
-        totals[name] = totals.get(name, 0.0) + float(value)
-        method = re.search(r'method="([^"]+)"', labels or "")
-        if method:
-            key = f"{name}[{method.group(1)}]"
-            totals[key] = totals.get(key, 0.0) + float(value)
-    return totals
+    summed: dict[str, float] = {}
+    for name, labels, value in scrape(port):
+        summed[name] = summed.get(name, 0.0) + value
+        if "method" in labels:
+            key = f"{name}[{labels['method']}]"
+            summed[key] = summed.get(key, 0.0) + value
+    return summed
 
 
 def test_metrics_are_exported_after_traffic(stub, pb2, ray_cluster):
@@ -172,7 +167,7 @@ def test_metrics_are_exported_after_traffic(stub, pb2, ray_cluster):
     try:
         deadline = time.monotonic() + 90
         while True:
-            metrics = scrape(ray_cluster)
+            metrics = totals(ray_cluster)
             if all(metrics.get(name, 0) > 0 for name in wanted) or time.monotonic() > deadline:
                 break
             time.sleep(1)
@@ -185,3 +180,21 @@ def test_metrics_are_exported_after_traffic(stub, pb2, ray_cluster):
     error_lines = [line for line in urllib.request.urlopen(f"http://127.0.0.1:{ray_cluster}/metrics").read()
                    .decode().splitlines() if line.startswith("ray_patchwork_requests_total") and "INVALID_ARGUMENT" in line]
     assert error_lines, "requests are counted by status code"
+
+
+def test_a_config_whose_limits_an_engine_cannot_hold_is_refused():
+    from pydantic import ValidationError
+
+    from engines.scheduler import SchedulerConfig
+    from serving.config import Limits, ServingConfig
+
+    with pytest.raises(ValidationError, match=r"limits.max_prompt_bytes \(8192\) plus limits.default_new_bytes "
+                                              r"\(256\) exceeds engine.max_sequence_bytes \(8192\)"):
+        ServingConfig(limits=Limits(max_prompt_bytes=8192))
+    with pytest.raises(ValidationError, match=r"exceeds engine_overrides\[small\].max_sequence_bytes \(1024\)"):
+        ServingConfig(engine_overrides={"small": SchedulerConfig(max_sequence_bytes=1024)})
+    with pytest.raises(ValidationError, match="limits.max_new_bytes"):
+        ServingConfig(limits=Limits(max_new_bytes=9000, max_prompt_bytes=100), engine=SchedulerConfig())
+    default = ServingConfig()  # the defaults fit, and a request at every limit fits in the proxy's message size
+    assert default.limits.max_prompt_bytes + default.limits.default_new_bytes <= default.engine.max_sequence_bytes
+    assert 8 * default.limits.max_prompt_bytes < default.limits.max_message_bytes < 2**20

@@ -92,8 +92,8 @@ def test_ray_serve_healthz_and_application_list(channel):
 
 
 BAD_GENERATE = [
-    ({"max_new_bytes": 513}, "max_new_bytes"),
-    ({"prompt": b"x" * 1025}, "prompt"),
+    ({"max_new_bytes": 1901}, "max_new_bytes"),
+    ({"prompt": b"x" * 1537}, "prompt"),
     ({"temperature": -0.1}, "temperature"),
     ({"temperature": float("nan")}, "temperature"),
     ({"top_p": 1.5}, "top_p"),
@@ -116,7 +116,7 @@ def test_bad_generate_requests_are_invalid_argument_naming_the_field(stub, pb2, 
     assert error.value.details().startswith(f"{field}:")
 
 
-@pytest.mark.parametrize("fields,field", [({"text": b"y" * 1025}, "text"), ({"model": "nope"}, "model")])
+@pytest.mark.parametrize("fields,field", [({"text": b"y" * 1537}, "text"), ({"model": "nope"}, "model")])
 def test_bad_score_requests_are_invalid_argument_naming_the_field(stub, pb2, fields, field):
     with pytest.raises(grpc.RpcError) as error:
         stub.Score(pb2.ScoreRequest(**{"text": b"ok", **fields}), timeout=60)
@@ -125,14 +125,15 @@ def test_bad_score_requests_are_invalid_argument_naming_the_field(stub, pb2, fie
 
 
 @pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
-def test_a_request_that_can_never_fit_the_cache_is_resource_exhausted(stub, pb2, method):
-    request = pb2.GenerateRequest(prompt=b"p" * 600, max_new_bytes=200)  # 800 > 700 bytes per slot
+def test_a_request_that_can_never_fit_the_cache_is_invalid_argument_naming_the_field(stub, pb2, method):
+    request = pb2.GenerateRequest(prompt=b"p" * 1510, max_new_bytes=500)  # 2010 > 2000 bytes per slot
     with pytest.raises(grpc.RpcError) as error:
         call = getattr(stub, method)(request, timeout=60)
         if method == "GenerateStream":
             list(call)
-    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "needs 800 bytes of cache" in error.value.details()
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details().startswith("max_new_bytes: ")
+    assert "needs 2010 bytes of cache" in error.value.details()
 
 
 def test_a_cancelled_stream_frees_its_slot(stub, pb2, model_handle):

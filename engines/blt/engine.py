@@ -21,6 +21,7 @@ from engines.blt.patching import entropies_from_logits, lengths_from_starts, pat
 from engines.blt.reference import disallowed_symbols, finished_generation, generate_reference, prompt_tokens
 from engines.checkpoint import WEIGHTS_FILE, CheckpointError, Manifest
 from engines.generation import Decoding, Generation, SamplingParams
+from engines.layers import fuse_projections
 from engines.registry import Family
 from engines.scheduler import Request, Scheduler, SchedulerConfig
 
@@ -41,6 +42,7 @@ class BltEngine:
         scheduler: SchedulerConfig | None = None,
     ):
         self.model = model.eval()
+        fuse_projections(self.model)
         self.config = config
         self.name = name
         self.manifest = manifest
@@ -61,9 +63,14 @@ class BltEngine:
     def generate_one(self, prompt: bytes, params: SamplingParams) -> Generation:
         return self.scheduler.submit(prompt, params).result()
 
-    def submit(self, prompt: bytes, params: SamplingParams, emit: Callable | None = None) -> Request:
+    def submit(
+        self, prompt: bytes, params: SamplingParams, emit: Callable | None = None, deadline: float | None = None
+    ) -> Request:
         """Starts a generation; see ``engines.scheduler.Request``."""
-        return self.scheduler.submit(prompt, params, emit)
+        return self.scheduler.submit(prompt, params, emit, deadline)
+
+    def close(self) -> None:
+        self.scheduler.close()
 
     def generate_reference(
         self, prompt: bytes, params: SamplingParams, cancelled: Callable[[], bool] = lambda: False
@@ -103,14 +110,23 @@ class BltEngine:
         # BOS and every byte may each close a patch.
         return incremental.BltCaches(self.model, slots, max_patches=max_sequence_bytes + 1)
 
-    def prefill(self, caches, slot: int, prompt: bytes):
-        return incremental.prefill(self.model, caches, slot, prompt_tokens(prompt))
+    def encode(self, prompt: bytes) -> list[int]:
+        return prompt_tokens(prompt)
+
+    def new_state(self, caches, prompt: list[int]) -> incremental.PatchState:
+        return incremental.new_state(self.model, caches, len(prompt))
+
+    def step(self, caches, chunks, decodes):
+        return incremental.step(self.model, caches, chunks, decodes)
 
     def move(self, caches, source: int, target: int) -> None:
         caches.move(source, target)
 
-    def decode(self, caches, slots, states, symbols) -> torch.Tensor:
-        return incremental.decode_step(self.model, caches, slots, states, symbols)
+    def release(self, caches, slot: int) -> None:
+        caches.release(slot)
+
+    def cache_bytes(self, caches, states) -> int:
+        return sum(caches.bytes_used(state) for state in states)
 
     def choose(self, decoding: Decoding, logits: torch.Tensor) -> tuple[int, bytes]:
         symbol = decoding.choose(logits.masked_fill(self._banned, float("-inf")))

@@ -28,13 +28,13 @@ class EntropyModel(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, vocab_size, bias=False)
 
-    def forward(self, tokens: torch.Tensor, cache: CacheView | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         # tokens: [B, T] -> logits [B, T, V]
-        return self.lm_head(self.norm(self.stack(self.embed_tokens(tokens), cache)))
+        return self.lm_head(self.norm(self.stack(self.embed_tokens(tokens))))
 
-    def decode(self, tokens: torch.Tensor, cache: CacheView) -> torch.Tensor:
-        # tokens: [B, 1] -> logits [B, 1, V]
-        return self.lm_head(self.norm(self.stack.decode(self.embed_tokens(tokens), cache)))
+    def step(self, tokens: torch.Tensor, cache: CacheView) -> torch.Tensor:
+        # new tokens [B, T] at cache.positions -> logits [B, T, V]
+        return self.lm_head(self.norm(self.stack.step(self.embed_tokens(tokens), cache)))
 
 
 class LocalEncoder(nn.Module):
@@ -54,10 +54,12 @@ class LocalEncoder(nn.Module):
         """Symbols the hash n-grams of one position look back over (itself included)."""
         return max(self.hashing.ngram_sizes)
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Byte embedding plus the hash n-gram embeddings: [B, T] -> [B, T, dim]."""
+    def embed(self, tokens: torch.Tensor, history: int = 0) -> torch.Tensor:
+        """Byte embedding plus the hash n-gram embeddings: [B, history + T] ->
+        [B, T, dim]. The first ``history`` symbols only feed the n-grams of the
+        others (the symbols before a chunk, zero-padded like the sequence start)."""
         ids = hash_table_ids(tokens, self.hashing.ngram_sizes, self.hashing.n_functions, self.hashing.buckets)
-        return self.embed_tokens(tokens) + self.hash_embeddings(ids).sum(dim=2)
+        return self.embed_tokens(tokens[:, history:]) + self.hash_embeddings(ids[:, history:]).sum(dim=2)
 
     def _attend_own_bytes(self, pooled: torch.Tensor, byte_states: torch.Tensor, own_bytes: torch.Tensor) -> torch.Tensor:
         """pooled: [B, P, dim] max-pooled states; own_bytes: bool [B, P * k, T].
@@ -90,6 +92,12 @@ class LocalEncoder(nn.Module):
         n_patches = int(patch_ids.max()) + 1
         return byte_states, self.pool_patches(byte_states, patch_ids, n_patches)
 
+    def extend(self, tokens: torch.Tensor, cache: CacheView) -> torch.Tensor:
+        """tokens: [B, context - 1 + T], the ``context - 1`` symbols before a
+        chunk (left-padded with 0) then the chunk's T symbols at
+        ``cache.positions``. Returns the chunk's byte states [B, T, dim]."""
+        return self.stack.step(self.embed(tokens, history=self.context - 1), cache)
+
     def decode(self, recent_tokens: torch.Tensor, cache: CacheView) -> torch.Tensor:
         """recent_tokens: [B, context], the last ``context`` symbols of each
         sequence (left-padded with 0 like the hash windows), the new one last.
@@ -100,7 +108,7 @@ class LocalEncoder(nn.Module):
             )
         ids = last_hash_table_ids(recent_tokens, self._coefficients, self.hashing.buckets)
         embedded = self.embed_tokens(recent_tokens[:, -1:]) + self.hash_embeddings(ids).sum(dim=1)[:, None]
-        return self.stack.decode(embedded, cache)
+        return self.stack.step(embedded, cache)
 
 
 class GlobalModel(nn.Module):
@@ -116,13 +124,13 @@ class GlobalModel(nn.Module):
         )
         self.stack = TransformerStack(cfg.global_model)
 
-    def forward(self, patch_vectors: torch.Tensor, cache: CacheView | None = None) -> torch.Tensor:
+    def forward(self, patch_vectors: torch.Tensor) -> torch.Tensor:
         # [B, P, k * local dim] -> [B, P, global dim]
-        return self.stack(self.token_embedding_projection(patch_vectors), cache)
+        return self.stack(self.token_embedding_projection(patch_vectors))
 
-    def decode(self, patch_vectors: torch.Tensor, cache: CacheView) -> torch.Tensor:
-        # [B, 1, k * local dim] -> [B, 1, global dim]
-        return self.stack.decode(self.token_embedding_projection(patch_vectors), cache)
+    def step(self, patch_vectors: torch.Tensor, cache: CacheView) -> torch.Tensor:
+        # new patches [B, P, k * local dim] at cache.positions -> [B, P, global dim]
+        return self.stack.step(self.token_embedding_projection(patch_vectors), cache)
 
 
 class LocalDecoder(nn.Module):
@@ -149,33 +157,33 @@ class LocalDecoder(nn.Module):
         projected = [layer.project_slots(slots) for layer in self.cross_attn_layers]
         return torch.stack([k for k, _ in projected], dim=-4), torch.stack([v for _, v in projected], dim=-4)
 
-    def forward(
-        self, byte_states: torch.Tensor, slots: torch.Tensor, read_patch: torch.Tensor,
-        cache: CacheView | None = None,
-    ) -> torch.Tensor:
+    def forward(self, byte_states: torch.Tensor, slots: torch.Tensor, read_patch: torch.Tensor) -> torch.Tensor:
         """byte_states: [B, T, dim]; slots: [B, P, k, dim]; read_patch: [B, T],
-        the patch whose slots each byte reads. Returns logits [B, T, V]; with
-        ``cache`` (a prompt) the self-attention keys/values are also stored."""
+        the patch whose slots each byte reads. Returns logits [B, T, V]."""
         rotations, mask = self.stack.positions(byte_states.shape[1], byte_states.device)
         h = byte_states
         for i, layer in enumerate(self.stack.layers):
             if i < len(self.cross_attn_layers):
                 h = h + self.cross_attn_layers[i].forward_grouped(h, slots, read_patch)
-            h = layer(h, rotations, mask, cache, i)
-        return self.lm_head(self.norm(h))
+            h = layer(h, rotations, mask, None, i)
+        return self.logits(h)
 
-    def decode(
+    def step(
         self, byte_states: torch.Tensor, read_keys: torch.Tensor, read_values: torch.Tensor, cache: CacheView
     ) -> torch.Tensor:
-        """One byte per sequence: byte_states [B, 1, dim]; read_keys/values
-        [B, n_cross, k, H, hd] of the patch each byte reads. Returns logits [B, 1, V]."""
-        rotations = self.stack.rotary(cache.positions)
+        """New bytes at ``cache.positions``: byte_states [B, T, dim]; read_keys
+        and read_values [B, T, n_cross, k, H, hd] of the patch each byte reads.
+        Returns the final hidden states [B, T, dim] (``logits`` maps them)."""
+        rotations = self.stack.rotary(cache.positions.clamp(min=0))
         h = byte_states
         for i, layer in enumerate(self.stack.layers):
             if i < len(self.cross_attn_layers):
-                h = h + self.cross_attn_layers[i].attend_slots(h, read_keys[:, None, i], read_values[:, None, i])
-            h = layer(h, rotations, None, cache, i)
-        return self.lm_head(self.norm(h))
+                h = h + self.cross_attn_layers[i].attend_slots(h, read_keys[:, :, i], read_values[:, :, i])
+            h = layer(h, rotations, cache.mask, cache, i)
+        return h
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden))
 
 
 class BltModel(nn.Module):

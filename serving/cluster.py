@@ -1,0 +1,87 @@
+"""Starting the local Ray cluster a Patchwork setup runs on.
+
+Some settings live outside Ray Serve's config file, in the cluster's
+processes, and are set here before Ray starts:
+
+- ``RAY_SERVE_GRPC_MAX_MESSAGE_SIZE``: the gRPC proxy refuses messages larger
+  than the setup's limits need (``Limits.max_message_bytes``) before they
+  reach Patchwork; Ray's default is 2 GiB.
+- the node's address: with ``metrics_host`` 127.0.0.1 the local cluster is a
+  single-machine cluster whose node address is loopback
+  (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, what Ray does by itself on macOS
+  and Windows), so Ray's metrics exporter and its other ports listen on
+  loopback only. Ray Serve's gRPC proxy listens on every interface either way.
+
+- ``RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S``: how long Ray Serve's controller
+  waits for a new gRPC proxy to start before killing it (Ray's 5 s is too
+  short for a small machine under load, and a killed first proxy fails the
+  whole start).
+
+A cluster started by other means (``ray start`` for ``serve deploy``) gets the
+same behaviour when its processes have that environment and node address.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from serving.config import ServingConfig
+
+LOOPBACK = "127.0.0.1"
+PROXY_READY_TIMEOUT_S = 60.0
+
+
+def cluster_environment(config: ServingConfig) -> dict[str, str]:
+    """Environment variables the cluster's processes need for ``config``."""
+    return {
+        "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(config.limits.max_message_bytes),
+        "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": str(PROXY_READY_TIMEOUT_S),
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0" if config.metrics_host == LOOPBACK else "1",
+    }
+
+
+def ray_command(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+def _loopback_nodes(on: bool) -> None:
+    """Whether this process treats the local node as loopback (read by Ray when
+    imported; this process may have imported it already)."""
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0" if on else "1"
+    ray_constants.ENABLE_RAY_CLUSTER = not on
+
+
+def connect(**init_options) -> None:
+    """Connects to the local cluster a setup runs on (``ray.init(address="auto")``).
+    A client must see the local node as the cluster does: Ray would otherwise
+    turn the loopback address it recorded into the machine's own address.
+    Loopback mode reaches a cluster on either kind of address."""
+    import ray
+
+    if not ray.is_initialized():
+        _loopback_nodes(True)
+        ray.init(address="auto", **{"logging_level": "WARNING", **init_options})
+
+
+def start(config: ServingConfig, num_cpus: int | None = None, detach: bool = False, **init_options) -> None:
+    """Starts a local Ray cluster for ``config`` and connects to it. With
+    ``detach`` it outlives this process (``ray start``); otherwise it stops
+    with it."""
+    import ray
+
+    environment = cluster_environment(config)
+    os.environ.update(environment)
+    _loopback_nodes(config.metrics_host == LOOPBACK)
+    if detach:
+        ray_command("start", "--head", "--include-dashboard=false", "--disable-usage-stats",
+                    f"--metrics-export-port={config.metrics_port}",
+                    *([f"--num-cpus={num_cpus}"] if num_cpus else []))
+        connect(**init_options)
+        return
+    ray.init(num_cpus=num_cpus, include_dashboard=False, _metrics_export_port=config.metrics_port,
+             **{"logging_level": "WARNING", **init_options})

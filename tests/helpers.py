@@ -1,0 +1,92 @@
+"""Helpers shared by the tests: small random BLT engines, the reference path, polling."""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+from engines.blt.engine import BltEngine
+from engines.generation import Generation, SamplingParams
+from engines.scheduler import SchedulerConfig
+from tests.conftest import random_blt
+
+T = TypeVar("T")
+
+# Thresholds sit inside the random model's entropy range (about 5.0 to 5.2
+# nats), so every mode cuts patches of mixed lengths.
+PATCHINGS = {
+    "entropy": {"threshold": 5.12},
+    "entropy-max-length": {"threshold": 5.14, "max_patch_length": 3},
+    "monotonic": {"mode": "monotonic", "threshold": 0.045},
+    "static": {"mode": "static", "patch_size": 3},
+    "space": {"mode": "space"},
+}
+
+
+def make_engine(patching: dict | None = None, window: int = 6, **scheduler) -> BltEngine:
+    """A random BLT behind a scheduler. Short windows: the ring caches wrap
+    around within the tests' lengths."""
+    model = random_blt(seed=4, window=window, patching=patching or PATCHINGS["entropy"])
+    config = SchedulerConfig(**{"max_batch_size": 4, "max_sequence_bytes": 400, **scheduler})
+    return BltEngine(model, model.cfg, name="random", scheduler=config)
+
+
+def random_prompts(seed: int, count: int) -> list[bytes]:
+    rng = random.Random(seed)
+    kinds = [
+        lambda: b"",
+        lambda: bytes(rng.randrange(256) for _ in range(rng.randint(1, 40))),  # binary
+        lambda: "".join(rng.choice("ñandú日本語🎉 ok") for _ in range(rng.randint(1, 12))).encode(),
+        lambda: bytes(rng.choice(b"abc de\n") for _ in range(rng.randint(1, 90))),
+    ]
+    return [kinds[i % len(kinds)]() for i in range(count)]
+
+
+@contextmanager
+def admitted_together(engine: BltEngine) -> Iterator[None]:
+    """Requests submitted inside are admitted in the same scheduler step (the
+    scheduler waits between steps until the block ends)."""
+    with engine.scheduler._lock:
+        yield
+
+
+def reference(engine: BltEngine, prompt: bytes, params: SamplingParams) -> Generation:
+    """The full-recompute result the fast path is held to."""
+    *_, result = engine.generate_reference(prompt, params)
+    return result
+
+
+def wait_until(condition: Callable[[], T], timeout_s: float = 60.0, interval_s: float = 0.02, what: str = "") -> T:
+    """Polls ``condition`` until it returns something truthy, and returns it;
+    fails the test after ``timeout_s`` (a bound for a busy machine, not a timing)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what or condition}")
+        time.sleep(interval_s)
+
+
+def scrape(port: int) -> list[tuple[str, dict[str, str], float]]:
+    """The samples of a Prometheus endpoint on loopback: (name, labels, value)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = []
+    for line in text.splitlines():
+        match = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? ([0-9.eE+-]+|NaN)$", line)
+        if match:
+            name, labels, value = match.groups()
+            samples.append((name, dict(re.findall(r'(\w+)="([^"]*)"', labels or "")), float(value)))
+    return samples
+
+
+def metric(samples, name: str, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include ``labels``."""
+    return sum(value for sample, tags, value in samples
+               if sample == name and all(tags.get(k) == v for k, v in labels.items()))

@@ -1,0 +1,26 @@
+"""The generation benchmark runs end to end (tiny sizes), so it cannot rot."""
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def test_the_benchmark_runs_and_reports_every_measurement(tiny_checkpoint, tmp_path):
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "engines.blt.bench", "--checkpoint", str(tiny_checkpoint), "--new-bytes", "24",
+         "--streams", "3", "--prompt-bytes", "16", "--long-prompt-bytes", "300", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())
+    assert result["reference"]["same_output_as_incremental"]
+    assert result["incremental_streams"]["bytes"] == 3 * 24
+    assert result["weights"]["held_bytes"] == result["weights"]["parameter_bytes"]
+    interference = result["interference"]
+    assert interference["long_prompt_bytes"] == 300 and interference["normal_step_s"] > 0
+    assert set(interference["resident_bytes"]) == {"before", "during_peak", "after"}
+    for line in ("incremental batch 1 / reference", "beside 8 running streams", "resident memory"):
+        assert line in run.stdout
