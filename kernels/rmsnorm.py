@@ -21,25 +21,31 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 if triton is not None:
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, row_stride, n_cols, eps, BLOCK: tl.constexpr):
+    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, x_row_stride, w_stride, y_row_stride, n_cols, eps,
+                         BLOCK: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         in_row = cols < n_cols
-        x = tl.load(x_ptr + row * row_stride + cols, mask=in_row, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * x_row_stride + cols, mask=in_row, other=0.0).to(tl.float32)
         inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
         normed = (x * inv_rms).to(x_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row * row_stride + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=in_row)
+        w = tl.load(w_ptr + cols * w_stride, mask=in_row, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * y_row_stride + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=in_row)
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Forward-only Triton RMSNorm over the last dimension (one program per row)."""
+    """Forward-only Triton RMSNorm over the last dimension (one program per
+    row). Rows may be strided (a slice of a wider tensor is read in place);
+    only a last dimension that is itself strided is copied first."""
     if triton is None:
         raise RuntimeError("triton is not installed")
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
-    out = torch.empty_like(rows, dtype=torch.promote_types(x.dtype, weight.dtype))
-    n_cols = rows.shape[1]
+    n_cols = x.shape[-1]
+    rows = x.reshape(-1, n_cols)  # a view whenever the leading dimensions allow one
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     _rms_norm_kernel[(rows.shape[0],)](
-        rows, weight, out, rows.stride(0), n_cols, eps, BLOCK=triton.next_power_of_2(n_cols)
+        rows, weight, out, rows.stride(0), weight.stride(0), out.stride(0), n_cols, eps,
+        BLOCK=triton.next_power_of_2(n_cols),
     )
     return out.view(*x.shape[:-1], n_cols)

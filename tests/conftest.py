@@ -139,7 +139,9 @@ def serving_config(tiny_checkpoint):
         model_overrides={WIDE_MODEL: DeploymentOptions(max_ongoing_requests=64, max_queued_requests=64,
                                                        health_check_timeout_s=10, ray_actor_options=half_cpu)},
         engine=SchedulerConfig(max_batch_size=4, max_sequence_bytes=2000, max_queue=8),
-        engine_overrides={WIDE_MODEL: SchedulerConfig(max_batch_size=32, max_sequence_bytes=2000, max_queue=64)},
+        # A larger prefill budget keeps the 160-request mixed-traffic test short on a busy machine.
+        engine_overrides={WIDE_MODEL: SchedulerConfig(max_batch_size=32, max_sequence_bytes=2000, max_queue=64,
+                                                      prefill_budget=128)},
     )
 
 
@@ -162,17 +164,20 @@ def wait_serving(target: str, timeout_s: float) -> float:
 
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from tests.helpers import wait_until
+
     start = time.monotonic()
     with grpc.insecure_channel(target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() - start < timeout_s:
+
+        def serving() -> bool:
             try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1:
-                    return time.monotonic() - start
+                return health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1
             except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise TimeoutError(f"{target} did not become healthy in {timeout_s} s")
+                return False
+
+        wait_until(serving, timeout_s=timeout_s, interval_s=0.2, what=f"{target} to report SERVING")
+    return time.monotonic() - start
 
 
 @pytest.fixture(scope="session")

@@ -11,15 +11,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import wait_serving
+from tests.helpers import wait_until
 
 
-def wait_idle(model_handle, timeout_s=30.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        stats = model_handle.stats.remote().result()
-        if (stats["running"], stats["waiting"]) == (0, 0) or time.monotonic() > deadline:
-            return stats
-        time.sleep(0.05)
+def wait_idle(model_handle, timeout_s=60.0) -> dict:
+    """The replica's stats once nothing runs or waits on it."""
+    return wait_until(lambda: (stats := model_handle.stats.remote().result())["running"] == stats["waiting"] == 0
+                      and stats, timeout_s=timeout_s, interval_s=0.05, what="the replica to be idle")
 
 
 def test_a_deadline_ends_the_work(stub, pb2, model_handle):
@@ -34,26 +32,21 @@ def test_a_deadline_ends_the_work(stub, pb2, model_handle):
 
 
 def test_past_the_queue_bound_requests_are_refused_quickly(stub, pb2, model_handle, serving_config):
-    # Each admitted generation (1900 bytes) outlasts the refusals.
     wait_idle(model_handle)
-    request = pb2.GenerateRequest(prompt=b"busy", max_new_bytes=1900)
-    calls = [stub.GenerateStream(request, timeout=300) for _ in range(20)]
-    outcomes, running = [], []
-    for call in calls:
-        try:
-            next(call)
-            outcomes.append("running")
-            running.append(call)
-        except grpc.RpcError as e:
-            outcomes.append(e.code())
-    # Every refusal came back while the admitted generations (512 bytes each)
-    # were still running: refused requests do not wait for a slot.
-    assert not any(call.done() for call in running)
-    for call in calls:
-        call.cancel()
     admitted = serving_config.models.max_ongoing_requests + serving_config.models.max_queued_requests
+    request = pb2.GenerateRequest(prompt=b"busy", max_new_bytes=1900)  # far longer than the refusals take
+    calls = [stub.GenerateStream(request, timeout=600) for _ in range(admitted + 12)]
+    try:
+        # Exactly the requests past the bound end, refused, while the admitted
+        # ones (running or queued for a slot) are still generating.
+        wait_until(lambda: sum(call.done() for call in calls) >= len(calls) - admitted, timeout_s=120,
+                   what="the requests past the queue bound to be refused")
+        outcomes = [call.code() if call.done() else "admitted" for call in calls]
+    finally:
+        for call in calls:
+            call.cancel()
     assert outcomes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == len(calls) - admitted
-    assert set(outcomes) <= {"running", grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert outcomes.count("admitted") == admitted
     assert wait_idle(model_handle)["running"] == 0
 
 
@@ -70,11 +63,12 @@ def test_killing_a_replica_under_load_hangs_nothing_and_the_service_recovers(stu
     deadline_s = 240
     admitted = serving_config.models.max_ongoing_requests + serving_config.models.max_queued_requests
 
+    # Long enough that the requests on the replica are still running when it is killed.
     def unary(i):
-        return stub.Generate(pb2.GenerateRequest(prompt=b"kill %d" % i, max_new_bytes=200), timeout=deadline_s)
+        return stub.Generate(pb2.GenerateRequest(prompt=b"kill %d" % i, max_new_bytes=1000), timeout=deadline_s)
 
     def stream(i):
-        return list(stub.GenerateStream(pb2.GenerateRequest(prompt=b"kill %d" % i, max_new_bytes=200),
+        return list(stub.GenerateStream(pb2.GenerateRequest(prompt=b"kill %d" % i, max_new_bytes=1000),
                                         timeout=deadline_s))[-1]
 
     def outcome(future):
@@ -87,7 +81,8 @@ def test_killing_a_replica_under_load_hangs_nothing_and_the_service_recovers(stu
     with ThreadPoolExecutor(serving_config.models.max_ongoing_requests + serving_config.models.max_queued_requests) as pool:
         started = time.monotonic()
         futures = [pool.submit(unary if i % 2 else stream, i) for i in range(admitted)]
-        time.sleep(0.5)
+        wait_until(lambda: model_handle.stats.remote().result()["running"] > 0, timeout_s=120,
+                   what="requests running on the replica")
         os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()
         codes = [outcome(f) for f in futures]
@@ -95,25 +90,28 @@ def test_killing_a_replica_under_load_hangs_nothing_and_the_service_recovers(stu
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
     assert grpc.StatusCode.UNAVAILABLE in codes  # requests in flight on the killed replica
     # New requests succeed once Ray Serve has replaced the replica.
-    recovered = None
-    while time.monotonic() - killed < 300:
-        try:
-            stub.Generate(pb2.GenerateRequest(prompt=b"back", max_new_bytes=4), timeout=10)
-            recovered = time.monotonic() - killed
-            break
-        except grpc.RpcError as e:
-            assert e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-            time.sleep(0.2)
-    assert recovered is not None
+    wait_until(lambda: answers(stub, pb2), timeout_s=300, interval_s=0.2, what="the service to answer again")
+    recovered = time.monotonic() - killed
     print(f"service answered again {recovered:.1f} s after the replica was killed")
     wait_serving(grpc_target, timeout_s=300)
     assert model_handle.stats.remote().result()["pid"] != pid
 
 
+def answers(stub, pb2) -> bool:
+    """Whether a generation succeeds now; a replica being replaced makes it UNAVAILABLE."""
+    try:
+        return stub.Generate(pb2.GenerateRequest(prompt=b"back", max_new_bytes=4), timeout=30).usage.generated_bytes > 0
+    except grpc.RpcError as e:
+        assert e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED), e
+        return False
+
+
 @pytest.fixture(scope="module")
-def serving_now(grpc_target):
-    """A known state: every replica up (the test before this one killed one)."""
+def serving_now(grpc_target, stub, pb2):
+    """A known state: every replica up and answering (the test before this one
+    killed one, and a dead replica is noticed only at its next health check)."""
     wait_serving(grpc_target, timeout_s=300)
+    wait_until(lambda: answers(stub, pb2), timeout_s=300, interval_s=0.2, what="the service to answer")
 
 
 PROPER = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}

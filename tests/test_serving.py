@@ -2,13 +2,13 @@
 
 import subprocess
 import sys
-import time
 
 import grpc
 import pytest
 
 import engines
 from tests.conftest import REPO
+from tests.helpers import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +44,33 @@ def test_stream_reassembles_to_the_unary_result(stub, pb2):
     assert last.finish_reason == unary.finish_reason
     assert list(last.patch_lengths) == list(unary.patch_lengths)
     assert last.usage == unary.usage
-    try:
-        unary.text.decode("utf-8")
-    except UnicodeDecodeError:
-        return  # the model produced invalid UTF-8; nothing to check per chunk
-    for chunk in chunks:
-        chunk.text.decode("utf-8")
+    boundary = 0
+    for chunk in chunks[:-1]:
+        boundary += len(chunk.text)
+        assert not splits_a_character(unary.text, boundary), (unary.text, boundary)
+
+
+def splits_a_character(text: bytes, boundary: int) -> bool:
+    """Whether ``boundary`` falls inside a valid multi-byte UTF-8 character of
+    ``text`` (invalid bytes cannot be split: there is no character to keep whole)."""
+    for length in (2, 3, 4):
+        for inside in range(1, length):
+            piece = text[boundary - inside: boundary - inside + length]
+            if boundary - inside < 0 or len(piece) < length:
+                continue
+            try:
+                if len(piece.decode("utf-8")) == 1:
+                    return True
+            except UnicodeDecodeError:
+                pass
+    return False
+
+
+def test_the_character_boundary_check_can_fail():
+    text = "añb日".encode()
+    assert splits_a_character(text, 2) and not splits_a_character(text, 3)
+    assert splits_a_character(text, 5) and splits_a_character(text, 6) and not splits_a_character(text, 4)
+    assert not splits_a_character(b"a\xe6\x97b", 2)  # not a character: nothing to keep whole
 
 
 def test_stop_sequence_through_the_proxy(stub, pb2):
@@ -142,12 +163,8 @@ def test_a_cancelled_stream_frees_its_slot(stub, pb2, model_handle):
     next(call)
     assert model.stats.remote().result()["running"] == 1
     call.cancel()
-    for _ in range(600):
-        if model.stats.remote().result()["running"] == 0:
-            break
-        time.sleep(0.05)
-    stats = model.stats.remote().result()
-    assert (stats["running"], stats["waiting"]) == (0, 0)
+    wait_until(lambda: (stats := model.stats.remote().result())["running"] == stats["waiting"] == 0,
+               timeout_s=30, interval_s=0.05, what="the cancelled stream's slot to be freed")
 
 
 def test_concurrent_requests_are_batched_and_each_matches_its_own_run(stub, pb2, local_engine):
@@ -189,7 +206,26 @@ def test_an_empty_generation_is_recorded_without_error(ray_cluster, tiny_checkpo
     from engines.generation import FinishReason, Generation
     from serving.model_server import ModelServer
 
+    class Recorded:
+        """Stands in for a Ray metric; Ray's counters refuse increments of 0."""
+
+        def __init__(self):
+            self.calls = []
+
+        def inc(self, value, tags):
+            assert value > 0, "a counter increment must be positive"
+            self.calls.append(value)
+
+        def observe(self, value, tags):
+            self.calls.append(value)
+
     server = ModelServer.func_or_class(str(tiny_checkpoint), "cpu")
+    server.metrics = {**server.metrics, "generated": Recorded(), "patch_length": Recorded()}
     empty = Generation(text=b"", finish_reason=FinishReason.END_OF_SEQUENCE, patch_lengths=[], prompt_bytes=3,
                        global_steps=1)
     server._record_result(empty)  # an immediate end of sequence generated nothing
+    assert server.metrics["generated"].calls == server.metrics["patch_length"].calls == []
+    some = Generation(text=b"abcde", finish_reason=FinishReason.LENGTH, patch_lengths=[2, 3], prompt_bytes=3,
+                      global_steps=3)
+    server._record_result(some)
+    assert server.metrics["generated"].calls == [5] and server.metrics["patch_length"].calls == [2, 3]
