@@ -368,9 +368,9 @@ class Scheduler:
         now = time.monotonic()
         stopped = [(r, reason) for r in self._running if (reason := r.stop_reason(now)) is not None]
         with self._lock:
-            for request in [r for r in self._waiting if r.stop_reason(now) is not None]:
+            for request, reason in [(r, reason) for r in self._waiting if (reason := r.stop_reason(now)) is not None]:
                 self._waiting.remove(request)
-                stopped.append((request, request.stop_reason(now)))
+                stopped.append((request, reason))
         for request, reason in stopped:
             self._retire(request, reason)
 

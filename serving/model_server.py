@@ -92,6 +92,10 @@ class ModelServer:
         if engine is not None:
             engine.close()
 
+    def _refuse_while_draining(self) -> None:
+        if self.draining:
+            raise EngineUnavailable("the server is shutting down")
+
     # -- load gauges ------------------------------------------------------
 
     def _start_gauges(self) -> None:
@@ -115,8 +119,7 @@ class ModelServer:
         """Byte deltas, then the Generation, from the engine's scheduler thread.
         ``deadline`` is the client's, as a Unix time."""
         self._start_gauges()
-        if self.draining:
-            raise EngineUnavailable("the server is shutting down")
+        self._refuse_while_draining()
         loop = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
         until = None if deadline is None else time.monotonic() + (deadline - time.time())
@@ -163,8 +166,7 @@ class ModelServer:
             yield generation_dict(item) if isinstance(item, Generation) else {"text": item}
 
     async def score(self, text: bytes) -> dict:
-        if self.draining:
-            raise EngineUnavailable("the server is shutting down")
+        self._refuse_while_draining()
         result = await asyncio.get_running_loop().run_in_executor(self.worker, self.engine.score, text)
         return asdict(result)
 
