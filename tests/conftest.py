@@ -113,19 +113,24 @@ def ray_cluster(serving_config):
 
 
 WIDE_MODEL = "wide"
+BOUNDED_MODEL = "bounded"
 
 
 @pytest.fixture(scope="session")
 def serving_config(tiny_checkpoint):
-    """The test server: the tiny checkpoint twice, as ``tiny`` (4 slots, 4
-    requests in flight and 4 queued per replica) and ``wide`` (32 slots, for
-    tests with many concurrent streams)."""
+    """The test server: the tiny checkpoint three times, as ``tiny`` (4 slots,
+    4 requests in flight and 4 queued per replica), ``wide`` (32 slots, for
+    tests with many concurrent streams) and ``bounded`` (2 slots and 2 places
+    in the engine's queue behind a generous Ray Serve bound, so the engine's
+    own queue bound is what refuses; the tests that kill a replica have it to
+    themselves)."""
     import shutil
 
     from engines.scheduler import SchedulerConfig
     from serving.config import ActorOptions, DeploymentOptions, Limits, ServingConfig
 
-    shutil.copytree(tiny_checkpoint, tiny_checkpoint.parent / WIDE_MODEL, dirs_exist_ok=True)
+    for name in (WIDE_MODEL, BOUNDED_MODEL):
+        shutil.copytree(tiny_checkpoint, tiny_checkpoint.parent / name, dirs_exist_ok=True)
     half_cpu = ActorOptions(num_cpus=0.5)
     return ServingConfig(
         checkpoints=tiny_checkpoint.parent,
@@ -137,11 +142,14 @@ def serving_config(tiny_checkpoint):
         models=DeploymentOptions(max_ongoing_requests=4, max_queued_requests=4, ray_actor_options=half_cpu),
         # The frozen-replica test freezes `wide`: a shorter health-check timeout finds it sooner.
         model_overrides={WIDE_MODEL: DeploymentOptions(max_ongoing_requests=64, max_queued_requests=64,
-                                                       health_check_timeout_s=10, ray_actor_options=half_cpu)},
+                                                       health_check_timeout_s=10, ray_actor_options=half_cpu),
+                         BOUNDED_MODEL: DeploymentOptions(max_ongoing_requests=32, max_queued_requests=-1,
+                                                          ray_actor_options=half_cpu)},
         engine=SchedulerConfig(max_batch_size=4, max_sequence_bytes=2000, max_queue=8),
         # A larger prefill budget keeps the 160-request mixed-traffic test short on a busy machine.
         engine_overrides={WIDE_MODEL: SchedulerConfig(max_batch_size=32, max_sequence_bytes=2000, max_queue=64,
-                                                      prefill_budget=128)},
+                                                      prefill_budget=128),
+                          BOUNDED_MODEL: SchedulerConfig(max_batch_size=2, max_sequence_bytes=2000, max_queue=2)},
     )
 
 
@@ -214,3 +222,10 @@ def wide_handle(grpc_target):
     from ray import serve
 
     return serve.get_deployment_handle(f"model-{WIDE_MODEL}", app_name="patchwork")
+
+
+@pytest.fixture(scope="session")
+def bounded_handle(grpc_target):
+    from ray import serve
+
+    return serve.get_deployment_handle(f"model-{BOUNDED_MODEL}", app_name="patchwork")

@@ -74,6 +74,18 @@ def wait_until(condition: Callable[[], T], timeout_s: float = 60.0, interval_s: 
         time.sleep(interval_s)
 
 
+def stats(handle, timeout_s: float = 120.0) -> dict:
+    """A model replica's scheduler stats (``ModelServer.stats``), through a
+    Ray Serve handle; the call takes one of the replica's request places."""
+    return handle.stats.remote().result(timeout_s=timeout_s)
+
+
+def idle(handle) -> bool:
+    """Whether nothing runs or waits on the replica behind ``handle``."""
+    current = stats(handle)
+    return current["running"] == 0 and current["waiting"] == 0
+
+
 def scrape(port: int) -> list[tuple[str, dict[str, str], float]]:
     """The samples of a Prometheus endpoint on loopback: (name, labels, value)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()

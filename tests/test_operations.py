@@ -9,7 +9,7 @@ import grpc
 import pytest
 import yaml
 
-from tests.conftest import AUTH_TOKEN, REPO
+from tests.conftest import AUTH_TOKEN, BOUNDED_MODEL, REPO, WIDE_MODEL
 from tests.helpers import scrape, wait_until
 
 
@@ -87,8 +87,10 @@ def test_models_service_and_command(channel, grpc_target, tiny_checkpoint):
 
     from patchwork.v1 import models_pb2, models_pb2_grpc
 
-    model, wide = models_pb2_grpc.ModelsStub(channel).ListModels(models_pb2.ListModelsRequest(), timeout=30).models
-    assert (wide.name, wide.deployment, wide.is_default) == ("wide", "model-wide", False)
+    listed = models_pb2_grpc.ModelsStub(channel).ListModels(models_pb2.ListModelsRequest(), timeout=30).models
+    assert [m.name for m in listed] == sorted([BOUNDED_MODEL, "tiny", WIDE_MODEL])
+    model, wide = (next(m for m in listed if m.name == name) for name in ("tiny", WIDE_MODEL))
+    assert (wide.deployment, wide.is_default) == ("model-wide", False)
     manifest = json.loads((tiny_checkpoint / "manifest.json").read_text())
     assert (model.name, model.family, model.deployment, model.is_default) == ("tiny", "blt", "model-tiny", True)
     assert json.loads(model.config_json) == json.loads((tiny_checkpoint / "config.json").read_text())
@@ -106,7 +108,7 @@ def test_status_and_scaling_without_dropping_requests(stub, pb2, grpc_target):
     assert report.returncode == 0, report.stderr
     deployments = yaml.safe_load(report.stdout)["patchwork"]["deployments"]
     assert deployments["model-tiny"]["replicas"] == {"RUNNING": 1}
-    assert set(deployments) == {"gateway", "model-tiny", "model-wide"}
+    assert set(deployments) == {"gateway", "model-tiny", f"model-{WIDE_MODEL}", f"model-{BOUNDED_MODEL}"}
 
     for replicas in (2, 1):
         results = []

@@ -20,7 +20,7 @@ import engines
 from engines.generation import SamplingParams
 from engines.scheduler import EngineUnavailable
 from tests.conftest import AUTH_TOKEN, WIDE_MODEL, wait_serving
-from tests.helpers import metric, scrape, wait_until
+from tests.helpers import idle, metric, scrape, stats, wait_until
 
 
 def text_prompt(seed: int, length: int) -> bytes:
@@ -43,15 +43,6 @@ def stub(channel):
     from patchwork.v1 import bytelm_pb2_grpc
 
     return bytelm_pb2_grpc.ByteLMStub(channel)
-
-
-def stats(handle) -> dict:
-    return handle.stats.remote().result()
-
-
-def idle(handle) -> bool:
-    current = stats(handle)
-    return current["running"] == 0 and current["waiting"] == 0
 
 
 # -- the crash that bricked a replica -----------------------------------------

@@ -8,7 +8,7 @@ import pytest
 
 import engines
 from tests.conftest import REPO
-from tests.helpers import wait_until
+from tests.helpers import idle, stats, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -158,13 +158,12 @@ def test_a_request_that_can_never_fit_the_cache_is_invalid_argument_naming_the_f
 
 
 def test_a_cancelled_stream_frees_its_slot(stub, pb2, model_handle):
-    model = model_handle
+    wait_until(lambda: idle(model_handle))
     call = stub.GenerateStream(pb2.GenerateRequest(prompt=b"x", max_new_bytes=500), timeout=120)
     next(call)
-    assert model.stats.remote().result()["running"] == 1
+    assert stats(model_handle)["running"] == 1
     call.cancel()
-    wait_until(lambda: (stats := model.stats.remote().result())["running"] == stats["waiting"] == 0,
-               timeout_s=30, interval_s=0.05, what="the cancelled stream's slot to be freed")
+    wait_until(lambda: idle(model_handle), timeout_s=30, interval_s=0.05, what="the cancelled stream's slot to be freed")
 
 
 def test_concurrent_requests_are_batched_and_each_matches_its_own_run(stub, pb2, local_engine):
