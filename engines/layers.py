@@ -244,10 +244,8 @@ class TransformerStack(nn.Module):
 class CrossAttention(nn.Module):
     """Queries attend to keys/values of another sequence; no rotary positions.
 
-    Queries and keys/values are RMS-normalised first. As in the reference BLT
-    code, the block returns ``queries + attention``, and callers add the
-    queries once more (``h = h + block(h, ...)``); official weights were
-    trained with that doubled residual.
+    Queries and keys/values are RMS-normalised first. It returns the
+    attention output alone; each family adds its own residual.
     """
 
     def __init__(self, dim: int, n_heads: int, norm_eps: float):
@@ -276,7 +274,7 @@ class CrossAttention(nn.Module):
         bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
         bias.masked_fill_(~mask, torch.finfo(q.dtype).min)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(1))
-        return queries + self.o_proj(out.transpose(1, 2).flatten(-2))
+        return self.o_proj(out.transpose(1, 2).flatten(-2))
 
     def project_slots(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of key/value slots [..., S, dim] -> [..., S, H, hd] each."""
@@ -289,7 +287,7 @@ class CrossAttention(nn.Module):
         q = self._heads(self.q_proj(self.q_norm(queries)))  # [B, T, H, hd]
         scores = torch.einsum("bthd,btshd->bths", q, keys) / math.sqrt(self.head_dim)
         out = torch.einsum("bths,btshd->bthd", scores.softmax(dim=-1), values)
-        return queries + self.o_proj(out.flatten(-2))
+        return self.o_proj(out.flatten(-2))
 
     def forward_grouped(self, queries: torch.Tensor, slots: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
         """Each query attends to the slots of one group.

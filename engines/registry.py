@@ -1,15 +1,41 @@
-"""Model families: the config type of each and how to build its engine."""
+"""Model families: the config type of each, how to build its engine, and
+the RPCs it serves.
+
+A family lives in one module that defines ``FAMILY`` (a ``Family``).
+Patchwork's own families are listed here; ``register`` adds one defined
+elsewhere (serving registers ``ServingConfig.families`` in every replica).
+Modules are imported on first use.
+"""
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel
 
-# family name -> module that defines FAMILY (imported on first use)
+if TYPE_CHECKING:
+    import torch
+
+    from engines.api import Engine
+    from engines.checkpoint import Manifest
+
+# family name -> module that defines FAMILY
 _FAMILY_MODULES = {"blt": "engines.blt.engine"}
+
+# The generation RPCs of patchwork.v1.ByteLM that every GenerativeEngine answers.
+GENERATION_RPCS = frozenset({"Generate", "GenerateStream"})
+
+
+class EngineBuilder(Protocol):
+    """Builds a family's engine from its validated config and weights;
+    ``options`` are the engine's own (e.g. ``scheduler=SchedulerConfig(...)``)."""
+
+    def __call__(
+        self, config: Any, weights: dict[str, torch.Tensor], *, device: torch.device, dtype: torch.dtype, name: str,
+        manifest: Manifest | None = None, **options: Any,
+    ) -> Engine: ...
 
 
 @dataclass(frozen=True)
@@ -17,8 +43,23 @@ class Family:
     name: str
     config_type: type[BaseModel]
     format_version: int
-    # (config, weights, device, dtype, name, manifest) -> engine
-    build_engine: Callable
+    build_engine: EngineBuilder
+    # The RPCs its models answer; the gateway refuses the others with
+    # INVALID_ARGUMENT naming the model and its family.
+    rpcs: frozenset[str] = GENERATION_RPCS
+    # The module behind `python -m training <name>` (``add_arguments(parser)``
+    # and ``run(args, argv) -> exit code``), if the family trains here.
+    trainer: str | None = None
+
+
+def register(families: dict[str, str]) -> None:
+    """Makes families known: family name -> the module (importable wherever
+    its models load) that defines its ``FAMILY``."""
+    for name, module in families.items():
+        known = _FAMILY_MODULES.get(name)
+        if known is not None and known != module:
+            raise ValueError(f"family {name!r} is already defined by {known}, not {module}")
+        _FAMILY_MODULES[name] = module
 
 
 def known_families() -> list[str]:
@@ -27,4 +68,9 @@ def known_families() -> list[str]:
 
 def get_family(name: str) -> Family | None:
     module = _FAMILY_MODULES.get(name)
-    return importlib.import_module(module).FAMILY if module else None
+    if module is None:
+        return None
+    family = importlib.import_module(module).FAMILY
+    if family.name != name:
+        raise ValueError(f"{module} defines family {family.name!r}, not {name!r}")
+    return family

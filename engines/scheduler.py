@@ -53,7 +53,11 @@ from typing import Any, Protocol
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from engines.generation import Decoding, Generation, SamplingParams
+from engines.api import (
+    AdmissionError, DeadlineExceeded, EngineStats, EngineUnavailable, Generation, RequestCancelled, RequestTooLarge,
+    SamplingParams,
+)
+from engines.generation import Decoding
 
 logger = logging.getLogger(__name__)
 
@@ -88,33 +92,6 @@ class SchedulerConfig(BaseModel):
     stall_timeout_s: float = Field(default=60.0, gt=0)
 
 
-class AdmissionError(Exception):
-    """A request refused for now (the queue is full): retry later (gRPC RESOURCE_EXHAUSTED)."""
-
-
-class RequestTooLarge(ValueError):
-    """A request that can never fit a cache slot (gRPC INVALID_ARGUMENT); ``field`` names the culprit."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(field, message)  # the arguments, so it survives pickling between processes
-        self.field, self.message = field, message
-
-    def __str__(self) -> str:
-        return f"{self.field}: {self.message}"
-
-
-class EngineUnavailable(Exception):
-    """The engine cannot serve: its scheduler stopped or is shutting down (gRPC UNAVAILABLE)."""
-
-
-class RequestCancelled(Exception):
-    """Delivered to a request that was cancelled before it finished."""
-
-
-class DeadlineExceeded(Exception):
-    """Delivered to a request whose deadline passed before it finished."""
-
-
 @dataclass
 class StepBatch:
     """Sequences a model step advances together: ``symbols[i]`` follow
@@ -127,6 +104,10 @@ class StepBatch:
 
 class StepModel(Protocol):
     """What a family provides to be scheduled."""
+
+    def request_cost(self, prompt: bytes, params: SamplingParams) -> dict[str, int]:
+        """Cache positions the request may take at most, by the request field
+        that asks for them (their sum is held to ``max_sequence_bytes``)."""
 
     def new_caches(self, slots: int, max_sequence_bytes: int) -> Any: ...
 
@@ -246,12 +227,14 @@ class Scheduler:
         AdmissionError when the queue is full, EngineUnavailable when the
         scheduler has stopped or is shutting down."""
         limit = self.config.max_sequence_bytes
-        needed = len(prompt) + params.max_new_bytes
+        cost = self.model.request_cost(prompt, params)
+        needed = sum(cost.values())
         if needed > limit:
-            field = "prompt" if len(prompt) >= limit else "max_new_bytes"
+            # The field that alone fills a slot is to blame, else the last one.
+            field = next((name for name, part in cost.items() if part >= limit), list(cost)[-1])
+            asked = " plus ".join(f"{name} ({part})" for name, part in cost.items())
             raise RequestTooLarge(
-                field, f"the prompt ({len(prompt)} bytes) plus max_new_bytes ({params.max_new_bytes}) needs "
-                f"{needed} bytes of cache; a sequence may use at most {limit}"
+                field, f"{asked} need {needed} cache positions; a sequence may use at most {limit}"
             )
         request = Request(prompt, params, emit, deadline)
         with self._lock:
@@ -309,6 +292,10 @@ class Scheduler:
         """Cache memory the running sequences take now."""
         states = [r.state for r in [*self._running] if r.state is not None]
         return self.model.cache_bytes(self.caches, states)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(running=self.running, waiting=self.queue_depth, steps=self.steps,
+                           cache_bytes=self.cache_bytes(), health=self.health())
 
     @property
     def queue_depth(self) -> int:

@@ -135,7 +135,7 @@ def run_overhead(args: argparse.Namespace) -> int:
     import grpc
 
     import engines
-    from engines.generation import SamplingParams
+    from engines.api import SamplingParams
     from patchwork.v1 import bytelm_pb2, bytelm_pb2_grpc
 
     engine = engines.load(args.checkpoint)

@@ -74,7 +74,7 @@ def up(args: argparse.Namespace) -> int:
     config = load_config(args)
     config = config.model_copy(update={"checkpoints": config.checkpoints.resolve()})
     try:
-        models = discover_checkpoints(config.checkpoints)
+        models = discover_checkpoints(config.checkpoints, config.families)
         default = default_model(models, config)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -123,7 +123,7 @@ def config_file(args: argparse.Namespace) -> int:
     from serving.deploy import deploy_config, to_yaml
 
     config = load_config(args)
-    models = list(discover_checkpoints(config.checkpoints)) if args.discover else ["blt-default"]
+    models = list(discover_checkpoints(config.checkpoints, config.families)) if args.discover else ["blt-default"]
     text = to_yaml(deploy_config(config, models))
     if args.out:
         args.out.write_text(text)

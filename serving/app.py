@@ -13,19 +13,21 @@ import re
 from pathlib import Path
 
 from engines.checkpoint import CONFIG_FILE, CheckpointError, read_header, read_manifest
-from engines.registry import get_family
+from engines.registry import get_family, register
 from serving.config import GATEWAY, ServingConfig, model_deployment
 from serving.deploy import deployment_entry
-from serving.gateway import Gateway
+from serving.gateway import Gateway, ServedModel
 from serving.model_server import ModelServer
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-def discover_checkpoints(root: Path) -> dict[str, Path]:
+def discover_checkpoints(root: Path, families: dict[str, str] | None = None) -> dict[str, Path]:
     """Model name -> checkpoint directory, for every valid checkpoint under ``root``
-    (``root`` itself may be a checkpoint). Raises CheckpointError when a
+    (``root`` itself may be a checkpoint) of a known family or of one of
+    ``families`` (``ServingConfig.families``). Raises CheckpointError when a
     directory that looks like a checkpoint is broken, or when there is none."""
+    register(families or {})
     root = Path(root)
     if (root / CONFIG_FILE).exists():
         candidates = [root]
@@ -59,17 +61,20 @@ def default_model(models: dict[str, Path], config: ServingConfig) -> str:
 
 
 def build_app(config: ServingConfig):
-    models = discover_checkpoints(config.checkpoints)
-    handles = {}
+    models = discover_checkpoints(config.checkpoints, config.families)
+    handles, served = {}, {}
     for name, path in models.items():
         options = config.options_for(name)
         threads = max(1, int(options.ray_actor_options.num_cpus))
         entry = deployment_entry(model_deployment(name), options, config.drain_grace_s)
         handles[name] = ModelServer.options(**entry).bind(
-            str(path), config.device, threads, config.engine_for(name).model_dump()
+            str(path), config.device, threads, config.engine_for(name).model_dump(), config.families
         )
+        family = get_family(read_header(path)[0].family)
+        served[name] = ServedModel(family=family.name, rpcs=sorted(family.rpcs))
     return Gateway.options(**deployment_entry(GATEWAY, config.gateway, config.drain_grace_s)).bind(
-        handles, default_model(models, config), config.limits.model_dump(), config.auth.model_dump(mode="json")
+        handles, served, default_model(models, config), config.limits.model_dump(),
+        config.auth.model_dump(mode="json"),
     )
 
 

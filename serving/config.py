@@ -129,6 +129,9 @@ class ServingConfig(BaseModel):
     # Every checkpoint directory directly under this one is served, named
     # after its directory.
     checkpoints: Path = Path("checkpoints")
+    # Model families defined outside Patchwork: family name -> the module that
+    # defines its FAMILY (engines.registry), importable in every replica.
+    families: dict[str, str] = Field(default_factory=dict)
     # Ray Serve's gRPC proxy listens on this port on every interface.
     grpc_port: int = Field(default=9000, ge=1, le=65535)
     # Ray Serve's HTTP proxy (health and routes) on 127.0.0.1.

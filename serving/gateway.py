@@ -6,7 +6,8 @@ Protobuf classes are imported inside the methods, so the deployment never
 captures them when it is defined.
 
 Status codes: INVALID_ARGUMENT names the offending field (including a request
-that can never fit a cache slot); RESOURCE_EXHAUSTED when the model's queue is
+that can never fit a cache slot, and a model whose family does not serve the
+RPC); RESOURCE_EXHAUSTED when the model's queue is
 full (retry later); UNAVAILABLE when the model's replica died or cannot serve,
 or the server is shutting down (retry, elsewhere); UNAUTHENTICATED without the
 configured bearer token, or with more than one; DEADLINE_EXCEEDED and
@@ -31,6 +32,7 @@ import logging
 import os
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -41,7 +43,10 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 
-from engines.scheduler import AdmissionError, DeadlineExceeded, EngineUnavailable, RequestCancelled, RequestTooLarge
+from engines.api import (
+    AdmissionError, DeadlineExceeded, EngineUnavailable, FinishReason, Generation, PatchedOutput, RequestCancelled,
+    RequestTooLarge,
+)
 from engines.utf8 import Utf8Chunker
 from serving.config import APP_NAME, AuthConfig, Limits, model_deployment
 from serving.edge import DEADLINE_KEY
@@ -106,21 +111,26 @@ def load_token(auth: AuthConfig) -> str | None:
     return token or None
 
 
-def _usage(result: dict, pb2):
+def _patch_lengths(result: Generation) -> list[int]:
+    return list(result.details.patch_lengths) if isinstance(result.details, PatchedOutput) else []
+
+
+def _usage(result: Generation, pb2):
+    patched = isinstance(result.details, PatchedOutput)
     return pb2.Usage(
-        prompt_bytes=result["prompt_bytes"],
-        generated_bytes=result["generated_bytes"],
-        patches=len(result["patch_lengths"]),
-        global_steps=result["global_steps"],
+        prompt_bytes=result.usage.prompt_tokens,
+        generated_bytes=result.usage.generated_tokens,
+        patches=len(result.details.patch_lengths) if patched else 0,
+        global_steps=result.details.global_steps if patched else 0,
     )
 
 
-def _finish_reason(result: dict, pb2) -> int:
+def _finish_reason(result: Generation, pb2) -> int:
     return {
-        "length": pb2.FINISH_REASON_LENGTH,
-        "stop": pb2.FINISH_REASON_STOP,
-        "end_of_sequence": pb2.FINISH_REASON_END_OF_SEQUENCE,
-    }[result["finish_reason"]]
+        FinishReason.LENGTH: pb2.FINISH_REASON_LENGTH,
+        FinishReason.STOP: pb2.FINISH_REASON_STOP,
+        FinishReason.END_OF_SEQUENCE: pb2.FINISH_REASON_END_OF_SEQUENCE,
+    }[result.finish_reason]
 
 
 class ModelHealth:
@@ -160,10 +170,20 @@ class ModelHealth:
         return True
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """What the gateway knows of a model: its family and the RPCs that family serves."""
+
+    family: str
+    rpcs: list[str]
+
+
 @serve.deployment
 class Gateway:
-    def __init__(self, models: dict[str, DeploymentHandle], default_model: str, limits: dict, auth: dict):
+    def __init__(self, models: dict[str, DeploymentHandle], served: dict[str, ServedModel], default_model: str,
+                 limits: dict, auth: dict):
         self.models = models
+        self.served = served
         self.default_model = default_model
         self.limits = Limits(**limits)
         self.token = load_token(AuthConfig(**auth))
@@ -202,20 +222,26 @@ class Gateway:
         if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
             _abort(context, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong 'authorization: Bearer <token>'")
 
-    def _model(self, name: str, context) -> tuple[str, DeploymentHandle]:
+    def _model(self, name: str, rpc: str, context) -> tuple[str, DeploymentHandle]:
+        """The model a request names (or the default) and its deployment, if its family serves ``rpc``."""
         try:
             model = resolve_model(name, list(self.models), self.default_model)
         except InvalidArgument as e:
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        served = self.served[model]
+        if rpc not in served.rpcs:
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                   f"model: {model!r} (family {served.family}) does not serve {rpc}; it serves "
+                   f"{', '.join(served.rpcs)}")
         return model, self.models[model]
 
-    def _generate_args(self, request, context):
+    def _generate_args(self, request, rpc: str, context):
         try:
             params = generate_params(request, self.limits)
         except InvalidArgument as e:
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        model, handle = self._model(request.model, context)
-        return model, handle, params.model_dump()
+        model, handle = self._model(request.model, rpc, context)
+        return model, handle, params
 
     @staticmethod
     def _deadline(context: RayServegRPCContext) -> float | None:
@@ -235,13 +261,13 @@ class Gateway:
 
         with self._serving(grpc_context):
             request = _parse(pb2.GenerateRequest, request, grpc_context)
-            model, handle, params = self._generate_args(request, grpc_context)
+            model, handle, params = self._generate_args(request, "Generate", grpc_context)
             with _model_errors(grpc_context):
                 result = await handle.generate.remote(request.prompt, params, self._deadline(grpc_context))
             return pb2.GenerateResponse(
-                text=result["text"],
+                text=result.text,
                 finish_reason=_finish_reason(result, pb2),
-                patch_lengths=result["patch_lengths"],
+                patch_lengths=_patch_lengths(result),
                 usage=_usage(result, pb2),
                 model=model,
             )
@@ -251,20 +277,20 @@ class Gateway:
 
         with self._serving(grpc_context):
             request = _parse(pb2.GenerateRequest, request, grpc_context)
-            model, handle, params = self._generate_args(request, grpc_context)
+            model, handle, params = self._generate_args(request, "GenerateStream", grpc_context)
             chunker = Utf8Chunker()
             deadline = self._deadline(grpc_context)
             with _model_errors(grpc_context):
                 async for item in handle.options(stream=True).generate_stream.remote(request.prompt, params, deadline):
-                    if "finish_reason" not in item:
-                        text = chunker.push(item["text"])
+                    if not isinstance(item, Generation):  # output bytes; the Generation ends the stream
+                        text = chunker.push(item)
                         if text:
                             yield pb2.GenerateStreamChunk(text=text, model=model)
                         continue
                     yield pb2.GenerateStreamChunk(
                         text=chunker.flush(),
                         finish_reason=_finish_reason(item, pb2),
-                        patch_lengths=item["patch_lengths"],
+                        patch_lengths=_patch_lengths(item),
                         usage=_usage(item, pb2),
                         model=model,
                     )
@@ -278,13 +304,13 @@ class Gateway:
                 text = score_text(request, self.limits)
             except InvalidArgument as e:
                 _abort(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-            model, handle = self._model(request.model, grpc_context)
+            model, handle = self._model(request.model, "Score", grpc_context)
             with _model_errors(grpc_context):
                 result = await handle.score.remote(text)
             return pb2.ScoreResponse(
-                entropies=result["entropies"],
-                patch_lengths=result["patch_lengths"],
-                bits_per_byte=result["bits_per_byte"],
+                entropies=result.entropies,
+                patch_lengths=result.patch_lengths,
+                bits_per_byte=result.bits_per_byte,
                 model=model,
             )
 
@@ -301,11 +327,11 @@ class Gateway:
             return models_pb2.ListModelsResponse(models=[
                 models_pb2.ModelInfo(
                     name=name,
-                    family=info["family"],
+                    family=info.family,
                     deployment=model_deployment(name),
                     is_default=name == self.default_model,
-                    config_json=json.dumps(info["config"], sort_keys=True),
-                    metrics=info["metrics"],
+                    config_json=json.dumps(info.config, sort_keys=True),
+                    metrics=info.metrics,
                 )
                 for name, info in zip(names, described)
             ])

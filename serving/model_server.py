@@ -28,18 +28,10 @@ import torch
 from ray import serve
 
 import engines
-from engines.generation import Generation, SamplingParams
-from engines.scheduler import EngineUnavailable
+from engines.api import EngineUnavailable, Generation, ModelInfo, PatchedOutput, SamplingParams
 from serving.metrics import model_metrics
 
 GAUGE_INTERVAL_S = 0.5
-
-
-def generation_dict(result: Generation) -> dict:
-    out = asdict(result)
-    out["finish_reason"] = result.finish_reason.value
-    out["generated_bytes"] = len(result.text)
-    return out
 
 
 def pick_device(requested: str) -> str:
@@ -50,9 +42,12 @@ def pick_device(requested: str) -> str:
 
 @serve.deployment
 class ModelServer:
-    def __init__(self, checkpoint: str, device: str = "auto", threads: int = 1, scheduler: dict | None = None):
+    def __init__(self, checkpoint: str, device: str = "auto", threads: int = 1, scheduler: dict | None = None,
+                 families: dict[str, str] | None = None):
+        from engines.registry import register
         from engines.scheduler import SchedulerConfig
 
+        register(families or {})
         torch.set_num_threads(max(1, threads))
         self.engine = engines.load(
             checkpoint, device=pick_device(device), scheduler=SchedulerConfig(**(scheduler or {}))
@@ -68,7 +63,7 @@ class ModelServer:
 
     def check_health(self) -> None:
         """Raises when the scheduler cannot serve (Ray Serve replaces the replica)."""
-        reason = self.engine.scheduler.health()
+        reason = self.engine.stats().health
         if reason is not None:
             raise RuntimeError(reason)
 
@@ -84,7 +79,7 @@ class ModelServer:
         if self.draining:
             stopped = EngineUnavailable("the server stopped before this request finished")
             self._drain_timer = asyncio.get_running_loop().call_later(
-                max(0.0, until - time.time()), self.engine.scheduler.abort_all, stopped
+                max(0.0, until - time.time()), self.engine.abort_all, stopped
             )
 
     def __del__(self) -> None:
@@ -108,15 +103,15 @@ class ModelServer:
             await asyncio.sleep(GAUGE_INTERVAL_S)
 
     def _record_load(self) -> None:
-        scheduler = self.engine.scheduler
-        self.metrics["batch_size"].set(scheduler.running, tags=self.tags)
-        self.metrics["queue_depth"].set(scheduler.queue_depth, tags=self.tags)
-        self.metrics["cache_bytes"].set(scheduler.cache_bytes(), tags=self.tags)
+        stats = self.engine.stats()
+        self.metrics["batch_size"].set(stats.running, tags=self.tags)
+        self.metrics["queue_depth"].set(stats.waiting, tags=self.tags)
+        self.metrics["cache_bytes"].set(stats.cache_bytes, tags=self.tags)
 
     # -- requests ---------------------------------------------------------
 
-    async def _events(self, prompt: bytes, params: dict, deadline: float | None):
-        """Byte deltas, then the Generation, from the engine's scheduler thread.
+    async def _events(self, prompt: bytes, params: SamplingParams, deadline: float | None):
+        """Output bytes, then the Generation, from the engine's scheduler thread.
         ``deadline`` is the client's, as a Unix time."""
         self._start_gauges()
         self._refuse_while_draining()
@@ -124,7 +119,7 @@ class ModelServer:
         items: asyncio.Queue = asyncio.Queue()
         until = None if deadline is None else time.monotonic() + (deadline - time.time())
         request = self.engine.submit(
-            prompt, SamplingParams(**params), emit=lambda item: loop.call_soon_threadsafe(items.put_nowait, item),
+            prompt, params, emit=lambda item: loop.call_soon_threadsafe(items.put_nowait, item),
             deadline=until,
         )
         self._record_load()
@@ -152,29 +147,28 @@ class ModelServer:
     def _record_result(self, result: Generation) -> None:
         if result.text:  # counters only take positive increments
             self.metrics["generated"].inc(len(result.text), tags=self.tags)
-        for length in result.patch_lengths:
-            self.metrics["patch_length"].observe(length, tags=self.tags)
+        if isinstance(result.details, PatchedOutput):
+            for length in result.details.patch_lengths:
+                self.metrics["patch_length"].observe(length, tags=self.tags)
 
-    async def generate(self, prompt: bytes, params: dict, deadline: float | None = None) -> dict:
+    async def generate(self, prompt: bytes, params: SamplingParams, deadline: float | None = None) -> Generation:
         async for item in self._events(prompt, params, deadline):
             if isinstance(item, Generation):
-                return generation_dict(item)
+                return item
 
-    async def generate_stream(self, prompt: bytes, params: dict, deadline: float | None = None):
-        """Yields {"text": delta} items, then the final generation dict."""
+    async def generate_stream(self, prompt: bytes, params: SamplingParams, deadline: float | None = None):
+        """Yields output bytes as they are released, then the Generation (the end of the stream)."""
         async for item in self._events(prompt, params, deadline):
-            yield generation_dict(item) if isinstance(item, Generation) else {"text": item}
+            yield item
 
-    async def score(self, text: bytes) -> dict:
+    async def score(self, text: bytes):
+        """The family's score of ``text`` (a dataclass it defines)."""
         self._refuse_while_draining()
-        result = await asyncio.get_running_loop().run_in_executor(self.worker, self.engine.score, text)
-        return asdict(result)
+        return await asyncio.get_running_loop().run_in_executor(self.worker, self.engine.score, text)
 
-    def describe(self) -> dict:
+    def describe(self) -> ModelInfo:
         return self.engine.describe()
 
     def stats(self) -> dict:
-        """The scheduler's running sequences and waiting requests, and this replica's process."""
-        scheduler = self.engine.scheduler
-        return {"running": scheduler.running, "waiting": scheduler.queue_depth, "steps": scheduler.steps,
-                "pid": os.getpid(), "health": scheduler.health()}
+        """The engine's stats and this replica's process id."""
+        return {**asdict(self.engine.stats()), "pid": os.getpid()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from engines.generation import SamplingParams
+from engines.api import SamplingParams
 from serving.config import Limits
 
 

@@ -114,6 +114,7 @@ def ray_cluster(serving_config):
 
 WIDE_MODEL = "wide"
 BOUNDED_MODEL = "bounded"
+ECHO_MODEL = "echo"
 
 
 @pytest.fixture(scope="session")
@@ -123,14 +124,18 @@ def serving_config(tiny_checkpoint):
     tests with many concurrent streams) and ``bounded`` (2 slots and 2 places
     in the engine's queue behind a generous Ray Serve bound, so the engine's
     own queue bound is what refuses; the tests that kill a replica have it to
-    themselves)."""
+    themselves); and ``echo``, a model of the test family in
+    ``tests/echo_family.py``, served beside them."""
     import shutil
 
     from engines.scheduler import SchedulerConfig
     from serving.config import ActorOptions, DeploymentOptions, Limits, ServingConfig
 
+    from tests.echo_family import write_checkpoint
+
     for name in (WIDE_MODEL, BOUNDED_MODEL):
         shutil.copytree(tiny_checkpoint, tiny_checkpoint.parent / name, dirs_exist_ok=True)
+    write_checkpoint(tiny_checkpoint.parent / ECHO_MODEL, shift=1)
     half_cpu = ActorOptions(num_cpus=0.5)
     return ServingConfig(
         checkpoints=tiny_checkpoint.parent,
@@ -138,13 +143,15 @@ def serving_config(tiny_checkpoint):
         http_port=free_port(),
         metrics_port=free_port(),
         default_model="tiny",
+        families={"echo": "tests.echo_family"},
         limits=Limits(max_new_bytes=1900, default_new_bytes=16, max_prompt_bytes=1536, max_stop_sequences=4),
         models=DeploymentOptions(max_ongoing_requests=4, max_queued_requests=4, ray_actor_options=half_cpu),
         # The frozen-replica test freezes `wide`: a shorter health-check timeout finds it sooner.
         model_overrides={WIDE_MODEL: DeploymentOptions(max_ongoing_requests=64, max_queued_requests=64,
                                                        health_check_timeout_s=10, ray_actor_options=half_cpu),
                          BOUNDED_MODEL: DeploymentOptions(max_ongoing_requests=32, max_queued_requests=-1,
-                                                          ray_actor_options=half_cpu)},
+                                                          ray_actor_options=half_cpu),
+                         ECHO_MODEL: DeploymentOptions(ray_actor_options=ActorOptions(num_cpus=0.0))},
         engine=SchedulerConfig(max_batch_size=4, max_sequence_bytes=2000, max_queue=8),
         # A larger prefill budget keeps the 160-request mixed-traffic test short on a busy machine.
         engine_overrides={WIDE_MODEL: SchedulerConfig(max_batch_size=32, max_sequence_bytes=2000, max_queue=64,
@@ -160,7 +167,7 @@ def grpc_target(ray_cluster, serving_config) -> str:
     from serving.app import discover_checkpoints
     from serving.deploy import apply, deploy_config
 
-    apply(deploy_config(serving_config, list(discover_checkpoints(serving_config.checkpoints))))
+    apply(deploy_config(serving_config, list(discover_checkpoints(serving_config.checkpoints, serving_config.families))))
     target = f"127.0.0.1:{serving_config.grpc_port}"
     wait_serving(target, timeout_s=900)
     return target

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from engines.blt.engine import BltEngine
-from engines.generation import Generation, SamplingParams
+from engines.api import Generation, SamplingParams
 from engines.scheduler import SchedulerConfig
 from tests.conftest import random_blt
 

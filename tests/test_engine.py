@@ -10,7 +10,7 @@ from engines.blt.config import EOS_ID, OFFSET
 from engines.blt.engine import BltEngine
 from engines.blt.patching import patch_ids_from_starts
 from engines.blt.reference import prompt_tokens
-from engines.generation import FinishReason, Generation, SamplingParams
+from engines.api import FinishReason, Generation, SamplingParams
 from tests.conftest import random_blt
 
 
@@ -38,11 +38,11 @@ def test_greedy_generation_is_the_argmax_of_the_full_forward(engine):
 def test_result_accounting(engine):
     (result,) = engine.generate([b"abc"], max_new_bytes=20)
     assert result.finish_reason == FinishReason.LENGTH and len(result.text) == 20
-    assert sum(result.patch_lengths) == len(result.text)
-    assert result.prompt_bytes == 3
+    assert sum(result.details.patch_lengths) == len(result.text)
+    assert result.usage.prompt_tokens == 3
     *_, reference = engine.generate_reference(b"abc", SamplingParams(max_new_bytes=20))
-    assert reference.global_steps == 20  # the reference path runs the global model once per byte
-    assert reference.text == result.text and reference.patch_lengths == result.patch_lengths
+    assert reference.details.global_steps == 20  # the reference path runs the global model once per byte
+    assert reference.text == result.text and reference.details.patch_lengths == result.details.patch_lengths
 
 
 def test_generate_takes_a_batch_and_each_result_equals_its_own_run(engine):
@@ -74,7 +74,7 @@ def test_stop_sequence_ends_generation_and_is_not_returned(engine):
     result = engine.generate([b"q"], max_new_bytes=24, stop=[stop])[0]
     assert result.finish_reason == FinishReason.STOP
     assert result.text == full[:first]
-    assert sum(result.patch_lengths) == len(result.text)
+    assert sum(result.details.patch_lengths) == len(result.text)
     deltas = [d for d in engine.generate_reference(b"q", SamplingParams(max_new_bytes=24, stop=(stop,)))
               if isinstance(d, bytes)]
     assert b"".join(deltas) == full[:first]
@@ -87,7 +87,8 @@ def test_end_of_sequence_ends_generation(engine):
         model.local_decoder.lm_head.weight.zero_()
     result = BltEngine(model, model.cfg, "eos").generate([b"abc"], max_new_bytes=10)[0]
     assert result.finish_reason == FinishReason.END_OF_SEQUENCE
-    assert result.text == b"" and result.patch_lengths == [] and result.global_steps == 1  # the prefill
+    assert result.text == b"" and result.details.patch_lengths == []
+    assert result.details.global_steps == 1  # the prefill
 
 
 def test_cancellation_stops_the_stream(engine):

@@ -8,8 +8,9 @@ import torch
 from engines.blt import incremental
 from engines.blt.patching import patch_ids_from_starts
 from engines.blt.reference import prompt_tokens
-from engines.generation import FinishReason, SamplingParams
-from engines.scheduler import AdmissionError, RequestCancelled, RequestTooLarge, SchedulerConfig, StepBatch
+from engines.api import FinishReason, SamplingParams
+from engines.api import AdmissionError, RequestCancelled, RequestTooLarge
+from engines.scheduler import SchedulerConfig, StepBatch
 from tests.helpers import PATCHINGS, make_engine, random_prompts, reference
 
 @pytest.mark.parametrize("patching", list(PATCHINGS))
@@ -20,7 +21,7 @@ def test_greedy_batch_of_one_is_byte_identical_to_the_reference(patching):
         fast = engine.generate_one(prompt, params)
         slow = reference(engine, prompt, params)
         assert fast.text == slow.text, prompt
-        assert fast.patch_lengths == slow.patch_lengths
+        assert fast.details.patch_lengths == slow.details.patch_lengths
         assert fast.finish_reason == slow.finish_reason
 
 
@@ -32,7 +33,7 @@ def test_mixed_batches_match_the_reference_and_leave_no_state_behind():
     results = [r.result() for r in requests]
     for prompt, n, result in zip(prompts, lengths, results):
         slow = reference(engine, prompt, SamplingParams(max_new_bytes=n))
-        assert result.text == slow.text and result.patch_lengths == slow.patch_lengths
+        assert result.text == slow.text and result.details.patch_lengths == slow.details.patch_lengths
     assert max(engine.scheduler.batch_sizes) == 3
 
 
@@ -105,12 +106,13 @@ def test_global_model_runs_once_per_patch():
     engine = make_engine(PATCHINGS["static"])
     result = engine.generate_one(b"ab", SamplingParams(max_new_bytes=30))
     # prefill runs it once over BOS and "ab" (patches [BOS] [a b .]); then once per closed patch
-    assert result.global_steps == 1 + sum(1 for p in range(4, 33) if (p - 1) % 3 == 0)
+    assert result.details.global_steps == 1 + sum(1 for p in range(4, 33) if (p - 1) % 3 == 0)
 
 
 def test_a_request_that_can_never_fit_is_refused():
     engine = make_engine(max_sequence_bytes=50)
-    with pytest.raises(RequestTooLarge, match="^max_new_bytes: .* needs 61 bytes of cache; a sequence may use at most 50"):
+    refusal = r"^max_new_bytes: prompt \(11\) plus max_new_bytes \(50\) need 61 cache positions; a sequence may use at most 50"
+    with pytest.raises(RequestTooLarge, match=refusal):
         engine.submit(b"x" * 11, SamplingParams(max_new_bytes=50))
     with pytest.raises(RequestTooLarge, match="^prompt: "):
         engine.submit(b"x" * 50, SamplingParams(max_new_bytes=1))
@@ -148,7 +150,7 @@ def test_trained_checkpoint_fast_path_matches_the_reference(tiny_checkpoint):
     requests = [engine.submit(p, params) for p in prompts]  # 5 requests through 3 slots
     for prompt, request in zip(prompts, requests):
         fast, slow = request.result(), reference(engine, prompt, params)
-        assert fast.text == slow.text and fast.patch_lengths == slow.patch_lengths
+        assert fast.text == slow.text and fast.details.patch_lengths == slow.details.patch_lengths
     sampled = SamplingParams(max_new_bytes=48, temperature=0.9, top_k=40, seed=7)
     assert engine.generate_one(b"class ", sampled).text == reference(engine, b"class ", sampled).text
 
@@ -179,7 +181,7 @@ def test_long_prompts_with_staggered_lengths_match_the_reference(patching):
     requests = [engine.submit(p, q) for p, q in zip(prompts, params)]
     for prompt, param, request in zip(prompts, params, requests):
         fast, slow = request.result(), reference(engine, prompt, param)
-        assert fast.text == slow.text and fast.patch_lengths == slow.patch_lengths, len(prompt)
+        assert fast.text == slow.text and fast.details.patch_lengths == slow.details.patch_lengths, len(prompt)
     assert max(engine.scheduler.prefill_sizes) <= 512  # chunks within the idle budget...
     assert any(size <= 48 for size in engine.scheduler.prefill_sizes)  # ...and the busy one
     assert engine.scheduler.running == 0

@@ -2,7 +2,7 @@
 
 import torch
 
-from engines.generation import SamplingParams
+from engines.api import SamplingParams
 from engines.kv_cache import KVCache
 from tests.helpers import PATCHINGS, make_engine, reference
 

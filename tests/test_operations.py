@@ -9,7 +9,7 @@ import grpc
 import pytest
 import yaml
 
-from tests.conftest import AUTH_TOKEN, BOUNDED_MODEL, REPO, WIDE_MODEL
+from tests.conftest import AUTH_TOKEN, BOUNDED_MODEL, ECHO_MODEL, REPO, WIDE_MODEL
 from tests.helpers import scrape, wait_until
 
 
@@ -88,7 +88,8 @@ def test_models_service_and_command(channel, grpc_target, tiny_checkpoint):
     from patchwork.v1 import models_pb2, models_pb2_grpc
 
     listed = models_pb2_grpc.ModelsStub(channel).ListModels(models_pb2.ListModelsRequest(), timeout=30).models
-    assert [m.name for m in listed] == sorted([BOUNDED_MODEL, "tiny", WIDE_MODEL])
+    assert [m.name for m in listed] == sorted([BOUNDED_MODEL, ECHO_MODEL, "tiny", WIDE_MODEL])
+    assert next(m for m in listed if m.name == ECHO_MODEL).family == "echo"
     model, wide = (next(m for m in listed if m.name == name) for name in ("tiny", WIDE_MODEL))
     assert (wide.deployment, wide.is_default) == ("model-wide", False)
     manifest = json.loads((tiny_checkpoint / "manifest.json").read_text())
@@ -108,7 +109,7 @@ def test_status_and_scaling_without_dropping_requests(stub, pb2, grpc_target):
     assert report.returncode == 0, report.stderr
     deployments = yaml.safe_load(report.stdout)["patchwork"]["deployments"]
     assert deployments["model-tiny"]["replicas"] == {"RUNNING": 1}
-    assert set(deployments) == {"gateway", "model-tiny", f"model-{WIDE_MODEL}", f"model-{BOUNDED_MODEL}"}
+    assert set(deployments) == {"gateway", *(f"model-{name}" for name in ("tiny", WIDE_MODEL, BOUNDED_MODEL, ECHO_MODEL))}
 
     for replicas in (2, 1):
         results = []

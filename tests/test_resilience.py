@@ -156,6 +156,7 @@ generate_requests = st.fixed_dictionaries({}, optional={
 })
 
 
+@pytest.mark.timeout(1200)  # for all the examples together: over 5 minutes on a busy machine
 @settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(fields=generate_requests, method=st.sampled_from(["Generate", "GenerateStream", "Score", "raw"]),
        raw=st.binary(max_size=64))

@@ -1,6 +1,6 @@
 import torch
 
-from engines.generation import SamplingParams
+from engines.api import SamplingParams
 from engines.sampling import make_generator, sample_next
 
 

@@ -5,8 +5,9 @@ import time
 
 import pytest
 
-from engines.generation import SamplingParams
-from engines.scheduler import DeadlineExceeded, EngineUnavailable, RequestCancelled, _share_budget
+from engines.api import SamplingParams
+from engines.api import DeadlineExceeded, EngineUnavailable, RequestCancelled
+from engines.scheduler import _share_budget
 from tests.helpers import PATCHINGS, admitted_together, make_engine, reference, wait_until
 
 

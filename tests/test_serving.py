@@ -21,10 +21,10 @@ def test_generate_matches_the_engine_in_process(stub, pb2, local_engine):
     expected = local_engine.generate([b"def "], max_new_bytes=24)[0]
     assert response.text == expected.text
     assert response.finish_reason == pb2.FINISH_REASON_LENGTH
-    assert list(response.patch_lengths) == expected.patch_lengths
+    assert list(response.patch_lengths) == expected.details.patch_lengths
     assert response.usage.prompt_bytes == 4 and response.usage.generated_bytes == 24
-    assert response.usage.patches == len(expected.patch_lengths)
-    assert response.usage.global_steps == expected.global_steps
+    assert response.usage.patches == len(expected.details.patch_lengths)
+    assert response.usage.global_steps == expected.details.global_steps
     assert response.model == "tiny"
 
 
@@ -154,7 +154,7 @@ def test_a_request_that_can_never_fit_the_cache_is_invalid_argument_naming_the_f
             list(call)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.value.details().startswith("max_new_bytes: ")
-    assert "needs 2010 bytes of cache" in error.value.details()
+    assert "need 2010 cache positions" in error.value.details()
 
 
 def test_a_cancelled_stream_frees_its_slot(stub, pb2, model_handle):
@@ -202,7 +202,8 @@ def test_command_line_client(grpc_target):
 
 
 def test_an_empty_generation_is_recorded_without_error(ray_cluster, tiny_checkpoint):
-    from engines.generation import FinishReason, Generation
+    from engines.api import FinishReason, Generation, Usage
+    from engines.blt.reference import BltDetails
     from serving.model_server import ModelServer
 
     class Recorded:
@@ -220,11 +221,11 @@ def test_an_empty_generation_is_recorded_without_error(ray_cluster, tiny_checkpo
 
     server = ModelServer.func_or_class(str(tiny_checkpoint), "cpu")
     server.metrics = {**server.metrics, "generated": Recorded(), "patch_length": Recorded()}
-    empty = Generation(text=b"", finish_reason=FinishReason.END_OF_SEQUENCE, patch_lengths=[], prompt_bytes=3,
-                       global_steps=1)
+    empty = Generation(text=b"", finish_reason=FinishReason.END_OF_SEQUENCE, usage=Usage(3, 0),
+                       details=BltDetails(patch_lengths=[], global_steps=1))
     server._record_result(empty)  # an immediate end of sequence generated nothing
     assert server.metrics["generated"].calls == server.metrics["patch_length"].calls == []
-    some = Generation(text=b"abcde", finish_reason=FinishReason.LENGTH, patch_lengths=[2, 3], prompt_bytes=3,
-                      global_steps=3)
+    some = Generation(text=b"abcde", finish_reason=FinishReason.LENGTH, usage=Usage(3, 5),
+                      details=BltDetails(patch_lengths=[2, 3], global_steps=3))
     server._record_result(some)
     assert server.metrics["generated"].calls == [5] and server.metrics["patch_length"].calls == [2, 3]

@@ -20,9 +20,10 @@ from engines.blt.model import BltModel
 from engines.blt.patching import entropies_from_logits, lengths_from_starts, patch_ids_from_starts
 from engines.blt.reference import disallowed_symbols, finished_generation, generate_reference, prompt_tokens
 from engines.checkpoint import WEIGHTS_FILE, CheckpointError, Manifest
-from engines.generation import Decoding, Generation, SamplingParams
+from engines.api import EngineStats, Generation, ModelInfo, SamplingParams
+from engines.generation import Decoding
 from engines.layers import fuse_projections
-from engines.registry import Family
+from engines.registry import GENERATION_RPCS, Family
 from engines.scheduler import Request, Scheduler, SchedulerConfig
 
 
@@ -69,6 +70,9 @@ class BltEngine:
         """Starts a generation; see ``engines.scheduler.Request``."""
         return self.scheduler.submit(prompt, params, emit, deadline)
 
+    def abort_all(self, reason: BaseException) -> int:
+        return self.scheduler.abort_all(reason)
+
     def close(self) -> None:
         self.scheduler.close()
 
@@ -95,16 +99,23 @@ class BltEngine:
             bits_per_byte=float(nll) / math.log(2) / n,
         )
 
-    def describe(self) -> dict:
+    def describe(self) -> ModelInfo:
         """Name, family, config and held-out metrics, for listings."""
-        return {
-            "name": self.name,
-            "family": self.family,
-            "config": self.config.model_dump(),
-            "metrics": dict(self.manifest.training.metrics) if self.manifest else {},
-        }
+        return ModelInfo(
+            name=self.name,
+            family=self.family,
+            config=self.config.model_dump(),
+            metrics=dict(self.manifest.training.metrics) if self.manifest else {},
+        )
+
+    def stats(self) -> EngineStats:
+        return self.scheduler.stats()
 
     # -- what the scheduler needs (engines.scheduler.StepModel) ----------
+
+    def request_cost(self, prompt: bytes, params: SamplingParams) -> dict[str, int]:
+        # One cache position per byte, read or generated.
+        return {"prompt": len(prompt), "max_new_bytes": params.max_new_bytes}
 
     def new_caches(self, slots: int, max_sequence_bytes: int) -> incremental.BltCaches:
         # BOS and every byte may each close a patch.
@@ -133,7 +144,7 @@ class BltEngine:
         if symbol == EOS_ID:
             decoding.end_of_sequence()
             return symbol, b""
-        return symbol, decoding.accept_byte(symbol - OFFSET)
+        return symbol, decoding.accept(bytes([symbol - OFFSET]))
 
     def result(self, prompt: bytes, decoding: Decoding, state) -> Generation:
         starts = state.starts if state is not None else None
@@ -153,4 +164,5 @@ def build_engine(
     return BltEngine(model.to(device=device, dtype=dtype), config, name, manifest, scheduler)
 
 
-FAMILY = Family(name="blt", config_type=BltConfig, format_version=FORMAT_VERSION, build_engine=build_engine)
+FAMILY = Family(name="blt", config_type=BltConfig, format_version=FORMAT_VERSION, build_engine=build_engine,
+                rpcs=GENERATION_RPCS | {"Score"}, trainer="training.blt.cli")

@@ -18,6 +18,13 @@ from engines.kv_cache import CacheView
 from engines.layers import CrossAttention, RMSNorm, TransformerConfig, TransformerStack
 
 
+def doubled_residual(h: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """BLT's cross-attention residual. The reference block returns
+    ``h + attention`` and its caller adds ``h`` once more; the published
+    weights were trained with that doubled residual."""
+    return h + (h + attention)
+
+
 class EntropyModel(nn.Module):
     """Small causal byte LM whose next-byte entropies place patch boundaries."""
 
@@ -67,7 +74,7 @@ class LocalEncoder(nn.Module):
         bytes: [B, P, k * dim]."""
         batch, n_patches, dim = pooled.shape
         queries = self.patch_embedding_projection(pooled).view(batch, n_patches * self.k, dim)
-        queries = queries + self.cross_attn(queries, byte_states, own_bytes)
+        queries = doubled_residual(queries, self.cross_attn(queries, byte_states, own_bytes))
         return queries.view(batch, n_patches, self.k * dim)
 
     def pool_patches(self, byte_states: torch.Tensor, patch_ids: torch.Tensor, n_patches: int) -> torch.Tensor:
@@ -164,7 +171,7 @@ class LocalDecoder(nn.Module):
         h = byte_states
         for i, layer in enumerate(self.stack.layers):
             if i < len(self.cross_attn_layers):
-                h = h + self.cross_attn_layers[i].forward_grouped(h, slots, read_patch)
+                h = doubled_residual(h, self.cross_attn_layers[i].forward_grouped(h, slots, read_patch))
             h = layer(h, rotations, mask, None, i)
         return self.logits(h)
 
@@ -178,7 +185,8 @@ class LocalDecoder(nn.Module):
         h = byte_states
         for i, layer in enumerate(self.stack.layers):
             if i < len(self.cross_attn_layers):
-                h = h + self.cross_attn_layers[i].attend_slots(h, read_keys[:, :, i], read_values[:, :, i])
+                attention = self.cross_attn_layers[i].attend_slots(h, read_keys[:, :, i], read_values[:, :, i])
+                h = doubled_residual(h, attention)
             h = layer(h, rotations, cache.mask, cache, i)
         return h
 

@@ -8,13 +8,27 @@ and obviously correct: the yardstick every faster path is held to.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
 from engines.blt.config import BOS_ID, EOS_ID, OFFSET, VOCAB_SIZE
 from engines.blt.model import BltModel
 from engines.blt.patching import lengths_from_starts, patch_ids_from_starts
-from engines.generation import Decoding, FinishReason, Generation, SamplingParams
+from engines.api import FinishReason, Generation, SamplingParams, Usage
+from engines.generation import Decoding
+
+
+@dataclass(frozen=True)
+class BltDetails:
+    """BLT's facts about a generation (``Generation.details``; an
+    ``engines.api.PatchedOutput``)."""
+
+    # Patches of the returned bytes (a patch begun in the prompt counts only
+    # its generated part); they sum to len(text).
+    patch_lengths: list[int]
+    # Times the global latent transformer ran for this sequence.
+    global_steps: int
 
 
 def prompt_tokens(prompt: bytes) -> list[int]:
@@ -58,7 +72,7 @@ def generate_reference(
             decoding.end_of_sequence()
             break
         tokens.append(symbol)
-        delta = decoding.accept_byte(symbol - OFFSET)
+        delta = decoding.accept(bytes([symbol - OFFSET]))
         if delta:
             yield delta
     tail = decoding.tail()
@@ -76,7 +90,6 @@ def finished_generation(prompt: bytes, decoding: Decoding, starts, global_steps:
     return Generation(
         text=text,
         finish_reason=decoding.finish_reason or FinishReason.LENGTH,
-        patch_lengths=patch_lengths,
-        prompt_bytes=len(prompt),
-        global_steps=global_steps,
+        usage=Usage(prompt_tokens=len(prompt), generated_tokens=len(text)),
+        details=BltDetails(patch_lengths=patch_lengths, global_steps=global_steps),
     )

@@ -1,0 +1,116 @@
+"""The family-neutral contract (engines.api) and the shared layers every family reuses."""
+
+import pytest
+import torch
+
+import engines
+from engines.api import (
+    EngineStats, FinishReason, Generation, GenerativeEngine, ModelInfo, RequestTooLarge, SamplingParams, Usage,
+)
+from engines.blt.reference import BltDetails
+from engines.layers import CrossAttention
+from engines.registry import register
+from engines.scheduler import SchedulerConfig
+from tests import echo_family
+from tests.helpers import make_engine
+
+
+def test_the_shared_cross_attention_adds_no_residual():
+    torch.manual_seed(0)
+    attention = CrossAttention(dim=8, n_heads=2, norm_eps=1e-5)
+    torch.nn.init.zeros_(attention.o_proj.weight)
+    queries, keys = torch.randn(1, 3, 8), torch.randn(1, 5, 8)
+    everything = torch.ones(1, 3, 5, dtype=torch.bool)
+    assert torch.equal(attention(queries, keys, everything), torch.zeros(1, 3, 8))
+
+
+def test_the_blt_engine_keeps_the_contract():
+    engine = make_engine()
+    try:
+        assert isinstance(engine, GenerativeEngine)
+        info = engine.describe()
+        assert isinstance(info, ModelInfo) and (info.name, info.family) == ("random", "blt")
+        assert engine.stats() == EngineStats(running=0, waiting=0, steps=0, cache_bytes=0, health=None)
+        items = list(engine.submit(b"abc", SamplingParams(max_new_bytes=5)))
+        result = items[-1]
+        assert isinstance(result, Generation) and all(isinstance(item, bytes) for item in items[:-1])
+        assert b"".join(items[:-1]) == result.text
+        assert (result.usage.prompt_tokens, result.usage.generated_tokens) == (3, len(result.text))
+        assert isinstance(result.details, BltDetails) and sum(result.details.patch_lengths) == len(result.text)
+        assert engine.stats().steps > 0
+    finally:
+        engine.close()
+
+
+def test_a_request_larger_than_a_slot_is_refused_naming_the_field_that_fills_it():
+    engine = make_engine(max_sequence_bytes=20)
+    try:
+        assert engine.request_cost(b"abcd", SamplingParams(max_new_bytes=7)) == {"prompt": 4, "max_new_bytes": 7}
+        for prompt, new, field in [(b"x" * 20, 1, "prompt"), (b"x" * 5, 20, "max_new_bytes"),
+                                   (b"x" * 10, 11, "max_new_bytes")]:
+            with pytest.raises(RequestTooLarge) as refusal:
+                engine.submit(prompt, SamplingParams(max_new_bytes=new))
+            assert refusal.value.field == field
+    finally:
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def echo_checkpoint(tmp_path_factory):
+    register({"echo": "tests.echo_family"})
+    path = tmp_path_factory.mktemp("echo") / "echo"
+    echo_family.write_checkpoint(path, shift=3)
+    return path
+
+
+def test_a_family_defined_outside_the_engines_loads_and_generates_through_the_shared_scheduler(echo_checkpoint):
+    engine = engines.load(echo_checkpoint, scheduler=SchedulerConfig(max_batch_size=2, max_sequence_bytes=64))
+    try:
+        assert engine.describe() == ModelInfo(name="echo", family="echo", config={"family": "echo", "format_version": 1},
+                                              metrics={"shift": 3.0})
+        # More requests than slots, of different lengths, finishing out of order.
+        asks = [(b"hello", 12), (b"", 3), (b"a longer prompt than the others", 30), (b"xy", 1)]
+        requests = [engine.submit(prompt, SamplingParams(max_new_bytes=new)) for prompt, new in asks]
+        for (prompt, new), request in zip(asks, requests):
+            result = request.result()
+            assert result.text == echo_family.echo(prompt, 3, new)
+            assert result.usage == Usage(prompt_tokens=len(prompt), generated_tokens=new)
+        stopped = engine.submit(b"abcabc", SamplingParams(max_new_bytes=20, stop=(b"f",))).result()
+        assert (stopped.text, stopped.finish_reason) == (b"de", FinishReason.STOP)
+        with pytest.raises(RequestTooLarge, match="^prompt: "):
+            engine.submit(b"x" * 64, SamplingParams(max_new_bytes=0))
+    finally:
+        engine.close()
+
+
+def test_a_family_name_cannot_be_taken_twice():
+    with pytest.raises(ValueError, match="'blt' is already defined by engines.blt.engine"):
+        register({"blt": "tests.echo_family"})
+
+
+def test_the_test_family_is_served_beside_blt_through_the_proxy(stub, pb2):
+    import grpc
+
+    from tests.conftest import ECHO_MODEL
+
+    for prompt in [b"echo me", b"", "ñandú".encode()]:
+        request = pb2.GenerateRequest(prompt=prompt, max_new_bytes=9, model=ECHO_MODEL)
+        unary = stub.Generate(request, timeout=60)
+        assert (unary.text, unary.model) == (echo_family.echo(prompt, 1, 9), ECHO_MODEL)
+        assert (unary.usage.prompt_bytes, unary.usage.generated_bytes, unary.usage.patches) == (len(prompt), 9, 0)
+        chunks = list(stub.GenerateStream(request, timeout=60))
+        assert b"".join(chunk.text for chunk in chunks) == unary.text
+        assert chunks[-1].finish_reason == pb2.FINISH_REASON_LENGTH
+    blt = stub.Generate(pb2.GenerateRequest(prompt=b"beside", max_new_bytes=4), timeout=60)
+    assert blt.model == "tiny" and blt.usage.patches > 0
+    with pytest.raises(grpc.RpcError) as refusal:
+        stub.Score(pb2.ScoreRequest(text=b"x", model=ECHO_MODEL), timeout=60)
+    assert refusal.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refusal.value.details() == "model: 'echo' (family echo) does not serve Score; it serves Generate, GenerateStream"
+
+
+def test_patch_facts_reach_the_wire_only_from_families_that_patch():
+    from engines.api import PatchedOutput
+
+    assert isinstance(BltDetails(patch_lengths=[1, 2], global_steps=3), PatchedOutput)
+    assert not isinstance(None, PatchedOutput)  # the echo family has no details

@@ -1,0 +1,58 @@
+"""Byte Latent Transformer: the entropy model, then BLT.
+
+The command line of ``python -m training blt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from training.data import DataError, build_corpus
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _patch_size(text: str) -> float:
+    value = float(text)
+    if not value > 1.0:
+        raise argparse.ArgumentTypeError("must be greater than 1 byte")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from training.blt.presets import PRESETS
+
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    parser.add_argument("--data", type=Path, help="directory of text files or a JSONL file (default: the Python "
+                        "standard library's sources and docs)")
+    parser.add_argument("--steps", type=_positive_int, help="override the preset's steps for both stages")
+    parser.add_argument("--target-patch-size", type=_patch_size, help="average bytes per patch to calibrate for")
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    from training.blt.presets import PRESETS
+    from training.blt.train import train_blt
+
+    preset = PRESETS[args.preset]()
+    try:
+        corpus = build_corpus(args.data, preset.corpus_bytes)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    metrics = train_blt(
+        preset, corpus, args.out, command=shlex.join(["python", "-m", "training", *argv]),
+        steps=args.steps, target_patch_size=args.target_patch_size,
+    )
+    for name, value in metrics.items():
+        print(f"{name}: {value:.4f}")
+    print(f"checkpoint: {args.out}")
+    return 0
