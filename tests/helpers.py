@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
-from engines.blt.engine import BltEngine
 from engines.api import Generation, SamplingParams
+from engines.blt.engine import BltEngine
 from engines.scheduler import SchedulerConfig
 from tests.conftest import random_blt
 

@@ -12,7 +12,7 @@ from engines.layers import CrossAttention
 from engines.registry import register
 from engines.scheduler import SchedulerConfig
 from tests import echo_family
-from tests.helpers import make_engine
+from tests.helpers import admitted_together, make_engine
 
 
 def test_the_shared_cross_attention_adds_no_residual():
@@ -68,9 +68,12 @@ def test_a_family_defined_outside_the_engines_loads_and_generates_through_the_sh
     try:
         assert engine.describe() == ModelInfo(name="echo", family="echo", config={"family": "echo", "format_version": 1},
                                               metrics={"shift": 3.0})
-        # More requests than slots, of different lengths, finishing out of order.
-        asks = [(b"hello", 12), (b"", 3), (b"a longer prompt than the others", 30), (b"xy", 1)]
-        requests = [engine.submit(prompt, SamplingParams(max_new_bytes=new)) for prompt, new in asks]
+        # More requests than slots, of different lengths, finishing out of order:
+        # the third takes the second's slot and is moved down when the first
+        # ends, and the fourth starts in the slot it left.
+        asks = [(b"hello", 12), (b"", 3), (b"a longer prompt than the others", 30), (b"xyz", 2)]
+        with admitted_together(engine):
+            requests = [engine.submit(prompt, SamplingParams(max_new_bytes=new)) for prompt, new in asks]
         for (prompt, new), request in zip(asks, requests):
             result = request.result()
             assert result.text == echo_family.echo(prompt, 3, new)

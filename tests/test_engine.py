@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engines.api import FinishReason, Generation, SamplingParams
 from engines.blt.config import EOS_ID, OFFSET
 from engines.blt.engine import BltEngine
 from engines.blt.patching import patch_ids_from_starts
 from engines.blt.reference import prompt_tokens
-from engines.api import FinishReason, Generation, SamplingParams
 from tests.conftest import random_blt
 
 

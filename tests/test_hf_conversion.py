@@ -12,9 +12,9 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import engines
+from engines.api import SamplingParams
 from engines.blt.convert_hf import HF_DEFAULTS, HF_SECTION_DEFAULTS, ConversionError, config_from_hf, load_hf
 from engines.blt.patching import patch_ids_from_starts
-from engines.api import SamplingParams
 from tests.conftest import REPO
 
 

@@ -5,11 +5,10 @@ import random
 import pytest
 import torch
 
+from engines.api import AdmissionError, FinishReason, RequestCancelled, RequestTooLarge, SamplingParams
 from engines.blt import incremental
 from engines.blt.patching import patch_ids_from_starts
 from engines.blt.reference import prompt_tokens
-from engines.api import FinishReason, SamplingParams
-from engines.api import AdmissionError, RequestCancelled, RequestTooLarge
 from engines.scheduler import SchedulerConfig, StepBatch
 from tests.helpers import PATCHINGS, make_engine, random_prompts, reference
 

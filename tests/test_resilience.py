@@ -63,7 +63,7 @@ def test_past_ray_serves_queue_bound_requests_are_refused_before_any_finishes(st
     options = serving_config.models
     request = pb2.GenerateRequest(prompt=b"flood", max_new_bytes=1900)
     calls = [stub.GenerateStream(request, timeout=600)
-             for _ in range(3 * (options.max_ongoing_requests + options.max_queued_requests))]
+             for _ in range(2 * (options.max_ongoing_requests + options.max_queued_requests))]
     try:
         wait_until(lambda: any(call.done() for call in calls), timeout_s=120, what="a refusal")
         first = [call.code() for call in calls if call.done()]
@@ -71,7 +71,8 @@ def test_past_ray_serves_queue_bound_requests_are_refused_before_any_finishes(st
         for call in calls:
             call.cancel()
     assert set(first) == {grpc.StatusCode.RESOURCE_EXHAUSTED}, first
-    wait_until(lambda: idle(model_handle), timeout_s=120, what="the cancelled requests to leave")
+    # A bound for a busy machine, where the cancellations take minutes to reach every request.
+    wait_until(lambda: idle(model_handle), timeout_s=600, what="the cancelled requests to leave")
 
 
 @pytest.mark.timeout(900)
@@ -157,7 +158,7 @@ generate_requests = st.fixed_dictionaries({}, optional={
 
 
 @pytest.mark.timeout(1200)  # for all the examples together: over 5 minutes on a busy machine
-@settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(fields=generate_requests, method=st.sampled_from(["Generate", "GenerateStream", "Score", "raw"]),
        raw=st.binary(max_size=64))
 def test_fuzzed_requests_get_proper_status_codes(serving_now, stub, pb2, channel, fields, method, raw):

@@ -1,4 +1,4 @@
-"""Byte corpora built from text already on the machine.
+"""Document corpora built from text already on the machine, for every family.
 
 The default corpus is the Python standard library: its sources and the
 documentation topics that ship with it (``pydoc_data``). ``--data`` takes a
@@ -6,8 +6,8 @@ directory (every regular file is a document) or a JSONL file (one document
 per line: a JSON string, or an object with a ``text`` field).
 
 Documents are split into training and held-out sets by a hash of their name,
-so the split is the same on every machine and for every preset. Each set
-becomes one symbol stream: BOS, the document's bytes (+4), EOS, and so on.
+so the split is the same on every machine and for every preset. Each family
+turns the documents into what it trains on (BLT: ``training.blt.corpus``).
 """
 
 from __future__ import annotations
@@ -20,10 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-
-from engines.blt.config import BOS_ID, EOS_ID, OFFSET
 
 HELDOUT_PER_MILLE = 50
 
@@ -33,18 +30,12 @@ class DataError(Exception):
 
 
 @dataclass
-class ByteCorpus:
-    train: torch.Tensor  # int64 symbol stream
-    heldout: torch.Tensor
-    description: dict
+class Documents:
+    """The training and held-out documents, and where they came from."""
 
-    def unigram_bits_per_byte(self) -> float:
-        """Entropy of the held-out bytes' own byte histogram: the best any
-        context-free byte model could do on them."""
-        byte_values = self.heldout[self.heldout >= OFFSET] - OFFSET
-        counts = torch.bincount(byte_values, minlength=256).double()
-        probs = counts[counts > 0] / counts.sum()
-        return float(-(probs * probs.log2()).sum())
+    train: list[bytes]
+    heldout: list[bytes]
+    description: dict
 
 
 def stdlib_documents() -> Iterator[tuple[str, bytes]]:
@@ -97,16 +88,9 @@ def _rank(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
 
 
-def _stream(docs: list[bytes]) -> torch.Tensor:
-    parts = []
-    for doc in docs:
-        parts += [np.array([BOS_ID]), np.frombuffer(doc, dtype=np.uint8).astype(np.int64) + OFFSET, np.array([EOS_ID])]
-    return torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0, dtype=torch.int64)
-
-
-def build_corpus(data: Path | None, max_bytes: int) -> ByteCorpus:
+def build_documents(data: Path | None, max_bytes: int) -> Documents:
     """Reads documents, keeps a hash-ordered selection of about ``max_bytes``,
-    and splits it into training and held-out streams."""
+    and splits it into training and held-out documents."""
     source, what = documents(data)
     selected = sorted(source, key=lambda doc: _rank(doc[0]))
     train, heldout, total = [], [], 0
@@ -120,14 +104,12 @@ def build_corpus(data: Path | None, max_bytes: int) -> ByteCorpus:
         (heldout if _rank(name) % 1000 < HELDOUT_PER_MILLE else train).append(text)
     if not train or not heldout:
         raise DataError(f"{data or what}: too little text for a training and a held-out split ({total} bytes)")
-    corpus = ByteCorpus(train=_stream(train), heldout=_stream(heldout), description={})
-    corpus.description = {
+    return Documents(train=train, heldout=heldout, description={
         "source": what,
         "documents": {"train": len(train), "heldout": len(heldout)},
         "bytes": {"train": sum(map(len, train)), "heldout": sum(map(len, heldout))},
         "heldout_rule": f"sha256(name) % 1000 < {HELDOUT_PER_MILLE}",
-    }
-    return corpus
+    })
 
 
 def random_windows(stream: torch.Tensor, batch: int, length: int, generator: torch.Generator) -> torch.Tensor:

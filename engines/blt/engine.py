@@ -14,13 +14,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engines.api import EngineStats, Generation, ModelInfo, SamplingParams
 from engines.blt import incremental
 from engines.blt.config import EOS_ID, FORMAT_VERSION, OFFSET, BltConfig
 from engines.blt.model import BltModel
 from engines.blt.patching import entropies_from_logits, lengths_from_starts, patch_ids_from_starts
 from engines.blt.reference import disallowed_symbols, finished_generation, generate_reference, prompt_tokens
 from engines.checkpoint import WEIGHTS_FILE, CheckpointError, Manifest
-from engines.api import EngineStats, Generation, ModelInfo, SamplingParams
 from engines.generation import Decoding
 from engines.layers import fuse_projections
 from engines.registry import GENERATION_RPCS, Family

@@ -10,7 +10,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from training.data import DataError, build_corpus
+from training.blt.corpus import ByteCorpus
+from training.data import DataError, build_documents
 
 
 def _positive_int(text: str) -> int:
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     preset = PRESETS[args.preset]()
     try:
-        corpus = build_corpus(args.data, preset.corpus_bytes)
+        corpus = ByteCorpus.from_documents(build_documents(args.data, preset.corpus_bytes))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

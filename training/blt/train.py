@@ -24,8 +24,9 @@ from engines.blt.config import BltConfig
 from engines.blt.model import BltModel
 from engines.blt.patching import entropies_from_logits, patch_ids_from_starts, patch_starts
 from engines.checkpoint import TrainingRecord, save_checkpoint
+from training.blt.corpus import ByteCorpus
 from training.blt.presets import BltPreset, Schedule
-from training.data import ByteCorpus, bits, random_windows, spread_windows
+from training.data import bits, random_windows, spread_windows
 
 
 def lr_at(step: int, schedule: Schedule) -> float:
