@@ -116,12 +116,11 @@ def _patch_lengths(result: Generation) -> list[int]:
 
 
 def _usage(result: Generation, pb2):
-    patched = isinstance(result.details, PatchedOutput)
     return pb2.Usage(
         prompt_bytes=result.usage.prompt_tokens,
         generated_bytes=result.usage.generated_tokens,
-        patches=len(result.details.patch_lengths) if patched else 0,
-        global_steps=result.details.global_steps if patched else 0,
+        patches=len(_patch_lengths(result)),
+        global_steps=result.details.global_steps if isinstance(result.details, PatchedOutput) else 0,
     )
 
 
