@@ -13,7 +13,8 @@ import torch
 from pydantic import ValidationError
 
 from engines.checkpoint import (
-    CONFIG_FILE, MANIFEST_FILE, CheckpointError, read_header, read_manifest, read_weights, validation_summary,
+    CONFIG_FILE, MANIFEST_FILE, CheckpointError, read_assets, read_header, read_manifest, read_weights,
+    validation_summary,
 )
 from engines.registry import get_family, known_families
 
@@ -25,7 +26,8 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **options):
     """Verifies the checkpoint at ``path`` and returns its family's engine.
-    ``options`` go to the family's engine (e.g. ``scheduler=SchedulerConfig(...)``)."""
+    ``options`` go to the family's engine (e.g. ``scheduler=SchedulerConfig(...)``),
+    and ``assets`` (file name -> text) when the checkpoint has any."""
     path = Path(path)
     manifest = read_manifest(path)
     header, raw_config = read_header(path)
@@ -48,6 +50,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     except ValidationError as e:
         raise CheckpointError(f"{path / CONFIG_FILE}: invalid {family.name} config: {validation_summary(e)}") from None
     device = torch.device(device)
+    assets = read_assets(path, manifest)
+    if assets:
+        options["assets"] = assets
     return family.build_engine(
         config, read_weights(path), device=device, dtype=dtype or default_dtype(device), name=path.name,
         manifest=manifest, **options,

@@ -6,7 +6,9 @@ reports its load and health, and closes. A family that generates also keeps
 continuous-batching scheduler, which delivers the output as ``bytes``
 deltas and then one ``Generation``, the end of the stream. A
 family that does not generate (an encoder) keeps only ``Engine`` and offers
-its own methods beside it.
+its own methods beside it. A prompt is raw bytes or a sequence of typed
+``Segment``s (text, image, audio); a family refuses a modality it does not
+read with ``InvalidRequest`` naming ``prompt``.
 
 The types here are what crosses from a model replica to the gateway: typed
 dataclasses, never dicts keyed by strings. What is particular to one family
@@ -28,6 +30,36 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"
     STOP = "stop"
     END_OF_SEQUENCE = "end_of_sequence"
+
+
+class Modality(str, enum.Enum):
+    TEXT = "text"
+    IMAGE = "image"
+    AUDIO = "audio"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One piece of a multimodal prompt: text as its bytes, an image or an
+    audio clip as its encoded file (PNG, JPEG, WAV...)."""
+
+    modality: Modality
+    data: bytes
+
+
+# A prompt: raw bytes (text), or typed segments in order.
+Prompt = bytes | tuple[Segment, ...]
+
+
+def text_of(prompt: Prompt, family: str) -> bytes:
+    """The bytes of a prompt that holds text only, for the families that read
+    nothing else; InvalidRequest naming ``prompt`` otherwise."""
+    if isinstance(prompt, bytes):
+        return prompt
+    other = sorted({segment.modality.value for segment in prompt} - {Modality.TEXT.value})
+    if other:
+        raise InvalidRequest("prompt", f"family {family} reads text only, not {', '.join(other)}")
+    return b"".join(segment.data for segment in prompt)
 
 
 class SamplingParams(BaseModel):
@@ -113,8 +145,8 @@ class AdmissionError(Exception):
     """A request refused for now (the queue is full): retry later (gRPC RESOURCE_EXHAUSTED)."""
 
 
-class RequestTooLarge(ValueError):
-    """A request that can never fit a cache slot (gRPC INVALID_ARGUMENT); ``field`` names the culprit."""
+class InvalidRequest(ValueError):
+    """A request the model cannot take as it is (gRPC INVALID_ARGUMENT); ``field`` names the culprit."""
 
     def __init__(self, field: str, message: str):
         super().__init__(field, message)  # the arguments, so it survives pickling between processes
@@ -122,6 +154,10 @@ class RequestTooLarge(ValueError):
 
     def __str__(self) -> str:
         return f"{self.field}: {self.message}"
+
+
+class RequestTooLarge(InvalidRequest):
+    """A request that can never fit a cache slot."""
 
 
 class EngineUnavailable(Exception):
@@ -167,10 +203,12 @@ class RequestHandle(Protocol):
 @runtime_checkable
 class GenerativeEngine(Engine, Protocol):
     def submit(
-        self, prompt: bytes, params: SamplingParams, emit: Callable[[bytes | Generation | BaseException], None],
+        self, prompt: Prompt, params: SamplingParams, emit: Callable[[bytes | Generation | BaseException], None],
         deadline: float | None = None,
     ) -> RequestHandle:
         """Starts a generation. ``emit`` receives released output bytes
         (stop sequences held back), then the ``Generation`` or the exception
         that ended the request, from the scheduler's thread. ``deadline`` is a ``time.monotonic()`` instant.
-        Raises RequestTooLarge, AdmissionError or EngineUnavailable at once."""
+        Raises InvalidRequest (a prompt of a modality the family does not
+        read, a request that can never fit), AdmissionError or
+        EngineUnavailable at once."""

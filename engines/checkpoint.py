@@ -3,6 +3,8 @@
 - ``config.json``: the family's pydantic config; it names the ``family`` and a
   ``format_version``.
 - ``model.safetensors``: the weights (safetensors, never pickle).
+- assets: text files a family keeps beside its weights (CM3Leon's text
+  tokenizer as ``tokenizer.json``), listed in the manifest like the rest.
 - ``manifest.json``: the sha256 of every other file, how the checkpoint was
   made (command, data) and its held-out metrics.
 
@@ -76,20 +78,28 @@ def sha256_of(path: Path) -> str:
 
 
 def save_checkpoint(
-    path: str | os.PathLike, config: BaseModel, state_dict: dict[str, torch.Tensor], training: TrainingRecord
+    path: str | os.PathLike, config: BaseModel, state_dict: dict[str, torch.Tensor], training: TrainingRecord,
+    assets: dict[str, str] | None = None,
 ) -> Path:
-    """Writes the checkpoint into a temporary sibling directory and moves it into
-    place, so a reader never sees half a checkpoint."""
+    """Writes the checkpoint (and ``assets``: file name -> text) into a
+    temporary sibling directory and moves it into place, so a reader never
+    sees half a checkpoint."""
+    assets = assets or {}
+    for name in assets:
+        if name in (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE) or Path(name).name != name:
+            raise ValueError(f"asset name {name!r}: a plain file name other than the checkpoint's own files")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         (staging / CONFIG_FILE).write_text(config.model_dump_json(indent=2) + "\n")
         save_file({name: t.detach().contiguous().cpu() for name, t in state_dict.items()}, staging / WEIGHTS_FILE)
+        for name, text in assets.items():
+            (staging / name).write_text(text)
         manifest = Manifest(
             family=CheckpointHeader.model_validate(config.model_dump()).family,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            files={name: sha256_of(staging / name) for name in (CONFIG_FILE, WEIGHTS_FILE)},
+            files={name: sha256_of(staging / name) for name in (CONFIG_FILE, WEIGHTS_FILE, *assets)},
             training=training,
         )
         (staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
@@ -147,3 +157,8 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return load_file(weights_path)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights_path}: cannot read safetensors weights: {e}") from None
+
+
+def read_assets(path: str | os.PathLike, manifest: Manifest) -> dict[str, str]:
+    """The checkpoint's assets (file name -> text); ``read_manifest`` has checked their hashes."""
+    return {name: (Path(path) / name).read_text() for name in manifest.files if name not in (CONFIG_FILE, WEIGHTS_FILE)}

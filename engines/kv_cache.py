@@ -43,10 +43,12 @@ import torch.nn.functional as F
 
 def slot_selector(slots: list[int], device) -> slice | torch.Tensor:
     """Indexes a batch's slots: a slice (views, no copies) when they are
-    consecutive, else an index tensor."""
+    evenly spaced (consecutive, or every other one as a family with two
+    cache rows per sequence reads them), else an index tensor."""
     first = slots[0]
-    if slots == list(range(first, first + len(slots))):
-        return slice(first, first + len(slots))
+    stride = slots[1] - first if len(slots) > 1 else 1
+    if stride > 0 and slots == list(range(first, first + stride * len(slots), stride)):
+        return slice(first, first + stride * (len(slots) - 1) + 1, stride)
     return torch.tensor(slots, device=device)
 
 

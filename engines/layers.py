@@ -241,6 +241,27 @@ class TransformerStack(nn.Module):
         return h
 
 
+class CausalLM(nn.Module):
+    """A decoder-only language model over one vocabulary: token embeddings,
+    a transformer stack, a final norm and a linear head. BLT's entropy model
+    and CM3Leon's dense backbone are both this."""
+
+    def __init__(self, cfg: TransformerConfig, vocab_size: int):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab_size, cfg.dim)
+        self.stack = TransformerStack(cfg)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, vocab_size, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        # tokens: [B, T] at positions 0..T-1 -> logits [B, T, V]
+        return self.lm_head(self.norm(self.stack(self.embed_tokens(tokens))))
+
+    def step(self, tokens: torch.Tensor, cache: CacheView) -> torch.Tensor:
+        # new tokens [B, T] at cache.positions -> logits [B, T, V]
+        return self.lm_head(self.norm(self.stack.step(self.embed_tokens(tokens), cache)))
+
+
 class CrossAttention(nn.Module):
     """Queries attend to keys/values of another sequence; no rotary positions.
 

@@ -1,5 +1,6 @@
-"""Model families: the config type of each, how to build its engine, and
-the RPCs it serves.
+"""Model families: the config type of each, how to build its engine, the
+gRPC services and RPCs it answers, the deployment it is served by, and its
+trainer.
 
 A family lives in one module that defines ``FAMILY`` (a ``Family``).
 Patchwork's own families are listed here; ``register`` adds one defined
@@ -22,15 +23,18 @@ if TYPE_CHECKING:
     from engines.checkpoint import Manifest
 
 # family name -> module that defines FAMILY
-_FAMILY_MODULES = {"blt": "engines.blt.engine"}
+_FAMILY_MODULES = {"blt": "engines.blt.engine", "cm3leon": "engines.cm3leon.engine"}
 
 # The generation RPCs of patchwork.v1.ByteLM that every GenerativeEngine answers.
 GENERATION_RPCS = frozenset({"Generate", "GenerateStream"})
+BYTELM_SERVICE = "serving.bytelm:SERVICE"
+MODEL_SERVER = "serving.model_server:ModelServer"
 
 
 class EngineBuilder(Protocol):
     """Builds a family's engine from its validated config and weights;
-    ``options`` are the engine's own (e.g. ``scheduler=SchedulerConfig(...)``)."""
+    ``options`` are the engine's own (e.g. ``scheduler=SchedulerConfig(...)``),
+    and ``assets`` (the checkpoint's extra files, name -> text) when it has any."""
 
     def __call__(
         self, config: Any, weights: dict[str, torch.Tensor], *, device: torch.device, dtype: torch.dtype, name: str,
@@ -44,9 +48,17 @@ class Family:
     config_type: type[BaseModel]
     format_version: int
     build_engine: EngineBuilder
-    # The RPCs its models answer; the gateway refuses the others with
+    # The gRPC services its models answer ("module:attribute" of each
+    # ``serving.grpc_services.GrpcService``; the gateway answers every RPC of
+    # every served family's services) ...
+    services: tuple[str, ...] = (BYTELM_SERVICE,)
+    # ... and which of their RPCs; the gateway refuses the others with
     # INVALID_ARGUMENT naming the model and its family.
     rpcs: frozenset[str] = GENERATION_RPCS
+    # The class ("module:attribute") its models' replicas run: a
+    # ``serving.model_server.ModelServer``, or a subclass with the methods
+    # its services' handlers call.
+    deployment: str = MODEL_SERVER
     # The module behind `python -m training <name>` (``add_arguments(parser)``
     # and ``run(args, argv) -> exit code``), if the family trains here.
     trainer: str | None = None

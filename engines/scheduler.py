@@ -105,7 +105,7 @@ class StepBatch:
 class StepModel(Protocol):
     """What a family provides to be scheduled."""
 
-    def request_cost(self, prompt: bytes, params: SamplingParams) -> dict[str, int]:
+    def request_cost(self, prompt: Any, params: SamplingParams) -> dict[str, int]:
         """Cache positions the request may take at most, by the request field
         that asks for them (their sum is held to ``max_sequence_bytes``)."""
 
@@ -120,11 +120,12 @@ class StepModel(Protocol):
     def cache_bytes(self, caches: Any, states: list[Any]) -> int:
         """Cache memory the sequences in ``states`` take now."""
 
-    def encode(self, prompt: bytes) -> list[int]:
+    def encode(self, prompt: Any) -> list[int]:
         """The prompt's symbols, as the model reads them."""
 
-    def new_state(self, caches: Any, prompt: list[int]) -> Any:
-        """The state of a sequence that has read nothing of ``prompt`` yet."""
+    def new_state(self, caches: Any, prompt: Any, symbols: list[int], params: SamplingParams) -> Any:
+        """The state of a sequence that has read nothing of its prompt yet
+        (``symbols`` is ``encode(prompt)``)."""
 
     def step(
         self, caches: Any, chunks: StepBatch | None, decodes: StepBatch | None
@@ -135,10 +136,11 @@ class StepModel(Protocol):
         chunks that end their prompt are read) and after each decoded symbol
         [B2, V]. It changes no state unless it succeeds."""
 
-    def choose(self, decoding: Decoding, logits: torch.Tensor) -> tuple[int, bytes]:
-        """Picks and records the next symbol; returns it and the released bytes."""
+    def choose(self, decoding: Decoding, logits: torch.Tensor, state: Any) -> tuple[int, bytes]:
+        """Picks and records the next symbol of the sequence in ``state``;
+        returns it and the released bytes."""
 
-    def result(self, prompt: bytes, decoding: Decoding, state: Any) -> Generation: ...
+    def result(self, prompt: Any, decoding: Decoding, state: Any) -> Generation: ...
 
 
 class Request:
@@ -147,7 +149,7 @@ class Request:
     next step. ``deadline`` is a ``time.monotonic()`` instant."""
 
     def __init__(
-        self, prompt: bytes, params: SamplingParams, emit: Callable[[Any], None] | None, deadline: float | None
+        self, prompt: Any, params: SamplingParams, emit: Callable[[Any], None] | None, deadline: float | None
     ):
         self.prompt, self.params, self.deadline = prompt, params, deadline
         self._queue: queue.SimpleQueue | None = None if emit else queue.SimpleQueue()
@@ -220,12 +222,13 @@ class Scheduler:
         self.prefill_sizes: deque[int] = deque(maxlen=4096)  # prompt symbols prefilled in recent steps
 
     def submit(
-        self, prompt: bytes, params: SamplingParams, emit: Callable[[Any], None] | None = None,
+        self, prompt: Any, params: SamplingParams, emit: Callable[[Any], None] | None = None,
         deadline: float | None = None,
     ) -> Request:
-        """Queues a request. Raises RequestTooLarge when it can never fit,
-        AdmissionError when the queue is full, EngineUnavailable when the
-        scheduler has stopped or is shutting down."""
+        """Queues a request (``prompt`` is whatever the family's StepModel
+        reads). Raises RequestTooLarge when it can never fit, AdmissionError
+        when the queue is full, EngineUnavailable when the scheduler has
+        stopped or is shutting down."""
         limit = self.config.max_sequence_bytes
         cost = self.model.request_cost(prompt, params)
         needed = sum(cost.values())
@@ -393,7 +396,7 @@ class Scheduler:
             try:
                 request.decoding = Decoding(request.params, self.device)
                 request.symbols = self.model.encode(request.prompt)
-                request.state = self.model.new_state(self.caches, request.symbols)
+                request.state = self.model.new_state(self.caches, request.prompt, request.symbols, request.params)
             except Exception as error:
                 self._retire(request, error)
                 continue
@@ -460,14 +463,14 @@ class Scheduler:
                 self._retire(request, error)
                 continue
             try:
-                request.state = self.model.new_state(self.caches, request.symbols)
+                request.state = self.model.new_state(self.caches, request.prompt, request.symbols, request.params)
                 request.prefilled, request.isolated = 0, True
             except Exception as failure:
                 self._retire(request, failure)
 
     def _choose(self, request: Request, logits: torch.Tensor) -> None:
         try:
-            request.pending, delta = self.model.choose(request.decoding, logits)
+            request.pending, delta = self.model.choose(request.decoding, logits, request.state)
         except Exception as error:
             self._retire(request, error)
             return

@@ -2,8 +2,9 @@
 
 Every checkpoint directory directly under ``ServingConfig.checkpoints`` is a
 model, named after its directory, served by its own deployment
-(``model-<name>``) with the replicas and resources of ``ServingConfig.models``
-(or of ``model_overrides[name]``). ``build`` is the application builder that
+(``model-<name>``) of its family's deployment class, with the replicas and
+resources of ``ServingConfig.models`` (or of ``model_overrides[name]``). The
+gateway answers the services of every known family. ``build`` is the application builder that
 Ray Serve config files name (``import_path: serving.app:build``).
 """
 
@@ -13,11 +14,13 @@ import re
 from pathlib import Path
 
 from engines.checkpoint import CONFIG_FILE, CheckpointError, read_header, read_manifest
+from ray import serve
+
 from engines.registry import get_family, register
 from serving.config import GATEWAY, ServingConfig, model_deployment
 from serving.deploy import deployment_entry
-from serving.gateway import Gateway, ServedModel
-from serving.model_server import ModelServer
+from serving.gateway import ServedModel, gateway_deployment
+from serving.grpc_services import known_services, load_object
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -67,12 +70,13 @@ def build_app(config: ServingConfig):
         options = config.options_for(name)
         threads = max(1, int(options.ray_actor_options.num_cpus))
         entry = deployment_entry(model_deployment(name), options, config.drain_grace_s)
-        handles[name] = ModelServer.options(**entry).bind(
+        family = get_family(read_header(path)[0].family)
+        handles[name] = serve.deployment(load_object(family.deployment)).options(**entry).bind(
             str(path), config.device, threads, config.engine_for(name).model_dump(), config.families
         )
-        family = get_family(read_header(path)[0].family)
         served[name] = ServedModel(family=family.name, rpcs=sorted(family.rpcs))
-    return Gateway.options(**deployment_entry(GATEWAY, config.gateway, config.drain_grace_s)).bind(
+    gateway = gateway_deployment(known_services())
+    return gateway.options(**deployment_entry(GATEWAY, config.gateway, config.drain_grace_s)).bind(
         handles, served, default_model(models, config), config.limits.model_dump(),
         config.auth.model_dump(mode="json"),
     )

@@ -92,6 +92,12 @@ class Limits(BaseModel):
     max_prompt_bytes: int = Field(default=7936, ge=0)
     max_stop_sequences: int = Field(default=16, ge=0)
     max_stop_bytes: int = Field(default=64, ge=1)
+    # Images per GenerateImage request.
+    max_samples: int = Field(default=8, ge=1)
+    # An uploaded image (PNG or JPEG): its file size, and its width and height
+    # (checked from the header, before any pixel is decoded).
+    max_image_bytes: int = Field(default=512 * 1024, ge=1)
+    max_image_side: int = Field(default=1024, ge=1)
 
     @model_validator(mode="after")
     def _default_within_limit(self) -> "Limits":
@@ -104,11 +110,12 @@ class Limits(BaseModel):
         """The largest gRPC message a call within these limits needs, either
         way: a request with the longest prompt and every stop sequence, a
         Score response (a float and a patch length per byte), a generation
-        (text and patch lengths), with room for the small fields and a model
+        (text and patch lengths), an uploaded image with its texts, with room for the small fields and a model
         listing. The gRPC proxy refuses larger messages before they reach
         Patchwork."""
         request = self.max_prompt_bytes + self.max_stop_sequences * (self.max_stop_bytes + 4)
-        return max(request, 8 * self.max_prompt_bytes, 4 * self.max_new_bytes) + 64 * 1024
+        images = self.max_image_bytes + 2 * self.max_prompt_bytes
+        return max(request, images, 8 * self.max_prompt_bytes, 4 * self.max_new_bytes) + 64 * 1024
 
 
 class AuthConfig(BaseModel):

@@ -21,16 +21,13 @@ from pathlib import Path
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from engines.registry import register
 from serving.config import (
     APP_NAME, GATEWAY, ROUTE_PREFIX, ActorOptions, AutoscalingConfig, DeploymentOptions, ServingConfig,
     model_deployment,
 )
+from serving.grpc_services import known_services, servicer_functions
 
-GRPC_SERVICERS = [
-    "serving.grpc_services.add_ByteLM_to_server",
-    "serving.grpc_services.add_Models_to_server",
-    "serving.grpc_services.add_Health_to_server",
-]
 # Seconds a replica being stopped waits beyond the drain grace period before
 # Ray Serve stops it anyway (the engine has ended its requests by then).
 SHUTDOWN_MARGIN_S = 10.0
@@ -74,13 +71,14 @@ def deployment_entry(name: str, options: DeploymentOptions, drain_grace_s: float
 
 def deploy_config(config: ServingConfig, models: list[str]) -> dict:
     """The Ray Serve config (a ServeDeploySchema, as plain data) of ``config``
-    serving ``models``."""
+    serving ``models``; the proxy registers the services of every known family."""
+    register(config.families)
     document = {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": config.http_port},
         "grpc_options": {
             "port": config.grpc_port,
-            "grpc_servicer_functions": GRPC_SERVICERS,
+            "grpc_servicer_functions": servicer_functions(known_services()),
             "request_timeout_s": config.request_timeout_s,
         },
         "applications": [

@@ -1,9 +1,15 @@
-"""The ingress deployment: implements the gRPC services and forwards each call
+"""The ingress deployment: answers the gRPC services and forwards each call
 through a deployment handle to the model's deployment.
 
 Ray Serve's gRPC proxy routes an RPC to the ingress method of the same name.
-Protobuf classes are imported inside the methods, so the deployment never
-captures them when it is defined.
+``gateway_deployment`` builds the ingress class from ``GatewayCore`` (the
+shared pieces, ``patchwork.v1.Models`` and health) and the handler mixin of
+every service the served families answer (``serving.grpc_services``); a
+mixin's methods use ``serving`` (drain, auth, INTERNAL), ``model`` (the
+named model's deployment, if its family serves the RPC), ``deadline`` and
+``parse``, ``abort`` and ``model_errors`` from here. Protobuf classes are
+imported inside the methods, so the deployment never captures them when it is
+defined.
 
 Status codes: INVALID_ARGUMENT names the offending field (including a request
 that can never fit a cache slot, and a model whose family does not serve the
@@ -43,18 +49,14 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 
-from engines.api import (
-    AdmissionError, DeadlineExceeded, EngineUnavailable, FinishReason, Generation, PatchedOutput, RequestCancelled,
-    RequestTooLarge,
-)
-from engines.utf8 import Utf8Chunker
+from engines.api import AdmissionError, DeadlineExceeded, EngineUnavailable, InvalidRequest, RequestCancelled
 from serving.config import APP_NAME, AuthConfig, Limits, model_deployment
 from serving.edge import DEADLINE_KEY
-from serving.validation import InvalidArgument, generate_params, resolve_model, score_text
+from serving.grpc_services import GrpcService
+from serving.validation import InvalidArgument, resolve_model
 
 logger = logging.getLogger("ray.serve")
 
-SERVICES = ("patchwork.v1.ByteLM", "patchwork.v1.Models")
 HEALTH_REFRESH_S = 1.0
 _UNAVAILABLE = (RayActorError, ActorDiedError, ActorUnavailableError, DeploymentUnavailableError, EngineUnavailable)
 
@@ -63,7 +65,7 @@ class _Abort(Exception):
     """Raised after the status code and details are set on the gRPC context."""
 
 
-def _abort(context: RayServegRPCContext, code: grpc.StatusCode, details: str):
+def abort(context: RayServegRPCContext, code: grpc.StatusCode, details: str):
     context.set_code(code)
     context.set_details(details)
     raise _Abort(details)
@@ -75,32 +77,32 @@ def _original(error: BaseException) -> BaseException:
 
 
 @contextmanager
-def _model_errors(context: RayServegRPCContext):
+def model_errors(context: RayServegRPCContext):
     """Maps what a model deployment can raise to gRPC status codes."""
     try:
         yield
-    except RequestTooLarge as e:
-        _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(_original(e)))
+    except InvalidRequest as e:
+        abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(_original(e)))
     except (AdmissionError, BackPressureError) as e:
-        _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(_original(e)))
+        abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(_original(e)))
     except DeadlineExceeded:
-        _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed")
+        abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed")
     except RequestCancelled:
-        _abort(context, grpc.StatusCode.CANCELLED, "the request was cancelled")
+        abort(context, grpc.StatusCode.CANCELLED, "the request was cancelled")
     except _UNAVAILABLE as e:
         cause = _original(e)
         reason = str(cause) if isinstance(cause, EngineUnavailable) else f"the model replica is unavailable ({type(cause).__name__})"
-        _abort(context, grpc.StatusCode.UNAVAILABLE, f"{reason}; retry")
+        abort(context, grpc.StatusCode.UNAVAILABLE, f"{reason}; retry")
 
 
-def _parse(message_type, raw, context: RayServegRPCContext):
+def parse(message_type, raw, context: RayServegRPCContext):
     """The request message from the raw bytes the proxy passes on."""
     if isinstance(raw, message_type):
         return raw
     try:
         return message_type.FromString(raw)
     except DecodeError as e:
-        _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid {message_type.DESCRIPTOR.full_name} ({e})")
+        abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid {message_type.DESCRIPTOR.full_name} ({e})")
 
 
 def load_token(auth: AuthConfig) -> str | None:
@@ -109,27 +111,6 @@ def load_token(auth: AuthConfig) -> str | None:
     if not token and auth.token_file is not None:
         token = Path(auth.token_file).read_text().strip()
     return token or None
-
-
-def _patch_lengths(result: Generation) -> list[int]:
-    return list(result.details.patch_lengths) if isinstance(result.details, PatchedOutput) else []
-
-
-def _usage(result: Generation, pb2):
-    return pb2.Usage(
-        prompt_bytes=result.usage.prompt_tokens,
-        generated_bytes=result.usage.generated_tokens,
-        patches=len(_patch_lengths(result)),
-        global_steps=result.details.global_steps if isinstance(result.details, PatchedOutput) else 0,
-    )
-
-
-def _finish_reason(result: Generation, pb2) -> int:
-    return {
-        FinishReason.LENGTH: pb2.FINISH_REASON_LENGTH,
-        FinishReason.STOP: pb2.FINISH_REASON_STOP,
-        FinishReason.END_OF_SEQUENCE: pb2.FINISH_REASON_END_OF_SEQUENCE,
-    }[result.finish_reason]
 
 
 class ModelHealth:
@@ -177,8 +158,12 @@ class ServedModel:
     rpcs: list[str]
 
 
-@serve.deployment
-class Gateway:
+class GatewayCore:
+    """What every service's handlers share, the ``patchwork.v1.Models``
+    service and health. ``services`` are the names Health/Check knows."""
+
+    services: tuple[str, ...] = ("patchwork.v1.Models",)
+
     def __init__(self, models: dict[str, DeploymentHandle], served: dict[str, ServedModel], default_model: str,
                  limits: dict, auth: dict):
         self.models = models
@@ -193,15 +178,15 @@ class Gateway:
         """Ray Serve's user_config: ``draining_until`` (a Unix time) starts a drain."""
         self.draining_until = config.get("draining_until")
 
-    # -- shared pieces ----------------------------------------------------
+    # -- for every service's handlers --------------------------------------
 
     @contextmanager
-    def _serving(self, context: RayServegRPCContext):
+    def serving(self, context: RayServegRPCContext):
         """Refuses calls while draining, authorizes, and turns anything
         unexpected into INTERNAL with the request id (the traceback is logged)."""
         try:
             if self.draining_until is not None:
-                _abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry elsewhere")
+                abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry elsewhere")
             self._authorize(context)
             yield
         except (_Abort, asyncio.CancelledError, GeneratorExit):
@@ -209,41 +194,37 @@ class Gateway:
         except Exception:
             request_id = context.request_id() or "-"
             logger.exception("request %s failed", request_id)
-            _abort(context, grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
+            abort(context, grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
 
     def _authorize(self, context: RayServegRPCContext) -> None:
         if self.token is None:
             return
         supplied = [value for key, value in context.invocation_metadata() if key == "authorization"]
         if len(supplied) > 1:
-            _abort(context, grpc.StatusCode.UNAUTHENTICATED, "send one 'authorization' header, not several")
+            abort(context, grpc.StatusCode.UNAUTHENTICATED, "send one 'authorization' header, not several")
         given = supplied[0] if supplied else ""
         if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
-            _abort(context, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong 'authorization: Bearer <token>'")
+            abort(context, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong 'authorization: Bearer <token>'")
 
-    def _model(self, name: str, rpc: str, context) -> tuple[str, DeploymentHandle]:
-        """The model a request names (or the default) and its deployment, if its family serves ``rpc``."""
+    def model(self, name: str, rpc: str, context) -> tuple[str, DeploymentHandle]:
+        """The model a request names and its deployment, if its family serves
+        ``rpc``. A request that names none goes to the default model, or, if
+        its family does not serve ``rpc``, to the first model (by name) whose does."""
+        if not name and rpc not in self.served[self.default_model].rpcs:
+            name = next((m for m in sorted(self.served) if rpc in self.served[m].rpcs), "")
         try:
             model = resolve_model(name, list(self.models), self.default_model)
         except InvalidArgument as e:
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         served = self.served[model]
         if rpc not in served.rpcs:
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                   f"model: {model!r} (family {served.family}) does not serve {rpc}; it serves "
-                   f"{', '.join(served.rpcs)}")
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                  f"model: {model!r} (family {served.family}) does not serve {rpc}; it serves "
+                  f"{', '.join(served.rpcs) or 'nothing yet'}")
         return model, self.models[model]
 
-    def _generate_args(self, request, rpc: str, context):
-        try:
-            params = generate_params(request, self.limits)
-        except InvalidArgument as e:
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        model, handle = self._model(request.model, rpc, context)
-        return model, handle, params
-
     @staticmethod
-    def _deadline(context: RayServegRPCContext) -> float | None:
+    def deadline(context: RayServegRPCContext) -> float | None:
         """The client's deadline (a Unix time) the edge passed on, if any."""
         for key, value in context.invocation_metadata():
             if key == DEADLINE_KEY:
@@ -253,75 +234,15 @@ class Gateway:
                     return None
         return None
 
-    # -- patchwork.v1.ByteLM ---------------------------------------------
-
-    async def Generate(self, request, grpc_context: RayServegRPCContext):
-        from patchwork.v1 import bytelm_pb2 as pb2
-
-        with self._serving(grpc_context):
-            request = _parse(pb2.GenerateRequest, request, grpc_context)
-            model, handle, params = self._generate_args(request, "Generate", grpc_context)
-            with _model_errors(grpc_context):
-                result = await handle.generate.remote(request.prompt, params, self._deadline(grpc_context))
-            return pb2.GenerateResponse(
-                text=result.text,
-                finish_reason=_finish_reason(result, pb2),
-                patch_lengths=_patch_lengths(result),
-                usage=_usage(result, pb2),
-                model=model,
-            )
-
-    async def GenerateStream(self, request, grpc_context: RayServegRPCContext):
-        from patchwork.v1 import bytelm_pb2 as pb2
-
-        with self._serving(grpc_context):
-            request = _parse(pb2.GenerateRequest, request, grpc_context)
-            model, handle, params = self._generate_args(request, "GenerateStream", grpc_context)
-            chunker = Utf8Chunker()
-            deadline = self._deadline(grpc_context)
-            with _model_errors(grpc_context):
-                async for item in handle.options(stream=True).generate_stream.remote(request.prompt, params, deadline):
-                    if not isinstance(item, Generation):  # output bytes; the Generation ends the stream
-                        text = chunker.push(item)
-                        if text:
-                            yield pb2.GenerateStreamChunk(text=text, model=model)
-                        continue
-                    yield pb2.GenerateStreamChunk(
-                        text=chunker.flush(),
-                        finish_reason=_finish_reason(item, pb2),
-                        patch_lengths=_patch_lengths(item),
-                        usage=_usage(item, pb2),
-                        model=model,
-                    )
-
-    async def Score(self, request, grpc_context: RayServegRPCContext):
-        from patchwork.v1 import bytelm_pb2 as pb2
-
-        with self._serving(grpc_context):
-            request = _parse(pb2.ScoreRequest, request, grpc_context)
-            try:
-                text = score_text(request, self.limits)
-            except InvalidArgument as e:
-                _abort(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-            model, handle = self._model(request.model, "Score", grpc_context)
-            with _model_errors(grpc_context):
-                result = await handle.score.remote(text)
-            return pb2.ScoreResponse(
-                entropies=result.entropies,
-                patch_lengths=result.patch_lengths,
-                bits_per_byte=result.bits_per_byte,
-                model=model,
-            )
-
     # -- patchwork.v1.Models ---------------------------------------------
 
     async def ListModels(self, request, grpc_context: RayServegRPCContext):
         from patchwork.v1 import models_pb2
 
-        with self._serving(grpc_context):
-            _parse(models_pb2.ListModelsRequest, request, grpc_context)
+        with self.serving(grpc_context):
+            parse(models_pb2.ListModelsRequest, request, grpc_context)
             names = sorted(self.models)
-            with _model_errors(grpc_context):
+            with model_errors(grpc_context):
                 described = await asyncio.gather(*(self.models[name].describe.remote() for name in names))
             return models_pb2.ListModelsResponse(models=[
                 models_pb2.ModelInfo(
@@ -342,8 +263,15 @@ class Gateway:
         has a running replica and the server is not draining."""
         from grpc_health.v1 import health_pb2
 
-        if request.service not in ("", *SERVICES):
-            _abort(grpc_context, grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        if request.service not in ("", *self.services):
+            abort(grpc_context, grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
         serving = self.draining_until is None and await self.health.current()
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         return health_pb2.HealthCheckResponse(status=status)
+
+
+def gateway_deployment(services: list[GrpcService]):
+    """The ingress deployment answering ``services`` besides Models and health."""
+    handlers = tuple(service.handlers for service in services)
+    names = GatewayCore.services + tuple(service.name for service in services)
+    return serve.deployment(type("Gateway", (*handlers, GatewayCore), {"services": names}))

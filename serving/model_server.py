@@ -1,4 +1,8 @@
-"""The model deployment: one engine per replica, loaded from a checkpoint.
+"""The model deployment class: one engine per replica, loaded from a checkpoint.
+
+``serving.app`` makes it a Ray Serve deployment per model. A family whose
+services call more than generation, scoring and listing names a subclass of
+``ModelServer`` with those methods in ``Family.deployment``.
 
 Generation requests are handed to the engine's continuous-batching
 scheduler, which runs on its own thread; events come back to the replica's
@@ -25,7 +29,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 import torch
-from ray import serve
 
 import engines
 from engines.api import EngineUnavailable, Generation, ModelInfo, PatchedOutput, SamplingParams
@@ -40,7 +43,6 @@ def pick_device(requested: str) -> str:
     return requested
 
 
-@serve.deployment
 class ModelServer:
     def __init__(self, checkpoint: str, device: str = "auto", threads: int = 1, scheduler: dict | None = None,
                  families: dict[str, str] | None = None):

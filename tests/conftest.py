@@ -67,6 +67,16 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def cm3leon_checkpoint(tmp_path_factory) -> tuple[Path, dict[str, float]]:
+    """CM3Leon's tiny preset, trained once per session; its path and metrics."""
+    from training.cm3leon.presets import PRESETS
+    from training.cm3leon.train import train_cm3leon
+
+    out = tmp_path_factory.mktemp("cm3leon") / "cm3leon-tiny"
+    return out, train_cm3leon(PRESETS["tiny"](), out, command="tests")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -115,17 +125,18 @@ def ray_cluster(serving_config):
 WIDE_MODEL = "wide"
 BOUNDED_MODEL = "bounded"
 ECHO_MODEL = "echo"
+CM3LEON_MODEL = "cm3leon"
 
 
 @pytest.fixture(scope="session")
-def serving_config(tiny_checkpoint):
+def serving_config(tiny_checkpoint, cm3leon_checkpoint):
     """The test server: the tiny checkpoint three times, as ``tiny`` (4 slots,
     4 requests in flight and 4 queued per replica), ``wide`` (32 slots, for
     tests with many concurrent streams) and ``bounded`` (2 slots and 2 places
     in the engine's queue behind a generous Ray Serve bound, so the engine's
     own queue bound is what refuses; the tests that kill a replica have it to
-    themselves); and ``echo``, a model of the test family in
-    ``tests/echo_family.py``, served beside them."""
+    themselves); ``echo``, a model of the test family in
+    ``tests/echo_family.py``; and ``cm3leon``, CM3Leon's tiny preset."""
     import shutil
 
     from engines.scheduler import SchedulerConfig
@@ -136,6 +147,7 @@ def serving_config(tiny_checkpoint):
     for name in (WIDE_MODEL, BOUNDED_MODEL):
         shutil.copytree(tiny_checkpoint, tiny_checkpoint.parent / name, dirs_exist_ok=True)
     write_checkpoint(tiny_checkpoint.parent / ECHO_MODEL, shift=1)
+    shutil.copytree(cm3leon_checkpoint[0], tiny_checkpoint.parent / CM3LEON_MODEL, dirs_exist_ok=True)
     half_cpu = ActorOptions(num_cpus=0.5)
     return ServingConfig(
         checkpoints=tiny_checkpoint.parent,
@@ -144,14 +156,16 @@ def serving_config(tiny_checkpoint):
         metrics_port=free_port(),
         default_model="tiny",
         families={"echo": "tests.echo_family"},
-        limits=Limits(max_new_bytes=1900, default_new_bytes=16, max_prompt_bytes=1536, max_stop_sequences=4),
+        limits=Limits(max_new_bytes=1900, default_new_bytes=16, max_prompt_bytes=1536, max_stop_sequences=4,
+                      max_samples=4, max_image_side=256),
         models=DeploymentOptions(max_ongoing_requests=4, max_queued_requests=4, ray_actor_options=half_cpu),
         # The frozen-replica test freezes `wide`: a shorter health-check timeout finds it sooner.
         model_overrides={WIDE_MODEL: DeploymentOptions(max_ongoing_requests=64, max_queued_requests=64,
                                                        health_check_timeout_s=10, ray_actor_options=half_cpu),
                          BOUNDED_MODEL: DeploymentOptions(max_ongoing_requests=32, max_queued_requests=-1,
                                                           ray_actor_options=half_cpu),
-                         ECHO_MODEL: DeploymentOptions(ray_actor_options=ActorOptions(num_cpus=0.0))},
+                         ECHO_MODEL: DeploymentOptions(ray_actor_options=ActorOptions(num_cpus=0.0)),
+                         CM3LEON_MODEL: DeploymentOptions(ray_actor_options=ActorOptions(num_cpus=0.0))},
         engine=SchedulerConfig(max_batch_size=4, max_sequence_bytes=2000, max_queue=8),
         # A larger prefill budget keeps the 160-request mixed-traffic test short on a busy machine.
         engine_overrides={WIDE_MODEL: SchedulerConfig(max_batch_size=32, max_sequence_bytes=2000, max_queue=64,

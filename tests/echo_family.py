@@ -1,7 +1,10 @@
 """A throwaway model family that keeps the engine contract with nothing but
 the public pieces: it echoes its prompt back, each byte shifted by the one
 weight it has. Registered through ``engines.registry.register``, written as
-an ordinary checkpoint, and served beside BLT by the same application."""
+an ordinary checkpoint, and served beside BLT by the same application: it
+answers ByteLM's generation RPCs and a service of its own,
+``patchwork.test.Echo/Reverse`` (a ``google.protobuf.Struct`` with ``text``
+and ``model`` each way), from a deployment class of its own."""
 
 from __future__ import annotations
 
@@ -10,10 +13,13 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from engines.api import EngineStats, FinishReason, Generation, ModelInfo, SamplingParams, Usage
+from engines.api import EngineStats, FinishReason, Generation, ModelInfo, Prompt, SamplingParams, Usage, text_of
 from engines.checkpoint import Manifest, TrainingRecord, save_checkpoint
-from engines.registry import Family
+from engines.registry import BYTELM_SERVICE, GENERATION_RPCS, Family
 from engines.scheduler import Scheduler, SchedulerConfig
+from serving.gateway import abort, model_errors, parse
+from serving.grpc_services import GrpcService, register
+from serving.model_server import ModelServer
 
 START = 256  # the symbol before every prompt
 
@@ -42,8 +48,11 @@ class EchoEngine:
     def stats(self) -> EngineStats:
         return self.scheduler.stats()
 
-    def submit(self, prompt: bytes, params: SamplingParams, emit=None, deadline: float | None = None):
-        return self.scheduler.submit(prompt, params, emit, deadline)
+    def submit(self, prompt: Prompt, params: SamplingParams, emit=None, deadline: float | None = None):
+        return self.scheduler.submit(text_of(prompt, self.family), params, emit, deadline)
+
+    def reverse(self, text: bytes) -> bytes:
+        return bytes((byte + self.shift) % 256 for byte in reversed(text))
 
     def abort_all(self, reason: BaseException) -> int:
         return self.scheduler.abort_all(reason)
@@ -71,8 +80,8 @@ class EchoEngine:
     def encode(self, prompt: bytes) -> list[int]:
         return [START, *prompt]
 
-    def new_state(self, caches: torch.Tensor, prompt: list[int]) -> bytes:
-        return bytes(prompt[1:]) or b"\0"  # what the sequence echoes
+    def new_state(self, caches: torch.Tensor, prompt: bytes, symbols: list[int], params: SamplingParams) -> bytes:
+        return prompt or b"\0"  # what the sequence echoes
 
     def step(self, caches, chunks, decodes):
         def logits(batch, echoed: torch.Tensor) -> torch.Tensor:
@@ -89,7 +98,7 @@ class EchoEngine:
             caches[decodes.slots] = echoed
         return chunk_logits, decode_logits
 
-    def choose(self, decoding, logits: torch.Tensor) -> tuple[int, bytes]:
+    def choose(self, decoding, logits: torch.Tensor, state=None) -> tuple[int, bytes]:
         symbol = decoding.choose(logits)
         return symbol, decoding.accept(bytes([symbol]))
 
@@ -104,7 +113,50 @@ def build_engine(config: EchoConfig, weights: dict[str, torch.Tensor], *, device
     return EchoEngine(int(weights["shift"]), name, manifest, scheduler)
 
 
-FAMILY = Family(name="echo", config_type=EchoConfig, format_version=1, build_engine=build_engine)
+class EchoServer(ModelServer):
+    """The family's deployment class: ModelServer plus what Reverse calls."""
+
+    def reverse(self, text: bytes) -> bytes:
+        self._refuse_while_draining()
+        return self.engine.reverse(text)
+
+
+class EchoHandlers:
+    """The gateway's patchwork.test.Echo methods."""
+
+    async def Reverse(self, request, grpc_context):  # noqa: N802 (gRPC naming)
+        import grpc
+        from google.protobuf import struct_pb2
+
+        with self.serving(grpc_context):
+            request = parse(struct_pb2.Struct, request, grpc_context)
+            text = request.fields.get("text")
+            if text is None or text.WhichOneof("kind") != "string_value":
+                abort(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, "text: a string is required")
+            model = request.fields["model"].string_value if "model" in request.fields else ""
+            model, handle = self.model(model, "Reverse", grpc_context)
+            with model_errors(grpc_context):
+                reversed_text = await handle.reverse.remote(text.string_value.encode())
+            return struct_pb2.Struct(fields={"text": struct_pb2.Value(string_value=reversed_text.decode("latin-1")),
+                                             "model": struct_pb2.Value(string_value=model)})
+
+
+def add_Echo_to_server(servicer, server) -> None:  # noqa: N802 (gRPC naming)
+    import grpc
+    from google.protobuf import struct_pb2
+
+    register(server, "patchwork.test.Echo", {
+        "Reverse": grpc.unary_unary_rpc_method_handler(
+            servicer.Reverse, request_deserializer=None, response_serializer=struct_pb2.Struct.SerializeToString),
+    })
+
+
+SERVICE = GrpcService(name="patchwork.test.Echo", rpcs=frozenset({"Reverse"}), handlers=EchoHandlers,
+                      add_to_server="tests.echo_family.add_Echo_to_server")
+
+FAMILY = Family(name="echo", config_type=EchoConfig, format_version=1, build_engine=build_engine,
+                services=(BYTELM_SERVICE, "tests.echo_family:SERVICE"), rpcs=GENERATION_RPCS | {"Reverse"},
+                deployment="tests.echo_family:EchoServer")
 
 
 def write_checkpoint(path, shift: int) -> None:

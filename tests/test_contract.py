@@ -109,7 +109,75 @@ def test_the_test_family_is_served_beside_blt_through_the_proxy(stub, pb2):
     with pytest.raises(grpc.RpcError) as refusal:
         stub.Score(pb2.ScoreRequest(text=b"x", model=ECHO_MODEL), timeout=60)
     assert refusal.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert refusal.value.details() == "model: 'echo' (family echo) does not serve Score; it serves Generate, GenerateStream"
+    assert refusal.value.details() == ("model: 'echo' (family echo) does not serve Score; it serves Generate, "
+                                       "GenerateStream, Reverse")
+
+
+def reverse_call(channel):
+    from google.protobuf import struct_pb2
+
+    return channel.unary_unary("/patchwork.test.Echo/Reverse", request_serializer=struct_pb2.Struct.SerializeToString,
+                               response_deserializer=struct_pb2.Struct.FromString)
+
+
+def test_a_family_answers_a_service_of_its_own_from_a_deployment_class_of_its_own(channel, grpc_target):
+    import grpc
+    from google.protobuf import struct_pb2
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tests.conftest import ECHO_MODEL
+
+    reverse = reverse_call(channel)
+    answer = reverse(struct_pb2.Struct(fields={"text": struct_pb2.Value(string_value="abc"),
+                                               "model": struct_pb2.Value(string_value=ECHO_MODEL)}), timeout=60)
+    assert (answer["text"], answer["model"]) == ("dcb", ECHO_MODEL)  # reversed, each byte shifted by the weight 1
+    # A request that names no model goes to the first model whose family serves the RPC.
+    unnamed = reverse(struct_pb2.Struct(fields={"text": struct_pb2.Value(string_value="xy")}), timeout=60)
+    assert (unnamed["text"], unnamed["model"]) == ("zy", ECHO_MODEL)
+    refusals = [
+        (struct_pb2.Struct(fields={"text": struct_pb2.Value(string_value="abc"),
+                                   "model": struct_pb2.Value(string_value="tiny")}),
+         "model: 'tiny' (family blt) does not serve Reverse; it serves Generate, GenerateStream, Score"),
+        (struct_pb2.Struct(fields={"model": struct_pb2.Value(string_value=ECHO_MODEL)}), "text: a string is required"),
+    ]
+    for request, details in refusals:
+        with pytest.raises(grpc.RpcError) as refusal:
+            reverse(request, timeout=60)
+        assert (refusal.value.code(), refusal.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, details)
+    with grpc.insecure_channel(grpc_target) as raw:
+        health = health_pb2_grpc.HealthStub(raw).Check(health_pb2.HealthCheckRequest(service="patchwork.test.Echo"),
+                                                       timeout=60)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_services_are_checked_against_their_handlers_and_the_families_that_name_them():
+    from engines.registry import Family
+    from serving.bytelm import ByteLMHandlers
+    from serving.grpc_services import GrpcService, services_of
+
+    with pytest.raises(ValueError, match="ByteLMHandlers does not answer x.Y's Reverse"):
+        GrpcService(name="x.Y", rpcs=frozenset({"Reverse"}), handlers=ByteLMHandlers, add_to_server="x.add")
+    stray = Family(name="stray", config_type=echo_family.EchoConfig, format_version=1,
+                   build_engine=echo_family.build_engine, rpcs=frozenset({"Generate", "Reverse"}))
+    with pytest.raises(ValueError, match=r"family stray serves \['Reverse'\], which none of its services has"):
+        services_of([stray])
+    assert [service.name for service in services_of([echo_family.FAMILY])] == ["patchwork.test.Echo",
+                                                                              "patchwork.v1.ByteLM"]
+
+
+def test_prompts_may_be_typed_segments_and_a_family_refuses_what_it_does_not_read():
+    from engines.api import InvalidRequest, Modality, Segment
+
+    engine = make_engine()
+    try:
+        params = SamplingParams(max_new_bytes=6)
+        segments = (Segment(Modality.TEXT, b"ab"), Segment(Modality.TEXT, b"c"))
+        assert engine.submit(segments, params).result().text == engine.submit(b"abc", params).result().text
+        with pytest.raises(InvalidRequest) as refusal:
+            engine.submit((Segment(Modality.TEXT, b"a"), Segment(Modality.IMAGE, b"\x89PNG")), params)
+        assert str(refusal.value) == "prompt: family blt reads text only, not image"
+    finally:
+        engine.close()
 
 
 def test_patch_facts_reach_the_wire_only_from_families_that_patch():

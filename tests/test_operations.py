@@ -9,7 +9,7 @@ import grpc
 import pytest
 import yaml
 
-from tests.conftest import AUTH_TOKEN, BOUNDED_MODEL, ECHO_MODEL, REPO, WIDE_MODEL
+from tests.conftest import AUTH_TOKEN, BOUNDED_MODEL, CM3LEON_MODEL, ECHO_MODEL, REPO, WIDE_MODEL
 from tests.helpers import scrape, wait_until
 
 
@@ -36,7 +36,7 @@ def test_committed_config_files_are_what_the_config_generates(setup):
         assert model.ray_actor_options.num_gpus == 1.0
     if setup == "autoscale":
         assert model.autoscaling_config["max_replicas"] == 4 and "num_replicas" not in model.model_fields_set
-    assert schema.grpc_options.port == 9000 and len(schema.grpc_options.grpc_servicer_functions) == 3
+    assert schema.grpc_options.port == 9000 and len(schema.grpc_options.grpc_servicer_functions) == 4
 
 
 def test_the_config_file_builder_builds_the_application(tiny_checkpoint, tmp_path):
@@ -88,8 +88,9 @@ def test_models_service_and_command(channel, grpc_target, tiny_checkpoint):
     from patchwork.v1 import models_pb2, models_pb2_grpc
 
     listed = models_pb2_grpc.ModelsStub(channel).ListModels(models_pb2.ListModelsRequest(), timeout=30).models
-    assert [m.name for m in listed] == sorted([BOUNDED_MODEL, ECHO_MODEL, "tiny", WIDE_MODEL])
+    assert [m.name for m in listed] == sorted([BOUNDED_MODEL, CM3LEON_MODEL, ECHO_MODEL, "tiny", WIDE_MODEL])
     assert next(m for m in listed if m.name == ECHO_MODEL).family == "echo"
+    assert next(m for m in listed if m.name == CM3LEON_MODEL).family == "cm3leon"
     model, wide = (next(m for m in listed if m.name == name) for name in ("tiny", WIDE_MODEL))
     assert (wide.deployment, wide.is_default) == ("model-wide", False)
     manifest = json.loads((tiny_checkpoint / "manifest.json").read_text())
@@ -109,7 +110,8 @@ def test_status_and_scaling_without_dropping_requests(stub, pb2, grpc_target):
     assert report.returncode == 0, report.stderr
     deployments = yaml.safe_load(report.stdout)["patchwork"]["deployments"]
     assert deployments["model-tiny"]["replicas"] == {"RUNNING": 1}
-    assert set(deployments) == {"gateway", *(f"model-{name}" for name in ("tiny", WIDE_MODEL, BOUNDED_MODEL, ECHO_MODEL))}
+    models = ("tiny", WIDE_MODEL, BOUNDED_MODEL, ECHO_MODEL, CM3LEON_MODEL)
+    assert set(deployments) == {"gateway", *(f"model-{name}" for name in models)}
 
     for replicas in (2, 1):
         results = []

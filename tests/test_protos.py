@@ -11,6 +11,7 @@ def test_committed_stubs_match_the_proto(tmp_path):
     fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.py*"))
     assert [p.name for p in fresh] == [
         "bytelm_pb2.py", "bytelm_pb2.pyi", "bytelm_pb2_grpc.py", "models_pb2.py", "models_pb2.pyi", "models_pb2_grpc.py",
+        "multimodal_pb2.py", "multimodal_pb2.pyi", "multimodal_pb2_grpc.py",
     ]
     for relative in fresh:
         committed = REPO / "protos" / relative

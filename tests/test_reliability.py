@@ -141,7 +141,7 @@ def test_a_replica_whose_scheduler_stopped_fails_fast_and_fails_its_health_check
     class Fatal(BaseException):
         pass
 
-    server = ModelServer.func_or_class(str(tiny_checkpoint), "cpu")
+    server = ModelServer(str(tiny_checkpoint), "cpu")
 
     def dies(caches, chunks, decodes):
         raise Fatal()
@@ -231,12 +231,12 @@ class FakeContext:
 
 
 def test_unexpected_errors_reach_clients_as_internal_with_only_a_request_id(caplog):
-    from serving.gateway import Gateway, _Abort
+    from serving.gateway import GatewayCore, _Abort
 
-    gateway = Gateway.func_or_class({}, {}, "none", {}, {"token_env": "NO_SUCH_TOKEN_VARIABLE"})
+    gateway = GatewayCore({}, {}, "none", {}, {"token_env": "NO_SUCH_TOKEN_VARIABLE"})
     context = FakeContext()
     with pytest.raises(_Abort):
-        with gateway._serving(context):
+        with gateway.serving(context):
             raise ValueError("secret at /srv/models/x.py, actor 7a02b1e")
     assert context.code == grpc.StatusCode.INTERNAL
     assert context.details == "internal error (request id req-123)"
@@ -505,9 +505,9 @@ def test_stopping_lets_requests_in_flight_finish_and_refuses_new_ones(stub, pb2,
 
 def test_the_clients_deadline_reaches_the_engine(wide_handle):
     from engines.api import DeadlineExceeded
-    from serving.gateway import Gateway
+    from serving.gateway import GatewayCore
 
-    deadline_of = Gateway.func_or_class._deadline
+    deadline_of = GatewayCore.deadline
     assert deadline_of(FakeContext([("x-patchwork-deadline", "1234.5")])) == 1234.5
     assert deadline_of(FakeContext()) is None
     params = SamplingParams(max_new_bytes=1900)

@@ -219,7 +219,7 @@ def test_an_empty_generation_is_recorded_without_error(ray_cluster, tiny_checkpo
         def observe(self, value, tags):
             self.calls.append(value)
 
-    server = ModelServer.func_or_class(str(tiny_checkpoint), "cpu")
+    server = ModelServer(str(tiny_checkpoint), "cpu")
     server.metrics = {**server.metrics, "generated": Recorded(), "patch_length": Recorded()}
     empty = Generation(text=b"", finish_reason=FinishReason.END_OF_SEQUENCE, usage=Usage(3, 0),
                        details=BltDetails(patch_lengths=[], global_steps=1))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engines.api import EngineStats, Generation, ModelInfo, SamplingParams
+from engines.api import EngineStats, Generation, ModelInfo, Prompt, SamplingParams, text_of
 from engines.blt import incremental
 from engines.blt.config import EOS_ID, FORMAT_VERSION, OFFSET, BltConfig
 from engines.blt.model import BltModel
@@ -65,10 +65,10 @@ class BltEngine:
         return self.scheduler.submit(prompt, params).result()
 
     def submit(
-        self, prompt: bytes, params: SamplingParams, emit: Callable | None = None, deadline: float | None = None
+        self, prompt: Prompt, params: SamplingParams, emit: Callable | None = None, deadline: float | None = None
     ) -> Request:
-        """Starts a generation; see ``engines.scheduler.Request``."""
-        return self.scheduler.submit(prompt, params, emit, deadline)
+        """Starts a generation from bytes or text segments; see ``engines.scheduler.Request``."""
+        return self.scheduler.submit(text_of(prompt, self.family), params, emit, deadline)
 
     def abort_all(self, reason: BaseException) -> int:
         return self.scheduler.abort_all(reason)
@@ -124,8 +124,8 @@ class BltEngine:
     def encode(self, prompt: bytes) -> list[int]:
         return prompt_tokens(prompt)
 
-    def new_state(self, caches, prompt: list[int]) -> incremental.PatchState:
-        return incremental.new_state(self.model, caches, len(prompt))
+    def new_state(self, caches, prompt: bytes, symbols: list[int], params: SamplingParams) -> incremental.PatchState:
+        return incremental.new_state(self.model, caches, len(symbols))
 
     def step(self, caches, chunks, decodes):
         return incremental.step(self.model, caches, chunks, decodes)
@@ -139,7 +139,7 @@ class BltEngine:
     def cache_bytes(self, caches, states) -> int:
         return sum(caches.bytes_used(state) for state in states)
 
-    def choose(self, decoding: Decoding, logits: torch.Tensor) -> tuple[int, bytes]:
+    def choose(self, decoding: Decoding, logits: torch.Tensor, state=None) -> tuple[int, bytes]:
         symbol = decoding.choose(logits.masked_fill(self._banned, float("-inf")))
         if symbol == EOS_ID:
             decoding.end_of_sequence()

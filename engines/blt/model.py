@@ -15,7 +15,7 @@ from engines.blt.config import BltConfig
 from engines.blt.hashing import hash_table_ids, last_hash_table_ids, last_position_coefficients
 from engines.blt.patching import entropies_from_logits, patch_starts, uses_entropies
 from engines.kv_cache import CacheView
-from engines.layers import CrossAttention, RMSNorm, TransformerConfig, TransformerStack
+from engines.layers import CausalLM, CrossAttention, RMSNorm, TransformerStack
 
 
 def doubled_residual(h: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
@@ -25,23 +25,8 @@ def doubled_residual(h: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
     return h + (h + attention)
 
 
-class EntropyModel(nn.Module):
+class EntropyModel(CausalLM):
     """Small causal byte LM whose next-byte entropies place patch boundaries."""
-
-    def __init__(self, cfg: TransformerConfig, vocab_size: int):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(vocab_size, cfg.dim)
-        self.stack = TransformerStack(cfg)
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, vocab_size, bias=False)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        # tokens: [B, T] -> logits [B, T, V]
-        return self.lm_head(self.norm(self.stack(self.embed_tokens(tokens))))
-
-    def step(self, tokens: torch.Tensor, cache: CacheView) -> torch.Tensor:
-        # new tokens [B, T] at cache.positions -> logits [B, T, V]
-        return self.lm_head(self.norm(self.stack.step(self.embed_tokens(tokens), cache)))
 
 
 class LocalEncoder(nn.Module):

@@ -10,15 +10,9 @@ import shlex
 import sys
 from pathlib import Path
 
+from training.arguments import positive_int
 from training.blt.corpus import ByteCorpus
 from training.data import DataError, build_documents
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
 
 
 def _patch_size(text: str) -> float:
@@ -35,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     parser.add_argument("--data", type=Path, help="directory of text files or a JSONL file (default: the Python "
                         "standard library's sources and docs)")
-    parser.add_argument("--steps", type=_positive_int, help="override the preset's steps for both stages")
+    parser.add_argument("--steps", type=positive_int, help="override the preset's steps for both stages")
     parser.add_argument("--target-patch-size", type=_patch_size, help="average bytes per patch to calibrate for")
 
 

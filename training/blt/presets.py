@@ -6,17 +6,13 @@ from pydantic import BaseModel, ConfigDict
 
 from engines.blt.config import BltConfig, HashEmbeddingConfig
 from engines.layers import TransformerConfig
+from training.loop import Schedule
 
 
-class Schedule(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class WindowSchedule(Schedule):
+    """A schedule over random windows of ``seq_len`` bytes of the corpus."""
 
-    steps: int
-    batch_size: int
     seq_len: int
-    lr: float
-    warmup_fraction: float = 0.05
-    weight_decay: float = 0.01
 
 
 class BltPreset(BaseModel):
@@ -25,8 +21,8 @@ class BltPreset(BaseModel):
     corpus_bytes: int
     target_patch_size: float
     model: BltConfig
-    entropy_schedule: Schedule
-    blt_schedule: Schedule
+    entropy_schedule: WindowSchedule
+    blt_schedule: WindowSchedule
     eval_windows: int
     seed: int = 0
 
@@ -43,8 +39,8 @@ def _tiny() -> BltPreset:
             local_decoder=local.model_copy(update={"n_layers": 2}),
             global_model=TransformerConfig(dim=128, n_layers=2, n_heads=4),
         ),
-        entropy_schedule=Schedule(steps=150, batch_size=16, seq_len=128, lr=3e-3),
-        blt_schedule=Schedule(steps=200, batch_size=16, seq_len=128, lr=3e-3),
+        entropy_schedule=WindowSchedule(steps=150, batch_size=16, seq_len=128, lr=3e-3),
+        blt_schedule=WindowSchedule(steps=200, batch_size=16, seq_len=128, lr=3e-3),
         eval_windows=32,
     )
 
@@ -61,8 +57,8 @@ def _default() -> BltPreset:
             local_decoder=local.model_copy(update={"n_layers": 3}),
             global_model=TransformerConfig(dim=256, n_layers=4, n_heads=8, rope_theta=500000.0),
         ),
-        entropy_schedule=Schedule(steps=400, batch_size=16, seq_len=256, lr=2e-3),
-        blt_schedule=Schedule(steps=300, batch_size=16, seq_len=256, lr=2e-3),
+        entropy_schedule=WindowSchedule(steps=400, batch_size=16, seq_len=256, lr=2e-3),
+        blt_schedule=WindowSchedule(steps=300, batch_size=16, seq_len=256, lr=2e-3),
         eval_windows=128,
     )
 

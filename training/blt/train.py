@@ -10,14 +10,12 @@
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm
 
 from engines.blt.config import BltConfig
@@ -25,45 +23,9 @@ from engines.blt.model import BltModel
 from engines.blt.patching import entropies_from_logits, patch_ids_from_starts, patch_starts
 from engines.checkpoint import TrainingRecord, save_checkpoint
 from training.blt.corpus import ByteCorpus
-from training.blt.presets import BltPreset, Schedule
+from training.blt.presets import BltPreset, WindowSchedule
 from training.data import bits, random_windows, spread_windows
-
-
-def lr_at(step: int, schedule: Schedule) -> float:
-    """Linear warm-up, then cosine decay to a tenth of the peak."""
-    warmup = max(1, int(schedule.steps * schedule.warmup_fraction))
-    if step < warmup:
-        return schedule.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, schedule.steps - warmup)
-    return schedule.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def fit(
-    parameters: Iterable[nn.Parameter],
-    loss_of: Callable[[torch.Tensor], torch.Tensor],
-    stream: torch.Tensor,
-    schedule: Schedule,
-    generator: torch.Generator,
-    description: str,
-) -> float:
-    """AdamW over random windows of ``stream``; ``loss_of(windows)`` gives the
-    mean loss in nats. Returns the last step's loss."""
-    params = [p for p in parameters if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=schedule.lr, betas=(0.9, 0.95), weight_decay=schedule.weight_decay)
-    loss = torch.tensor(float("nan"))
-    with tqdm(range(schedule.steps), desc=description, unit="step", dynamic_ncols=True) as bar:
-        for step in bar:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, schedule)
-            windows = random_windows(stream, schedule.batch_size, schedule.seq_len + 1, generator)
-            loss = loss_of(windows)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            if step % 10 == 0 or step == schedule.steps - 1:
-                bar.set_postfix(bits_per_byte=f"{bits(loss.item()):.3f}")
-    return float(loss.detach())
+from training.loop import fit
 
 
 def entropy_model_loss(model: BltModel, windows: torch.Tensor) -> torch.Tensor:
@@ -145,9 +107,15 @@ def train_blt(
     model.init_weights(generator=torch.Generator().manual_seed(preset.seed))
     heldout = spread_windows(corpus.heldout, blt_schedule.seq_len + 1, preset.eval_windows)
 
+    def windows_of(schedule: WindowSchedule) -> Callable[[], torch.Tensor]:
+        return lambda: random_windows(corpus.train, schedule.batch_size, schedule.seq_len + 1, generator)
+
+    def show(loss: float) -> dict[str, str]:
+        return {"bits_per_byte": f"{bits(loss):.3f}"}
+
     model.train()
-    fit(model.entropy_model.parameters(), lambda w: entropy_model_loss(model, w), corpus.train,
-        entropy_schedule, generator, "entropy model")
+    fit(model.entropy_model.parameters(), lambda w: entropy_model_loss(model, w), windows_of(entropy_schedule),
+        entropy_schedule, "entropy model", show)
     model.eval()
     entropy_bpb = heldout_bits_per_byte(lambda w: entropy_model_loss(model, w), heldout)
 
@@ -158,7 +126,7 @@ def train_blt(
 
     model.entropy_model.requires_grad_(False)
     model.train()
-    fit(model.parameters(), lambda w: blt_loss(model, w), corpus.train, blt_schedule, generator, "blt")
+    fit(model.parameters(), lambda w: blt_loss(model, w), windows_of(blt_schedule), blt_schedule, "blt", show)
     model.eval()
     metrics = {
         "heldout_bits_per_byte": heldout_bits_per_byte(lambda w: blt_loss(model, w), heldout),

@@ -1,0 +1,279 @@
+"""The CM3Leon engine: text->image, image->text and infilling on the shared
+continuous-batching scheduler.
+
+Each sequence has two rows in one key/value cache: its conditional stream in
+row 2s and, when its decoding is guided, its unconditional stream in row
+2s + 1 (slot s). Both rows of every sequence run in the same model call, so
+a guided batch of B sequences is one call over 2B rows (consecutive rows:
+the cache reads them as views). The unconditional prompt is read with the
+first chunk of the conditional one; every chosen token is fed to both rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engines.api import EngineStats, Generation, InvalidRequest, ModelInfo, Usage
+from engines.checkpoint import CheckpointError, Manifest
+from engines.cm3leon.config import FORMAT_VERSION, Cm3LeonConfig
+from engines.cm3leon.decoding import Cm3Params, Cm3State, record, scores
+from engines.cm3leon.model import Cm3LeonModel
+from engines.cm3leon.prompts import Cm3Prompt, Task, allowed_tokens, caption_prompt, image_prompt, infill_prompt
+from engines.cm3leon.tokenizer import BREAK, EOS, IMAGE_END, IMAGE_START, MAX_SPANS, PAD, TextTokenizer, sentinel
+from engines.generation import Decoding
+from engines.kv_cache import KVCache
+from engines.registry import Family
+from engines.scheduler import Request, Scheduler, SchedulerConfig, StepBatch
+
+TOKENIZER_ASSET = "tokenizer.json"
+# Where an infill request's text misses a span.
+MASK_MARKER = "<mask>"
+
+
+@dataclass(frozen=True)
+class Cm3Details:
+    """What a CM3Leon generation produced, as tokens of the joint vocabulary."""
+
+    task: Task
+    tokens: list[int]
+
+
+class Cm3LeonEngine:
+    family = "cm3leon"
+
+    def __init__(self, model: Cm3LeonModel, tokenizer: TextTokenizer, device: torch.device, name: str,
+                 manifest: Manifest | None = None, scheduler: SchedulerConfig | None = None):
+        self.model, self.tokenizer, self.device, self.name, self.manifest = model, tokenizer, device, name, manifest
+        self.config: Cm3LeonConfig = model.config
+        self.allowed = {task: allowed_tokens(task, self.config.text_vocab, self.config.vocab_size).to(device)
+                        for task in Task}
+        scheduler = scheduler or SchedulerConfig()
+        positions = min(scheduler.max_sequence_bytes, self.config.max_sequence)
+        self.scheduler = Scheduler(self, scheduler.model_copy(update={"max_sequence_bytes": positions}), device)
+
+    # -- requests ------------------------------------------------------------
+
+    def _documents(self, count: int | None) -> int:
+        retrieval = self.config.retrieval
+        count = retrieval.default_documents if count is None else count
+        if not 0 <= count <= retrieval.max_documents:
+            raise InvalidRequest("documents", f"{count} retrieved documents; this model takes 0 to "
+                                 f"{retrieval.max_documents}")
+        return min(count, len(self.model.bank))
+
+    @torch.inference_mode()
+    def image_prompt(self, text: str, documents: int | None = None) -> Cm3Prompt:
+        """Text -> image, after ``documents`` bank documents retrieved for the text (the model's default if None)."""
+        ids = self.tokenizer.encode(text)
+        count = self._documents(count=documents)
+        found = self.model.bank.search(self.model.retriever.embed_texts([ids or [PAD]]), count)[0] if count else []
+        return image_prompt(ids, [self.model.bank.document(i) for i in found])
+
+    def _codes(self, image: np.ndarray, field: str = "image") -> torch.Tensor:
+        """uint8 (size, size, 3) -> its code grid [1, image_tokens]."""
+        size = self.config.vq.image_size
+        if np.shape(image) != (size, size, 3):
+            raise InvalidRequest(field, f"{'x'.join(map(str, np.shape(image)))} pixels; this model reads "
+                                 f"{size}x{size}x3")
+        return self.model.vq.encode(torch.tensor(np.asarray(image, dtype=np.uint8))[None].to(self.device))
+
+    @torch.inference_mode()
+    def caption_prompt(self, image: np.ndarray, documents: int | None = None, alt_text: str = "") -> Cm3Prompt:
+        """Image (uint8 (size, size, 3)) -> text, after ``documents`` bank
+        documents retrieved for the image; an ``alt_text`` is re-aligned."""
+        codes = self._codes(image)
+        count = self._documents(count=documents)
+        found = self.model.bank.search(self.model.retriever.embed_images(codes), count)[0] if count else []
+        ids = (codes[0] + self.config.text_vocab).tolist()
+        return caption_prompt(ids, [self.model.bank.document(i) for i in found], self.tokenizer.encode(alt_text))
+
+    @torch.inference_mode()
+    def infill_prompt(self, text: str, image: np.ndarray | None = None) -> Cm3Prompt:
+        """``text`` with a ``MASK_MARKER`` where each span is missing,
+        followed by ``image`` (if any) as a caption -> image document."""
+        pieces = text.split(MASK_MARKER)
+        if len(pieces) < 2:
+            raise InvalidRequest("text", f"no {MASK_MARKER} to fill")
+        if len(pieces) - 1 > MAX_SPANS:
+            raise InvalidRequest("text", f"{len(pieces) - 1} masks; at most {MAX_SPANS}")
+        tokens = list(self.tokenizer.encode(pieces[0]))
+        for span, piece in enumerate(pieces[1:]):
+            tokens += [sentinel(span), *self.tokenizer.encode(piece)]
+        if image is not None:
+            codes = (self._codes(image)[0] + self.config.text_vocab).tolist()
+            tokens += [BREAK, IMAGE_START, *codes, IMAGE_END]
+        return infill_prompt(tokens)
+
+    def spans(self, result: Generation, count: int) -> list[str]:
+        """An infill's ``count`` spans (the text after each sentinel); a span never written is empty."""
+        spans, current = [[] for _ in range(count)], 0
+        for token in result.details.tokens:
+            if sentinel(1) <= token <= sentinel(MAX_SPANS - 1):
+                current = token - sentinel(0)
+            elif current < count and token < self.config.text_vocab:
+                spans[current].append(token)
+        return [self.tokenizer.decode(span) for span in spans]
+
+    @torch.inference_mode()
+    def caption_scores(self, results: list[Generation], text: str) -> list[float]:
+        """For each finished image generation, the model's mean log-likelihood
+        (nats per token) of ``text`` (and ``<eos>``) as the image's caption:
+        the score that ranks samples, CLIP-style, with the model itself."""
+        caption = [*self.tokenizer.encode(text), EOS]
+        rows = [[IMAGE_START, *result.details.tokens, IMAGE_END, BREAK, *caption] for result in results]
+        tokens = torch.tensor(rows, device=self.device)
+        logits = self.model.lm(tokens[:, :-1])[:, -len(caption):]  # predicting the caption's tokens
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        targets = tokens[:, -len(caption):]
+        return log_probs.gather(-1, targets[..., None])[..., 0].mean(dim=1).tolist()
+
+    def submit(self, prompt: Cm3Prompt, params: Cm3Params, emit: Callable | None = None,
+               deadline: float | None = None) -> Request:
+        """Starts a generation; see ``engines.scheduler.Request``."""
+        return self.scheduler.submit(prompt, params, emit, deadline)
+
+    @torch.inference_mode()
+    def images(self, results: list[Generation]) -> np.ndarray:
+        """The images of finished image generations: uint8 (n, size, size, 3)."""
+        codes = torch.tensor([result.details.tokens for result in results], device=self.device)
+        return self.model.images(codes).cpu().numpy()
+
+    def abort_all(self, reason: BaseException) -> int:
+        return self.scheduler.abort_all(reason)
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+    def describe(self) -> ModelInfo:
+        metrics = dict(self.manifest.training.metrics) if self.manifest else {}
+        return ModelInfo(name=self.name, family=self.family, config=self.config.model_dump(), metrics=metrics)
+
+    def stats(self) -> EngineStats:
+        return self.scheduler.stats()
+
+    # -- what the scheduler needs (engines.scheduler.StepModel) ------------
+
+    def request_cost(self, prompt: Cm3Prompt, params: Cm3Params) -> dict[str, int]:
+        if prompt.task is Task.IMAGE:
+            return {"prompt": len(prompt.cond), "image": self.config.image_tokens}
+        return {"prompt": len(prompt.cond), "max_new_bytes": params.max_new_bytes}
+
+    def new_caches(self, slots: int, max_sequence_bytes: int) -> KVCache:
+        dtype = next(self.model.parameters()).dtype
+        return self.model.lm.stack.new_cache(2 * slots, max_sequence_bytes, self.device, dtype)
+
+    def encode(self, prompt: Cm3Prompt) -> list[int]:
+        return list(prompt.cond)
+
+    def new_state(self, caches, prompt: Cm3Prompt, symbols: list[int], params: Cm3Params) -> Cm3State:
+        return Cm3State(task=prompt.task, params=params, uncond=prompt.uncond)
+
+    def move(self, caches: KVCache, source: int, target: int) -> None:
+        caches.move(2 * source, 2 * target)
+        caches.move(2 * source + 1, 2 * target + 1)
+
+    def release(self, caches: KVCache, slot: int) -> None:
+        caches.release(2 * slot)
+        caches.release(2 * slot + 1)
+
+    def cache_bytes(self, caches: KVCache, states: list[Cm3State]) -> int:
+        return caches.bytes_per_position() * sum(s.cond_length + s.uncond_length for s in states)
+
+    def step(self, caches: KVCache, chunks: StepBatch | None, decodes: StepBatch | None):
+        """Both streams of every sequence in two model calls (the prompt
+        chunks, then the decodes); states change only once both succeeded."""
+        lm, updates = self.model.lm, []
+        chunk_scores = decode_scores = None
+        if chunks:
+            rows = []  # (cache row, first position, tokens)
+            for slot, state, symbols in zip(chunks.slots, chunks.states, chunks.symbols):
+                rows.append((2 * slot, state.cond_length, symbols))
+                if state.params.guided and state.uncond_length == 0:
+                    rows.append((2 * slot + 1, 0, list(state.uncond)))
+            last = self._extend(lm, caches, rows)
+            chunk_scores = []
+            for slot, state, symbols in zip(chunks.slots, chunks.states, chunks.symbols):
+                uncond = last.get(2 * slot + 1, state.uncond_logits)
+                chunk_scores.append(self._scores(state, last[2 * slot], uncond))
+                updates.append((state, len(symbols), len(state.uncond) if 2 * slot + 1 in last else 0, uncond))
+            chunk_scores = torch.stack(chunk_scores)
+        if decodes:
+            rows = []
+            for slot, state, symbols in zip(decodes.slots, decodes.states, decodes.symbols):
+                rows.append((2 * slot, state.cond_length, symbols))
+                if state.params.guided:
+                    rows.append((2 * slot + 1, state.uncond_length, symbols))
+            last = self._decode(lm, caches, rows)
+            decode_scores = torch.stack([self._scores(state, last[2 * slot], last.get(2 * slot + 1))
+                                         for slot, state in zip(decodes.slots, decodes.states)])
+            updates += [(state, 1, 1 if state.params.guided else 0, None) for state in decodes.states]
+        for state, cond_read, uncond_read, uncond_logits in updates:
+            state.cond_length += cond_read
+            state.uncond_length += uncond_read
+            state.uncond_logits = uncond_logits
+        return chunk_scores, decode_scores
+
+    def _extend(self, lm, caches: KVCache, rows: list[tuple[int, int, list[int]]]) -> dict[int, torch.Tensor]:
+        """Reads each row's tokens from its first position; the logits after each row's last token."""
+        rows = sorted(rows)
+        width = max(len(tokens) for _, _, tokens in rows)
+        tokens = torch.full((len(rows), width), PAD, dtype=torch.long)
+        positions = torch.full((len(rows), width), -1, dtype=torch.long)
+        for i, (_, start, row_tokens) in enumerate(rows):
+            tokens[i, : len(row_tokens)] = torch.tensor(row_tokens)
+            positions[i, : len(row_tokens)] = torch.arange(start, start + len(row_tokens))
+        view = lm.stack.extend_view(caches, [row for row, _, _ in rows], positions.to(self.device))
+        logits = lm.step(tokens.to(self.device), view)  # [R, width, V]
+        return {row: logits[i, len(row_tokens) - 1] for i, (row, _, row_tokens) in enumerate(rows)}
+
+    def _decode(self, lm, caches: KVCache, rows: list[tuple[int, int, list[int]]]) -> dict[int, torch.Tensor]:
+        """One token per row at its next position; the logits after it."""
+        rows = sorted(rows)
+        tokens = torch.tensor([row_tokens for _, _, row_tokens in rows], device=self.device)  # [R, 1]
+        positions = torch.tensor([start for _, start, _ in rows], device=self.device)
+        view = lm.stack.decode_view(caches, [row for row, _, _ in rows], positions)
+        logits = lm.step(tokens, view)[:, -1]  # [R, V]
+        return {row: logits[i] for i, (row, _, _) in enumerate(rows)}
+
+    def _scores(self, state: Cm3State, cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
+        return scores(cond, uncond, state.params, self.allowed[state.task])
+
+    def choose(self, decoding: Decoding, logits: torch.Tensor, state: Cm3State) -> tuple[int, bytes]:
+        symbol = decoding.choose(logits)
+        return symbol, record(state, decoding, symbol, self.tokenizer, self.config.image_tokens)
+
+    def result(self, prompt: Cm3Prompt, decoding: Decoding, state: Cm3State | None) -> Generation:
+        tokens = list(state.generated) if state is not None else []
+        return Generation(
+            text=decoding.stop.text, finish_reason=decoding.finish_reason,
+            usage=Usage(prompt_tokens=len(prompt.cond), generated_tokens=len(tokens)),
+            details=Cm3Details(task=prompt.task, tokens=tokens),
+        )
+
+
+def build_engine(
+    config: Cm3LeonConfig, weights: dict[str, torch.Tensor], *, device: torch.device, dtype: torch.dtype, name: str,
+    manifest: Manifest | None = None, scheduler: SchedulerConfig | None = None, assets: dict[str, str] | None = None,
+) -> Cm3LeonEngine:
+    if TOKENIZER_ASSET not in (assets or {}):
+        raise CheckpointError(f"{name}: a CM3Leon checkpoint needs its text tokenizer ({TOKENIZER_ASSET})")
+    tokenizer = TextTokenizer.from_json(assets[TOKENIZER_ASSET])
+    if tokenizer.vocab_size != config.text_vocab:
+        raise CheckpointError(f"{name}: {TOKENIZER_ASSET} has {tokenizer.vocab_size} tokens, the config "
+                              f"text_vocab {config.text_vocab}")
+    model = Cm3LeonModel(config)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{name}: weights do not match the config: {e}") from None
+    model.to(device=device, dtype=dtype).eval()
+    return Cm3LeonEngine(model, tokenizer, device, name, manifest, scheduler)
+
+
+FAMILY = Family(name="cm3leon", config_type=Cm3LeonConfig, format_version=FORMAT_VERSION, build_engine=build_engine,
+                services=("serving.multimodal:SERVICE",), rpcs=frozenset({"GenerateImage", "Caption", "Infill"}),
+                deployment="serving.multimodal:Cm3LeonServer", trainer="training.cm3leon.cli")

@@ -1,0 +1,205 @@
+"""CM3Leon served through the real proxy: GenerateImage, Caption, Infill, bad input and fuzzing."""
+
+import io
+import struct
+import subprocess
+import sys
+import zlib
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from tests.conftest import CM3LEON_MODEL, REPO, wait_serving
+from training.imageworld import ImageWorld
+
+
+@pytest.fixture(scope="module")
+def mm(channel):
+    from patchwork.v1 import multimodal_pb2_grpc
+
+    return multimodal_pb2_grpc.MultimodalStub(channel)
+
+
+@pytest.fixture(scope="module")
+def mpb2():
+    from patchwork.v1 import multimodal_pb2
+
+    return multimodal_pb2
+
+
+def encoded(pixels: np.ndarray, format: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height pixels and holds almost none (a decompression bomb's header)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_images_are_generated_ranked_and_reproducible(mm, mpb2):
+    decoding = mpb2.Decoding(guidance=mpb2.GUIDANCE_MIXED, temperature=1.0, seed=5)
+    request = mpb2.GenerateImageRequest(prompt="a large red circle at the top left", samples=4, decoding=decoding)
+    response = mm.GenerateImage(request, timeout=120)
+    assert response.model == CM3LEON_MODEL  # no model named: the first that serves GenerateImage
+    assert len(response.images) == 4
+    scores = [image.score for image in response.images]
+    assert scores == sorted(scores, reverse=True) and all(s < 0 for s in scores)
+    assert sorted(image.guidance for image in response.images) == [mpb2.GUIDANCE_NONE] * 2 + [
+        mpb2.GUIDANCE_CONTRASTIVE] * 2
+    for image in response.images:
+        with Image.open(io.BytesIO(image.png)) as decoded:
+            assert (decoded.format, decoded.size, decoded.mode) == ("PNG", (32, 32), "RGB")
+    again = mm.GenerateImage(request, timeout=120)
+    assert [image.png for image in again.images] == [image.png for image in response.images]
+    guided = mm.GenerateImage(mpb2.GenerateImageRequest(
+        prompt="a small blue square at the bottom right", documents=0, model=CM3LEON_MODEL,
+        decoding=mpb2.Decoding(guidance=mpb2.GUIDANCE_CLASSIFIER_FREE, guidance_scale=2.0)), timeout=120)
+    assert len(guided.images) == 1 and guided.images[0].guidance == mpb2.GUIDANCE_CLASSIFIER_FREE
+
+
+def test_captions_and_infills_come_back_as_text(mm, mpb2):
+    example = ImageWorld(seed=12)[3]
+    for data in (encoded(example.image), encoded(example.image, "JPEG"), encoded(np.kron(
+            example.image, np.ones((2, 2, 1), dtype=np.uint8)))):  # 64x64: resized to the model's 32x32
+        response = mm.Caption(mpb2.CaptionRequest(image=data, max_new_bytes=40), timeout=120)
+        assert response.model == CM3LEON_MODEL and 0 < len(response.text.encode()) <= 40
+    realigned = mm.Caption(mpb2.CaptionRequest(image=encoded(example.image), alt_text=example.alt_text,
+                                                max_new_bytes=40, documents=1), timeout=120)
+    assert len(realigned.text.encode()) <= 40
+    infill = mm.Infill(mpb2.InfillRequest(text="a large <mask> circle at the <mask>", image=encoded(example.image),
+                                          max_new_bytes=30), timeout=120)
+    assert infill.model == CM3LEON_MODEL and len(infill.spans) == 2
+    assert len("".join(infill.spans).encode()) <= 30
+
+
+BAD = [
+    ("GenerateImage", {"prompt": "x", "samples": 5}, "samples: 5 is over the limit of 4"),
+    ("GenerateImage", {"prompt": "x" * 1537}, "prompt: 1537 bytes is over the limit of 1536"),
+    ("GenerateImage", {"prompt": "x", "decoding": {"guidance_scale": 500.0}},
+     "decoding.guidance_scale: Input should be less than or equal to 100"),
+    ("GenerateImage", {"prompt": "x", "decoding": {"guidance": 9}}, "decoding.guidance: unknown value 9"),
+    ("GenerateImage", {"prompt": "x", "documents": 3}, "documents: 3 retrieved documents; this model takes 0 to 2"),
+    ("GenerateImage", {"prompt": "x", "model": "tiny"},
+     "model: 'tiny' (family blt) does not serve GenerateImage; it serves Generate, GenerateStream, Score"),
+    ("Caption", {}, "image: an image is required (PNG or JPEG)"),
+    ("Caption", {"image": b"GIF89a not really"}, "image: not a PNG or JPEG image"),
+    ("Caption", {"image": "gif"}, "image: not a PNG or JPEG image"),
+    ("Caption", {"image": "wide"}, "image: 300x8 pixels; at most 256 on a side"),
+    ("Caption", {"image": "bomb"}, "image: declares too many pixels; at most 256 on a side"),
+    ("Caption", {"image": "large"}, "image: 2000x2000 pixels; at most 256 on a side"),
+    ("Caption", {"image": "png", "max_new_bytes": 5000}, "max_new_bytes: 5000 is over the limit of 1900"),
+    ("Infill", {"text": "nothing masked"}, "text: no <mask> to fill"),
+    ("Infill", {"text": "<mask>" * 17}, "text: 17 masks; at most 16"),
+    ("Infill", {"text": "a <mask>", "image": b"\x89PNG\r\n\x1a\n broken"}, "image: not a PNG or JPEG image"),
+]
+
+
+def _image(name) -> bytes:
+    pixels = ImageWorld(seed=1)[0].image
+    if name == "gif":
+        return encoded(pixels, "GIF")
+    if name == "wide":
+        return encoded(np.zeros((8, 300, 3), dtype=np.uint8))
+    if name == "bomb":
+        return png_header(100_000, 100_000)
+    if name == "large":
+        return png_header(2000, 2000)
+    return encoded(pixels)
+
+
+@pytest.mark.parametrize("method, fields, details", BAD)
+def test_bad_input_is_refused_naming_the_field(mm, mpb2, method, fields, details):
+    fields = dict(fields)
+    if isinstance(fields.get("image"), str):
+        fields["image"] = _image(fields["image"])
+    if "decoding" in fields:
+        fields["decoding"] = mpb2.Decoding(**fields["decoding"])
+    request = {"GenerateImage": mpb2.GenerateImageRequest, "Caption": mpb2.CaptionRequest,
+               "Infill": mpb2.InfillRequest}[method](**fields)
+    with pytest.raises(grpc.RpcError) as refusal:
+        getattr(mm, method)(request, timeout=60)
+    assert (refusal.value.code(), refusal.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, details)
+
+
+def test_a_byte_model_refuses_multimodal_calls_and_cm3leon_refuses_byte_calls(stub, pb2):
+    with pytest.raises(grpc.RpcError) as refusal:
+        stub.Generate(pb2.GenerateRequest(prompt=b"x", model=CM3LEON_MODEL), timeout=60)
+    assert refusal.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refusal.value.details() == ("model: 'cm3leon' (family cm3leon) does not serve Generate; it serves "
+                                       "Caption, GenerateImage, Infill")
+
+
+def test_the_client_writes_images_captions_and_spans(grpc_target, tmp_path):
+    from tests.conftest import AUTH_TOKEN
+
+    def client(*args):
+        run = subprocess.run([sys.executable, "-m", "serving", "client", "--target", grpc_target, "--token",
+                              AUTH_TOKEN, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        return run
+
+    out = tmp_path / "red.png"
+    client("image", "a red circle", "--out", str(out), "--samples", "2", "--guidance", "cfg")
+    assert Image.open(out).size == (32, 32) and Image.open(tmp_path / "red-1.png").size == (32, 32)
+    caption = client("caption", str(out), "--alt-text", "stock photo")
+    assert "[cm3leon]" in caption.stderr
+    spans = client("infill", "a <mask> circle at the <mask>")
+    assert len(spans.stdout.splitlines()) == 2
+    missing = subprocess.run([sys.executable, "-m", "serving", "client", "--target", grpc_target, "caption",
+                              str(tmp_path / "absent.png")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and "absent.png" in missing.stderr
+
+
+PROPER = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
+decodings = st.fixed_dictionaries({}, optional={
+    "guidance": st.integers(0, 6), "temperature": st.floats(width=32), "top_p": st.floats(width=32),
+    "top_k": st.integers(0, 2**32 - 1), "guidance_scale": st.floats(width=32),
+    "contrastive_alpha": st.floats(width=32), "contrastive_k": st.integers(0, 2**32 - 1),
+    "seed": st.integers(0, 2**64 - 1),
+})
+
+
+@pytest.mark.timeout(900)
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(method=st.sampled_from(["GenerateImage", "Caption", "Infill", "raw"]),
+       text=st.one_of(st.text(st.characters(exclude_categories=("Cs",)), max_size=200),
+                      st.just("a <mask> circle"), st.just("<mask>")),
+       image=st.one_of(st.binary(max_size=300), st.sampled_from(["png", "gif", "wide"])), decoding=decodings,
+       samples=st.integers(0, 6), documents=st.one_of(st.none(), st.integers(0, 4)),
+       max_new_bytes=st.sampled_from([0, 3, 10**6]))
+def test_fuzzed_multimodal_requests_get_proper_status_codes(mm, mpb2, channel, method, text, image, decoding,
+                                                            samples, documents, max_new_bytes):
+    image = _image(image) if isinstance(image, str) else image
+    extra = {} if documents is None else {"documents": documents}
+    try:
+        if method == "GenerateImage":
+            mm.GenerateImage(mpb2.GenerateImageRequest(prompt=text, samples=samples, decoding=mpb2.Decoding(
+                **decoding), **extra), timeout=120)
+        elif method == "Caption":
+            mm.Caption(mpb2.CaptionRequest(image=image, alt_text=text, max_new_bytes=max_new_bytes,
+                                           decoding=mpb2.Decoding(**decoding), **extra), timeout=120)
+        elif method == "Infill":
+            mm.Infill(mpb2.InfillRequest(text=text, image=image, max_new_bytes=max_new_bytes,
+                                         decoding=mpb2.Decoding(**decoding)), timeout=120)
+        else:
+            channel.unary_unary("/patchwork.v1.Multimodal/Caption")(image, timeout=120)
+        code = grpc.StatusCode.OK
+    except grpc.RpcError as e:
+        code = e.code()
+    assert code in PROPER, (method, text, image[:40], decoding, code)
+
+
+def test_still_serving_after_the_multimodal_fuzzing(grpc_target, mm, mpb2):
+    wait_serving(grpc_target, timeout_s=60)
+    response = mm.GenerateImage(mpb2.GenerateImageRequest(prompt="a white square", documents=1), timeout=120)
+    assert len(response.images) == 1

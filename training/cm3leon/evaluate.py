@@ -1,0 +1,228 @@
+"""What a CM3Leon checkpoint does, judged by the image world's ground truth.
+
+    python -m training.cm3leon.evaluate --checkpoint DIR [--prompts 48] [--samples 4]
+        [--markdown OUT.md] [--grid OUT.png] [--json OUT.json]
+
+Everything runs in one process on the same checkpoint, so the numbers compare
+like with like on a shared machine:
+
+- text->image attribute accuracy: prompts are true captions of held-out
+  scenes; the scene parser reads each generated image, and a prompt's facts
+  (each shape's kind, colour and size, at its cell) count as right when the
+  parsed shape in that cell has them. Per decoding mode and per number of
+  retrieved documents (0, 1, 2): the mean over every sample, and over the
+  best-ranked sample of each prompt (ranked by the model's likelihood of the
+  prompt as the image's caption). Modes: temperature 1, top-p 0.9, CFG at
+  scales 1, 2, 3, 5, 7 (with top-p 0.9), CD-K on a small (alpha, K) grid, and
+  the mix (half top-p, half CD-K, ranked together);
+- image->text: precision and recall of the facts a greedy caption states,
+  against the scene; and the same for captions written with a noisy alt-text
+  to re-align, beside the alt-texts' own precision and recall;
+- speed: images/s of the classifier-free pair in one batch against the two
+  streams run one after the other (the conditional prompts, then the
+  unconditional ones, each its own batch), and images/s at 1 and 16
+  concurrent requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import engines
+from engines.cm3leon.decoding import Cm3Params, Guidance
+from engines.cm3leon.prompts import Cm3Prompt
+from engines.scheduler import SchedulerConfig
+from training.cm3leon.train import HELDOUT_START
+from training.imageworld import Example, ImageWorld, Scene, parse_image, read_caption
+
+# Held-out examples for evaluation start past the ones training measures on.
+EVALUATION_START = HELDOUT_START + 1_000_000
+
+
+def facts(scene_attributes: list[tuple[str, str, str, int]]) -> set[tuple[int, str, str]]:
+    """(cell, attribute, value) of every shape."""
+    return {(cell, name, value) for kind, colour, size, cell in scene_attributes
+            for name, value in (("kind", kind), ("colour", colour), ("size", size))}
+
+
+def attribute_accuracy(prompt: Scene, image: np.ndarray) -> float:
+    wanted = facts(prompt.attributes)
+    return len(wanted & facts(parse_image(image).attributes)) / len(wanted)
+
+
+def stated_facts(text: str) -> set[tuple[int, str, str]]:
+    """The located facts a text states (a shape mentioned without its cell states none)."""
+    return {(m.cell, name, value) for m in read_caption(text) if m.cell is not None
+            for name, value in (("kind", m.kind), ("colour", m.colour), ("size", m.size)) if value is not None}
+
+
+def precision_recall(texts: list[str], scenes: list[Scene]) -> tuple[float, float]:
+    stated = [stated_facts(t) for t in texts]
+    truth = [facts(s.attributes) for s in scenes]
+    correct = sum(len(s & t) for s, t in zip(stated, truth))
+    return correct / max(1, sum(map(len, stated))), correct / max(1, sum(map(len, truth)))
+
+
+def modes() -> dict[str, list[Cm3Params]]:
+    """Decoding modes: name -> the params of its samples' first (seeds are added per sample)."""
+    top_p = {"temperature": 1.0, "top_p": 0.9}
+    table = {"temperature 1": [Cm3Params(temperature=1.0)], "top-p 0.9": [Cm3Params(**top_p)]}
+    for scale in (1, 2, 3, 5, 7):
+        table[f"CFG {scale}"] = [Cm3Params(**top_p, guidance=Guidance.CLASSIFIER_FREE, guidance_scale=scale)]
+    for alpha, k in ((0.1, 5), (0.1, 20), (0.3, 5)):
+        table[f"CD-K a={alpha} K={k}"] = [Cm3Params(temperature=1.0, guidance=Guidance.CONTRASTIVE,
+                                                    contrastive_alpha=alpha, contrastive_k=k)]
+    table["mix top-p + CD-K"] = [Cm3Params(**top_p),
+                                 Cm3Params(temperature=1.0, guidance=Guidance.CONTRASTIVE, contrastive_alpha=0.1)]
+    return table
+
+
+def generate(engine, prompts: list[Cm3Prompt], params: list[Cm3Params]) -> list:
+    requests = [engine.submit(prompt, p) for prompt, p in zip(prompts, params)]
+    return [request.result() for request in requests]
+
+
+def text_to_image(engine, examples: list[Example], samples: int, documents: list[int]) -> tuple[list[dict], dict]:
+    rows, grid = [], {}
+    for count in documents:
+        prompts = [engine.image_prompt(e.caption, documents=count) for e in examples]
+        for name, kinds in modes().items():
+            asks = [(p, e, s, kinds[s % len(kinds)].model_copy(update={"seed": 1000 * s + i}))
+                    for i, (p, e) in enumerate(zip(prompts, examples)) for s in range(samples)]
+            results = generate(engine, [a[0] for a in asks], [a[3] for a in asks])
+            images = engine.images(results)
+            scores = [engine.caption_scores([r], a[1].caption)[0] for r, a in zip(results, asks)]
+            accuracy = [attribute_accuracy(a[1].scene, image) for a, image in zip(asks, images)]
+            best = []
+            for i in range(len(examples)):
+                mine = [j for j, a in enumerate(asks) if a[1] is examples[i]]
+                best.append(accuracy[max(mine, key=lambda j: scores[j])])
+                if count == documents[-1]:
+                    grid.setdefault(name, []).append(images[max(mine, key=lambda j: scores[j])])
+            rows.append({"mode": name, "documents": count, "accuracy": float(np.mean(accuracy)),
+                         "best_ranked_accuracy": float(np.mean(best)),
+                         "exact_scenes": float(np.mean([a == 1.0 for a in accuracy]))})
+    return rows, grid
+
+
+def image_to_text(engine, examples: list[Example]) -> dict:
+    plain = Cm3Params(max_new_bytes=200)
+    captions = generate(engine, [engine.caption_prompt(e.image) for e in examples], [plain] * len(examples))
+    realigned = generate(engine, [engine.caption_prompt(e.image, alt_text=e.alt_text) for e in examples],
+                         [plain] * len(examples))
+    scenes = [e.scene for e in examples]
+    noisy = [i for i, e in enumerate(examples) if e.noise]
+    out = {}
+    for name, texts, subset in [("caption", [r.text.decode(errors="replace") for r in captions], range(len(examples))),
+                                ("alt-text as given (noisy ones)", [e.alt_text for e in examples], noisy),
+                                ("caption re-aligning the alt-text (noisy ones)",
+                                 [r.text.decode(errors="replace") for r in realigned], noisy)]:
+        precision, recall = precision_recall([texts[i] for i in subset], [scenes[i] for i in subset])
+        out[name] = {"precision": precision, "recall": recall, "count": len(subset)}
+    return out
+
+
+def speed(engine, examples: list[Example], batch: int) -> dict:
+    prompts = [engine.image_prompt(e.caption, documents=0) for e in examples[:batch]]
+    cfg = Cm3Params(guidance=Guidance.CLASSIFIER_FREE)
+    generate(engine, prompts[:2], [cfg] * 2)  # warm up
+    start = time.perf_counter()
+    generate(engine, prompts, [cfg] * len(prompts))
+    paired = time.perf_counter() - start
+    start = time.perf_counter()
+    generate(engine, prompts, [Cm3Params()] * len(prompts))
+    generate(engine, [Cm3Prompt(p.task, p.uncond, p.uncond) for p in prompts], [Cm3Params()] * len(prompts))
+    sequential = time.perf_counter() - start
+    rates = {}
+    for concurrent in (1, batch):
+        start = time.perf_counter()
+        generate(engine, prompts[:concurrent], [Cm3Params(temperature=1.0)] * concurrent)
+        rates[concurrent] = concurrent / (time.perf_counter() - start)
+    return {"cfg_pair_in_one_batch_images_per_s": len(prompts) / paired,
+            "cfg_streams_one_after_the_other_images_per_s": len(prompts) / sequential,
+            "cfg_pairing_speedup": sequential / paired, "batch": len(prompts),
+            "images_per_s": {str(k): v for k, v in rates.items()}}
+
+
+def save_grid(grid: dict[str, list[np.ndarray]], path: Path, scale: int = 3) -> None:
+    from PIL import Image
+
+    rows = [np.concatenate(images, axis=1) for images in grid.values()]
+    picture = np.concatenate(rows, axis=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(picture)
+    image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST).save(path)
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Checkpoint `{report['checkpoint']}` on {report['machine']}; {report['prompts']} held-out prompts, "
+             f"{report['samples']} samples each.", "", "| mode | documents | attribute accuracy | best-ranked sample "
+             "| exact scenes |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['mode']} | {r['documents']} | {r['accuracy']:.3f} | {r['best_ranked_accuracy']:.3f} "
+              f"| {r['exact_scenes']:.3f} |" for r in report["text_to_image"]]
+    lines += ["", "| image -> text | precision | recall | texts |", "| --- | --- | --- | --- |"]
+    lines += [f"| {name} | {v['precision']:.3f} | {v['recall']:.3f} | {v['count']} |"
+              for name, v in report["image_to_text"].items()]
+    s = report["speed"]
+    lines += ["", f"CFG pair in one batch: {s['cfg_pair_in_one_batch_images_per_s']:.2f} images/s; the two streams "
+              f"one after the other: {s['cfg_streams_one_after_the_other_images_per_s']:.2f} images/s "
+              f"({s['cfg_pairing_speedup']:.2f}x, {s['batch']} prompts). Images/s at 1 and {s['batch']} concurrent "
+              f"requests: " + ", ".join(f"{v:.2f}" for v in s["images_per_s"].values()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(checkpoint: Path, prompts: int, samples: int, batch: int) -> tuple[dict, dict]:
+    torch.manual_seed(0)
+    engine = engines.load(checkpoint, scheduler=SchedulerConfig(max_batch_size=max(16, batch)))
+    try:
+        size = engine.config.vq.image_size
+        world = engine.manifest.training.data.get("image_world", {}) if engine.manifest else {}
+        examples = ImageWorld(seed=world.get("seed", 0), image_size=size).take(prompts, start=EVALUATION_START)
+        rows, grid = text_to_image(engine, examples, samples, [0, 1, 2][: engine.config.retrieval.max_documents + 1])
+        report = {
+            "checkpoint": str(checkpoint), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}", "prompts": prompts, "samples": samples,
+            "text_to_image": rows, "image_to_text": image_to_text(engine, examples), "speed": speed(engine, examples,
+                                                                                                    batch),
+        }
+    finally:
+        engine.close()
+    return report, grid
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--prompts", type=int, default=48)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=16, help="concurrent requests in the speed measurements")
+    parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--grid", type=Path, help="PNG grid: a row per mode, the best-ranked image per prompt")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        report, grid = evaluate(args.checkpoint, args.prompts, args.samples, args.batch)
+    except engines.CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = markdown(report)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text)
+    if args.grid:
+        save_grid(grid, args.grid)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

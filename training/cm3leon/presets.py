@@ -1,0 +1,61 @@
+"""Training presets for CM3Leon: the image world's size, the tokenizers, the model and the schedules."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engines.cm3leon.retrieval import RetrievalConfig
+from engines.cm3leon.vqvae import VqConfig
+from engines.layers import TransformerConfig
+from training.loop import Schedule
+
+
+class Cm3LeonPreset(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    world_seed: int = 0
+    train_images: int = Field(ge=1)
+    heldout_images: int = Field(ge=1)
+    text_vocab: int
+    vq: VqConfig
+    vq_schedule: Schedule
+    retriever_schedule: Schedule
+    # Training documents the memory bank holds (0: no retrieval).
+    bank_size: int = Field(ge=0)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    transformer: TransformerConfig
+    lm_schedule: Schedule
+    max_sequence: int = 512
+    seed: int = 0
+
+
+def _tiny() -> Cm3LeonPreset:
+    return Cm3LeonPreset(
+        train_images=256,
+        heldout_images=32,
+        text_vocab=320,
+        vq=VqConfig(channels=16, codes=64, code_dim=16),
+        vq_schedule=Schedule(steps=30, batch_size=16, lr=2e-3),
+        retriever_schedule=Schedule(steps=30, batch_size=32, lr=3e-3),
+        bank_size=128,
+        retrieval=RetrievalConfig(dim=16),
+        transformer=TransformerConfig(dim=32, n_layers=2, n_heads=4),
+        lm_schedule=Schedule(steps=30, batch_size=8, lr=3e-3),
+    )
+
+
+def _default() -> Cm3LeonPreset:
+    return Cm3LeonPreset(
+        train_images=20000,
+        heldout_images=500,
+        text_vocab=512,
+        vq=VqConfig(channels=64, codes=512, code_dim=32),
+        vq_schedule=Schedule(steps=1500, batch_size=32, lr=1e-3),
+        retriever_schedule=Schedule(steps=400, batch_size=128, lr=2e-3),
+        bank_size=5000,
+        transformer=TransformerConfig(dim=192, n_layers=4, n_heads=6),
+        lm_schedule=Schedule(steps=2000, batch_size=32, lr=2e-3),
+    )
+
+
+PRESETS = {"tiny": _tiny, "default": _default}
