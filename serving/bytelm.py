@@ -15,7 +15,7 @@ from ray.serve.grpc_util import RayServegRPCContext
 from engines.api import FinishReason, Generation, PatchedOutput
 from engines.utf8 import Utf8Chunker
 from serving.gateway import abort, model_errors, parse
-from serving.grpc_services import GrpcService, register
+from serving.grpc_services import GrpcService
 from serving.validation import InvalidArgument, generate_params, score_text
 
 
@@ -110,25 +110,9 @@ class ByteLMHandlers:
             )
 
 
-def add_ByteLM_to_server(servicer, server) -> None:  # noqa: N802 (gRPC naming)
-    from patchwork.v1 import bytelm_pb2 as pb2
-
-    register(server, "patchwork.v1.ByteLM", {
-        "Generate": grpc.unary_unary_rpc_method_handler(
-            servicer.Generate, request_deserializer=None,
-            response_serializer=pb2.GenerateResponse.SerializeToString),
-        "GenerateStream": grpc.unary_stream_rpc_method_handler(
-            servicer.GenerateStream, request_deserializer=None,
-            response_serializer=pb2.GenerateStreamChunk.SerializeToString),
-        "Score": grpc.unary_unary_rpc_method_handler(
-            servicer.Score, request_deserializer=None,
-            response_serializer=pb2.ScoreResponse.SerializeToString),
-    })
-
-
 SERVICE = GrpcService(
     name="patchwork.v1.ByteLM",
     rpcs=frozenset({"Generate", "GenerateStream", "Score"}),
     handlers=ByteLMHandlers,
-    add_to_server="serving.bytelm.add_ByteLM_to_server",
+    add_to_server="serving.grpc_services.add_ByteLM_to_server",
 )

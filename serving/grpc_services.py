@@ -9,8 +9,10 @@ Every family names the services its models answer (``Family.services``);
 ``grpc_servicer_functions``. ``Models`` and ``Health`` belong to the gateway
 itself.
 
-The registering functions are the generated ``add_*Servicer_to_server``
-functions except for two things: the edge (``serving.edge``) is installed
+The registering functions of Patchwork's services live here, in a module
+that imports nothing heavy: Ray Serve's proxy imports them when it starts,
+and it has 60 seconds to come up. They are the generated
+``add_*Servicer_to_server`` functions except for two things: the edge (``serving.edge``) is installed
 around the proxy's handlers first, and requests reach the gateway as raw bytes
 (``request_deserializer=None``) and the gateway parses them itself, so a
 payload that is not a valid message gets INVALID_ARGUMENT from Patchwork
@@ -90,6 +92,36 @@ def register(server, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -
     edge.install(server)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
     server.add_registered_method_handlers(service, handlers)
+
+
+def add_ByteLM_to_server(servicer, server) -> None:  # noqa: N802 (gRPC naming)
+    from patchwork.v1 import bytelm_pb2 as pb2
+
+    register(server, "patchwork.v1.ByteLM", {
+        "Generate": grpc.unary_unary_rpc_method_handler(
+            servicer.Generate, request_deserializer=None,
+            response_serializer=pb2.GenerateResponse.SerializeToString),
+        "GenerateStream": grpc.unary_stream_rpc_method_handler(
+            servicer.GenerateStream, request_deserializer=None,
+            response_serializer=pb2.GenerateStreamChunk.SerializeToString),
+        "Score": grpc.unary_unary_rpc_method_handler(
+            servicer.Score, request_deserializer=None,
+            response_serializer=pb2.ScoreResponse.SerializeToString),
+    })
+
+
+def add_Multimodal_to_server(servicer, server) -> None:  # noqa: N802 (gRPC naming)
+    from patchwork.v1 import multimodal_pb2 as pb2
+
+    register(server, "patchwork.v1.Multimodal", {
+        "GenerateImage": grpc.unary_unary_rpc_method_handler(
+            servicer.GenerateImage, request_deserializer=None,
+            response_serializer=pb2.GenerateImageResponse.SerializeToString),
+        "Caption": grpc.unary_unary_rpc_method_handler(
+            servicer.Caption, request_deserializer=None, response_serializer=pb2.CaptionResponse.SerializeToString),
+        "Infill": grpc.unary_unary_rpc_method_handler(
+            servicer.Infill, request_deserializer=None, response_serializer=pb2.InfillResponse.SerializeToString),
+    })
 
 
 def add_Models_to_server(servicer, server) -> None:  # noqa: N802 (gRPC naming)

@@ -20,7 +20,7 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from serving.config import Limits
 from serving.gateway import abort, model_errors, parse
-from serving.grpc_services import GrpcService, register
+from serving.grpc_services import GrpcService
 from serving.images import fit, png, read_image
 from serving.model_server import ModelServer
 from serving.validation import InvalidArgument
@@ -169,23 +169,9 @@ class MultimodalHandlers:
             return pb2.InfillResponse(spans=spans, model=model)
 
 
-def add_Multimodal_to_server(servicer, server) -> None:  # noqa: N802 (gRPC naming)
-    from patchwork.v1 import multimodal_pb2 as pb2
-
-    register(server, "patchwork.v1.Multimodal", {
-        "GenerateImage": grpc.unary_unary_rpc_method_handler(
-            servicer.GenerateImage, request_deserializer=None,
-            response_serializer=pb2.GenerateImageResponse.SerializeToString),
-        "Caption": grpc.unary_unary_rpc_method_handler(
-            servicer.Caption, request_deserializer=None, response_serializer=pb2.CaptionResponse.SerializeToString),
-        "Infill": grpc.unary_unary_rpc_method_handler(
-            servicer.Infill, request_deserializer=None, response_serializer=pb2.InfillResponse.SerializeToString),
-    })
-
-
 SERVICE = GrpcService(
     name="patchwork.v1.Multimodal",
     rpcs=frozenset({"GenerateImage", "Caption", "Infill"}),
     handlers=MultimodalHandlers,
-    add_to_server="serving.multimodal.add_Multimodal_to_server",
+    add_to_server="serving.grpc_services.add_Multimodal_to_server",
 )

@@ -18,7 +18,7 @@ from engines.checkpoint import Manifest, TrainingRecord, save_checkpoint
 from engines.registry import BYTELM_SERVICE, GENERATION_RPCS, Family
 from engines.scheduler import Scheduler, SchedulerConfig
 from serving.gateway import abort, model_errors, parse
-from serving.grpc_services import GrpcService, register
+from serving.grpc_services import GrpcService
 from serving.model_server import ModelServer
 
 START = 256  # the symbol before every prompt
@@ -141,18 +141,8 @@ class EchoHandlers:
                                              "model": struct_pb2.Value(string_value=model)})
 
 
-def add_Echo_to_server(servicer, server) -> None:  # noqa: N802 (gRPC naming)
-    import grpc
-    from google.protobuf import struct_pb2
-
-    register(server, "patchwork.test.Echo", {
-        "Reverse": grpc.unary_unary_rpc_method_handler(
-            servicer.Reverse, request_deserializer=None, response_serializer=struct_pb2.Struct.SerializeToString),
-    })
-
-
 SERVICE = GrpcService(name="patchwork.test.Echo", rpcs=frozenset({"Reverse"}), handlers=EchoHandlers,
-                      add_to_server="tests.echo_family.add_Echo_to_server")
+                      add_to_server="tests.echo_service.add_Echo_to_server")
 
 FAMILY = Family(name="echo", config_type=EchoConfig, format_version=1, build_engine=build_engine,
                 services=(BYTELM_SERVICE, "tests.echo_family:SERVICE"), rpcs=GENERATION_RPCS | {"Reverse"},

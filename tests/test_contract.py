@@ -185,3 +185,25 @@ def test_patch_facts_reach_the_wire_only_from_families_that_patch():
 
     assert isinstance(BltDetails(patch_lengths=[1, 2], global_steps=3), PatchedOutput)
     assert not isinstance(None, PatchedOutput)  # the echo family has no details
+
+
+def test_the_proxy_registers_services_without_importing_the_models():
+    """Ray Serve's proxy imports every servicer function when it starts and
+    has 60 s to come up: on a busy machine importing torch there takes longer."""
+    import subprocess
+    import sys
+
+    from serving.config import ServingConfig
+    from serving.deploy import deploy_config
+    from tests.conftest import REPO
+
+    register({"echo": "tests.echo_family"})
+    functions = deploy_config(ServingConfig(families={"echo": "tests.echo_family"}), ["m"])["grpc_options"][
+        "grpc_servicer_functions"]
+    assert "tests.echo_service.add_Echo_to_server" in functions
+    imports = "; ".join(f"import {path.rsplit('.', 1)[0]}" for path in functions)
+    check = subprocess.run([sys.executable, "-c", f"import sys; {imports}; print(sorted(m for m in sys.modules "
+                            f"if m.split('.')[0] in ('torch', 'engines', 'numpy')))"],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.strip() == "[]"

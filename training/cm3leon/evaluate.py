@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     text = markdown(report)
     print(text)
+    for path in (args.markdown, args.grid, args.json):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
     if args.markdown:
         args.markdown.write_text(text)
     if args.grid:
