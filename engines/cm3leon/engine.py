@@ -73,11 +73,11 @@ class Cm3LeonEngine:
         found = self.model.bank.search(self.model.retriever.embed_texts([ids or [PAD]]), count)[0] if count else []
         return image_prompt(ids, [self.model.bank.document(i) for i in found])
 
-    def _codes(self, image: np.ndarray, field: str = "image") -> torch.Tensor:
+    def _codes(self, image: np.ndarray) -> torch.Tensor:
         """uint8 (size, size, 3) -> its code grid [1, image_tokens]."""
         size = self.config.vq.image_size
         if np.shape(image) != (size, size, 3):
-            raise InvalidRequest(field, f"{'x'.join(map(str, np.shape(image)))} pixels; this model reads "
+            raise InvalidRequest("image", f"{'x'.join(map(str, np.shape(image)))} pixels; this model reads "
                                  f"{size}x{size}x3")
         return self.model.vq.encode(torch.tensor(np.asarray(image, dtype=np.uint8))[None].to(self.device))
 
