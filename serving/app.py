@@ -4,8 +4,9 @@ Every checkpoint directory directly under ``ServingConfig.checkpoints`` is a
 model, named after its directory, served by its own deployment
 (``model-<name>``) of its family's deployment class, with the replicas and
 resources of ``ServingConfig.models`` (or of ``model_overrides[name]``). The
-gateway answers the services of every known family. ``build`` is the application builder that
-Ray Serve config files name (``import_path: serving.app:build``).
+gateway answers the services of every known family. ``build`` is the
+application builder that Ray Serve config files name
+(``import_path: serving.app:build``).
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from engines.checkpoint import CONFIG_FILE, CheckpointError, read_header, read_manifest
 from ray import serve
 
+from engines.checkpoint import CONFIG_FILE, CheckpointError, read_header, read_manifest
 from engines.registry import get_family, register
 from serving.config import GATEWAY, ServingConfig, model_deployment
 from serving.deploy import deployment_entry

@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import ValidationError
 from ray.serve.grpc_util import RayServegRPCContext
 
+from engines.cm3leon.engine import MASK_MARKER
 from serving.config import Limits
 from serving.gateway import abort, model_errors, parse
 from serving.grpc_services import GrpcService
@@ -93,7 +94,7 @@ class Cm3LeonServer(ModelServer):
         self._refuse_while_draining()
         pixels = None if image is None else fit(image, self.engine.config.vq.image_size)
         result = await self.generate(self.engine.infill_prompt(text, pixels), params, deadline)
-        return self.engine.spans(result, text.count("<mask>"))
+        return self.engine.spans(result, text.count(MASK_MARKER))
 
 
 class MultimodalHandlers:
@@ -157,8 +158,8 @@ class MultimodalHandlers:
 
             def check():
                 _check_text("text", request.text, self.limits)
-                if "<mask>" not in request.text:
-                    raise InvalidArgument("text", "no <mask> to fill")
+                if MASK_MARKER not in request.text:
+                    raise InvalidArgument("text", f"no {MASK_MARKER} to fill")
                 image = read_image(request.image, "image", self.limits) if request.image else None
                 return image, sample_params(request.decoding, 1, request.max_new_bytes, self.limits)[0]
 
