@@ -43,6 +43,11 @@ class Decoding:
     def end_of_sequence(self) -> None:
         self.finish_reason = FinishReason.END_OF_SEQUENCE
 
+    def out_of_budget(self) -> None:
+        """Ends the sequence for length by a family's own count (e.g. tokens without bytes)."""
+        if self.finish_reason is None:
+            self.finish_reason = FinishReason.LENGTH
+
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None

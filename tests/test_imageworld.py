@@ -10,6 +10,7 @@ from PIL import Image
 from training.imageworld import (
     CELLS, NOISE_KINDS, ImageWorld, Scene, Shape, caption, parse_image, read_caption, render,
 )
+from training.imageworld.text import Mention
 
 
 def test_examples_are_a_pure_function_of_seed_and_index():
@@ -80,4 +81,6 @@ def test_alt_texts_carry_exactly_the_noise_they_record():
                 assert len(changed) == 1 and None in s
     noisy = sum(seen.values())
     assert 0.4 < noisy / len(examples) < 0.6 and all(count > 0 for count in seen.values())
-    assert all(m.cell is None or CELLS[m.cell] for m in read_caption("a small circle"))
+    # What a text leaves out reads as None.
+    assert read_caption("A small circle, and a blue triangle at the top right") == [
+        Mention("circle", None, "small", None), Mention("triangle", "blue", None, CELLS.index("top right"))]

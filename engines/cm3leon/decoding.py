@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from pydantic import Field
 
-from engines.api import FinishReason, SamplingParams
+from engines.api import SamplingParams
 from engines.cm3leon.guidance import classifier_free, contrastive
 from engines.cm3leon.prompts import Task
 from engines.cm3leon.tokenizer import EOS, TextTokenizer
@@ -78,6 +78,6 @@ def record(state: Cm3State, decoding: Decoding, symbol: int, tokenizer: TextToke
             decoding.end_of_sequence()
         return b""
     released = decoding.accept(tokenizer.token_bytes(symbol) if symbol < tokenizer.vocab_size else b"")
-    if not decoding.finished and len(state.generated) >= decoding.params.max_new_bytes:
-        decoding.finish_reason = FinishReason.LENGTH  # image codes in an infill count as tokens, not bytes
+    if len(state.generated) >= decoding.params.max_new_bytes:
+        decoding.out_of_budget()  # image codes in an infill count as tokens, not bytes
     return released

@@ -49,7 +49,8 @@ class DualEncoder(nn.Module):
         """Token id lists -> normalised embeddings [n, dim]."""
         device = self.code_positions.device
         flat = torch.tensor([t for text in texts for t in text], dtype=torch.long, device=device)
-        offsets = torch.tensor([0, *torch.tensor([len(t) for t in texts]).cumsum(0)[:-1].tolist()], device=device)
+        lengths = torch.tensor([len(t) for t in texts], device=device)
+        offsets = lengths.cumsum(0) - lengths  # where each text starts in ``flat``
         return F.normalize(self.text_projection(self.text_embedding(flat, offsets)), dim=-1)
 
     def embed_images(self, codes: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
