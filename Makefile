@@ -1,11 +1,13 @@
-# Patchwork: `make serve` on a fresh machine sets everything up and serves the
-# default BLT checkpoint on 127.0.0.1:9000; `make test` runs the suite.
+# Patchwork: `make serve` on a fresh machine sets everything up, trains the
+# default BLT and CM3Leon checkpoints when they are missing and serves both on
+# 127.0.0.1:9000; `make test` runs the suite.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 CHECKPOINTS ?= checkpoints
 DEFAULT_CHECKPOINT := $(CHECKPOINTS)/blt-default
+CM3LEON_CHECKPOINT := $(CHECKPOINTS)/cm3leon-default
 GRPC_PORT ?= 9000
 
 USERS ?= 16
@@ -28,7 +30,10 @@ protos: setup
 $(DEFAULT_CHECKPOINT)/manifest.json: | setup
 	$(PY) -m training blt --preset default --out $(DEFAULT_CHECKPOINT)
 
-train: $(DEFAULT_CHECKPOINT)/manifest.json
+$(CM3LEON_CHECKPOINT)/manifest.json: | setup
+	$(PY) -m training cm3leon --preset default --out $(CM3LEON_CHECKPOINT)
+
+train: $(DEFAULT_CHECKPOINT)/manifest.json $(CM3LEON_CHECKPOINT)/manifest.json
 
 serve: setup train
 	$(PY) -m serving up --checkpoints $(CHECKPOINTS) --grpc-port $(GRPC_PORT)
@@ -41,9 +46,11 @@ loadtest: setup train
 	$(PY) -m loadtests run --target $(TARGET) --users $(USERS) --duration $(DURATION) \
 		--start-if-down $(CHECKPOINTS) --out results/loadtest/users_$(USERS)
 
-# The BLT generation benchmark (docs/benchmarks.md).
+# The BLT generation benchmark (docs/benchmarks.md) and CM3Leon's evaluation (docs/cm3leon.md).
 bench: setup train
 	$(PY) -m engines.blt.bench --checkpoint $(DEFAULT_CHECKPOINT) --json results/bench.json
+	$(PY) -m training.cm3leon.evaluate --checkpoint $(CM3LEON_CHECKPOINT) --json results/cm3leon.json \
+		--markdown results/cm3leon.md --grid results/cm3leon-grid.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -99,6 +99,56 @@ def test_cm3_moves_spans_inside_one_part_to_the_end_and_back():
         assert unmask(cm3(tokens, parts, rng)) == tokens
 
 
+def test_a_dropped_condition_is_what_the_unconditional_stream_reads():
+    from engines.cm3leon.prompts import caption_prompt, image_prompt
+    from engines.cm3leon.tokenizer import IMAGE_END
+    from training.cm3leon.objective import document
+
+    caption, image, alt = [100, 101, 102], [500 + i for i in range(16)], [300, 301]
+    tokens, parts = document(caption, image, image_first=False, condition_dropped=True)
+    uncond = list(image_prompt(caption).uncond)
+    assert tokens == [*uncond, *image, IMAGE_END] and parts == [(len(uncond), len(uncond) + len(image))]
+    for noted in (alt, None):
+        tokens, parts = document(caption, image, image_first=True, alt_text=noted, condition_dropped=True)
+        uncond = list(caption_prompt(image, alt_text=noted or ()).uncond)
+        assert tokens == [*uncond, *caption] and parts == [(len(uncond), len(tokens))]
+
+
+def test_training_sequences_drop_conditions_at_the_configured_rate(cm3leon_checkpoint):
+    import random
+
+    import torch
+
+    import engines
+    from engines.cm3leon.tokenizer import MASK
+    from training.cm3leon.train import sequences
+
+    path, _ = cm3leon_checkpoint
+    engine = engines.load(path)
+    try:
+        examples = ImageWorld(seed=9).take(64)
+        captions = [engine.tokenizer.encode(e.caption) for e in examples]
+        alts = [engine.tokenizer.encode(e.alt_text) for e in examples]
+        codes = torch.cat([engine.model.vq.encode(torch.from_numpy(e.image)[None]) for e in examples])
+        text_vocab, image_tokens = engine.config.text_vocab, engine.config.image_tokens
+        for rate, expected in ((0.0, 0), (1.0, len(examples))):
+            made = sequences(engine.model, captions, alts, codes, random.Random(0), max_documents=2,
+                             own=[-1] * len(examples), condition_dropout=rate)
+            # A dropped condition starts the sequence: nothing is retrieved before it.
+            assert sum(sequence[0] == MASK for sequence in made) == expected
+            assert sum(MASK in sequence for sequence in made) == expected
+            # Images are written in the joint vocabulary's image ids, as the engine reads and writes
+            # them: every document (and every retrieved one) holds one image's worth, but an
+            # image-first document whose condition (its image) was dropped holds none.
+            in_images = [sum(token >= text_vocab for token in sequence) for sequence in made]
+            assert all(count % image_tokens == 0 for count in in_images)
+            assert all(in_images) if rate == 0.0 else any(in_images)
+        for i in range(len(engine.model.bank)):
+            assert sum(token >= text_vocab for token in engine.model.bank.document(i)) == image_tokens
+    finally:
+        engine.close()
+
+
 # -- guidance --------------------------------------------------------------------
 
 
@@ -421,20 +471,23 @@ def test_the_evaluation_runs_and_reports_every_measurement(cm3leon_checkpoint, t
 
     from PIL import Image
 
-    from training.cm3leon.evaluate import main, modes
+    from training.cm3leon.evaluate import UNCONDITIONAL, main, modes
 
     path, _ = cm3leon_checkpoint
     out = tmp_path / "report.json"
-    assert main(["--checkpoint", str(path), "--prompts", "2", "--samples", "2", "--batch", "2",
+    assert main(["--checkpoint", str(path), "--prompts", "2", "--samples", "2", "--batch", "3",
                  "--json", str(out), "--markdown", str(tmp_path / "report.md"), "--grid", str(tmp_path / "grid.png")]) == 0
     report = json.loads(out.read_text())
     assert {(r["mode"], r["documents"]) for r in report["text_to_image"]} == {
-        (mode, documents) for mode in modes() for documents in (0, 1, 2)}
+        (mode, documents) for mode in modes() for documents in (0, 1, 2)} | {(UNCONDITIONAL, 0)}
     assert all(0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["best_ranked_accuracy"] <= 1.0 for r in report["text_to_image"])
     assert set(report["image_to_text"]) == {"caption", "alt-text as given (noisy ones)",
                                             "caption re-aligning the alt-text (noisy ones)"}
-    assert report["speed"]["cfg_pairing_speedup"] > 0 and set(report["speed"]["images_per_s"]) == {"1", "2"}
-    assert Image.open(tmp_path / "grid.png").size == (2 * 32 * 3, len(modes()) * 32 * 3)
+    # More concurrent prompts (3) than held-out prompts (2): the speed runs reuse prompts.
+    assert [p["prompts"] for p in report["speed"]["cfg_pairing"]] == [1, 3]
+    assert all(p["speedup"] > 0 for p in report["speed"]["cfg_pairing"])
+    assert set(report["speed"]["images_per_s"]) == {"1", "3"}
+    assert Image.open(tmp_path / "grid.png").size == (2 * 32 * 3, (len(modes()) + 1) * 32 * 3)
     assert "| mode | documents |" in (tmp_path / "report.md").read_text()
     assert main(["--checkpoint", str(tmp_path / "missing")]) == 2
 

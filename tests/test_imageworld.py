@@ -25,6 +25,33 @@ def test_examples_are_a_pure_function_of_seed_and_index():
 
 
 @pytest.mark.parametrize("image_size", [32, 64])
+def test_jitter_bounds_how_far_a_shape_sits_from_its_cells_centre(image_size):
+    from training.imageworld.scene import side_of
+
+    def offsets(world):
+        found = {}
+        for example in world.take(400):
+            for shape in example.scene.shapes:
+                room = image_size // 2 - side_of(shape.size, image_size) - 1
+                found.setdefault(shape.size, set()).update({shape.dx - (1 + room) // 2, shape.dy - (1 + room) // 2})
+        return found
+
+    centred, free = offsets(ImageWorld(seed=1, image_size=image_size, jitter=0)), offsets(ImageWorld(seed=1,
+                                                                                              image_size=image_size))
+    assert centred == {"small": {0}, "large": {0}}
+    assert len(free["small"]) > 3  # anywhere in the cell
+    assert all(-1 <= o <= 1 for found in offsets(ImageWorld(seed=1, image_size=image_size, jitter=1)).values()
+               for o in found)
+    world = ImageWorld(seed=1, image_size=image_size, jitter=0)
+    assert [world[i].caption for i in range(50)] == [ImageWorld(seed=1, image_size=image_size)[i].caption
+                                                      for i in range(50)]  # the same scenes, placed differently
+    for example in world.take(100):
+        assert parse_image(example.image) == example.scene
+    with pytest.raises(ValueError, match="jitter"):
+        ImageWorld(jitter=-1)
+
+
+@pytest.mark.parametrize("image_size", [32, 64])
 def test_the_parser_reads_every_rendered_scene_exactly(image_size):
     world = ImageWorld(seed=11, image_size=image_size)
     for example in world.take(400):

@@ -88,7 +88,7 @@ class Cm3LeonEngine:
         codes = self._codes(image)
         count = self._documents(count=documents)
         found = self.model.bank.search(self.model.retriever.embed_images(codes), count)[0] if count else []
-        ids = (codes[0] + self.config.text_vocab).tolist()
+        ids = self.model.image_ids(codes)[0].tolist()
         return caption_prompt(ids, [self.model.bank.document(i) for i in found], self.tokenizer.encode(alt_text))
 
     @torch.inference_mode()
@@ -104,7 +104,7 @@ class Cm3LeonEngine:
         for span, piece in enumerate(pieces[1:]):
             tokens += [sentinel(span), *self.tokenizer.encode(piece)]
         if image is not None:
-            codes = (self._codes(image)[0] + self.config.text_vocab).tolist()
+            codes = self.model.image_ids(self._codes(image))[0].tolist()
             tokens += [BREAK, IMAGE_START, *codes, IMAGE_END]
         return infill_prompt(tokens)
 

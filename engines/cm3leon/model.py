@@ -23,6 +23,10 @@ class Cm3LeonModel(nn.Module):
         self.retriever = DualEncoder(config.retrieval, config.text_vocab, config.vq.codes, config.image_tokens)
         self.bank = MemoryBank(config.retrieval)
 
+    def image_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        """The image tokenizer's code ids (b, image_tokens) -> image tokens of the joint vocabulary."""
+        return codes + self.config.text_vocab
+
     def images(self, ids: torch.Tensor) -> torch.Tensor:
         """Image tokens (b, image_tokens) of the joint vocabulary -> uint8 images (b, size, size, 3)."""
         return self.vq.decode(ids - self.config.text_vocab)

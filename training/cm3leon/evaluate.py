@@ -14,14 +14,16 @@ like with like on a shared machine:
   best-ranked sample of each prompt (ranked by the model's likelihood of the
   prompt as the image's caption). Modes: temperature 1, top-p 0.9, CFG at
   scales 1, 2, 3, 5, 7 (with top-p 0.9), CD-K on a small (alpha, K) grid, and
-  the mix (half top-p, half CD-K, ranked together);
+  the mix (half top-p, half CD-K, ranked together); and, as the floor every
+  mode must beat, images drawn from the unconditional stream alone (the
+  prompt's text replaced by ``<mask>``), judged against the same prompts;
 - image->text: precision and recall of the facts a greedy caption states,
   against the scene; and the same for captions written with a noisy alt-text
   to re-align, beside the alt-texts' own precision and recall;
 - speed: images/s of the classifier-free pair in one batch against the two
   streams run one after the other (the conditional prompts, then the
-  unconditional ones, each its own batch), and images/s at 1 and 16
-  concurrent requests.
+  unconditional ones, each its own batch), at 1, 4 and ``batch`` concurrent
+  prompts; and unguided images/s at 1 and ``batch`` concurrent requests.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import torch
 
 import engines
 from engines.cm3leon.decoding import Cm3Params, Guidance
-from engines.cm3leon.prompts import Cm3Prompt
+from engines.cm3leon.prompts import Cm3Prompt, Task
 from engines.scheduler import SchedulerConfig
 from training.cm3leon.train import HELDOUT_START
 from training.imageworld import Example, ImageWorld, Scene, parse_image, read_caption
@@ -90,26 +92,41 @@ def generate(engine, prompts: list[Cm3Prompt], params: list[Cm3Params]) -> list:
     return [request.result() for request in requests]
 
 
+UNCONDITIONAL = "no prompt (unconditional stream)"
+
+
+def judged(engine, examples: list[Example], prompts: list[Cm3Prompt], kinds: list[Cm3Params], samples: int) -> dict:
+    """``samples`` images per prompt (sample s with ``kinds[s % len(kinds)]``),
+    judged against its example's scene; the best-ranked sample of each prompt
+    is the one the model finds likeliest to have the example's caption."""
+    asks = [(i, kinds[s % len(kinds)].model_copy(update={"seed": 1000 * s + i}))
+            for i in range(len(examples)) for s in range(samples)]
+    results = generate(engine, [prompts[i] for i, _ in asks], [params for _, params in asks])
+    images = engine.images(results)
+    accuracy = [attribute_accuracy(examples[i].scene, image) for (i, _), image in zip(asks, images)]
+    best = []  # per prompt: the index (into asks) of its best-ranked sample
+    for i, example in enumerate(examples):
+        mine = [j for j, (k, _) in enumerate(asks) if k == i]
+        ranking = engine.caption_scores([results[j] for j in mine], example.caption)
+        best.append(mine[int(np.argmax(ranking))])
+    return {"accuracy": float(np.mean(accuracy)), "best_ranked_accuracy": float(np.mean([accuracy[j] for j in best])),
+            "exact_scenes": float(np.mean([a == 1.0 for a in accuracy])), "best": [images[j] for j in best]}
+
+
 def text_to_image(engine, examples: list[Example], samples: int, documents: list[int]) -> tuple[list[dict], dict]:
     rows, grid = [], {}
+    prompts = [engine.image_prompt(e.caption, documents=0) for e in examples]
+    unconditional = [Cm3Prompt(Task.IMAGE, p.uncond, p.uncond) for p in prompts]
+    floor = judged(engine, examples, unconditional, [Cm3Params(temperature=1.0)], samples)
+    rows.append({"mode": UNCONDITIONAL, "documents": 0, **{k: v for k, v in floor.items() if k != "best"}})
     for count in documents:
         prompts = [engine.image_prompt(e.caption, documents=count) for e in examples]
         for name, kinds in modes().items():
-            asks = [(p, e, s, kinds[s % len(kinds)].model_copy(update={"seed": 1000 * s + i}))
-                    for i, (p, e) in enumerate(zip(prompts, examples)) for s in range(samples)]
-            results = generate(engine, [a[0] for a in asks], [a[3] for a in asks])
-            images = engine.images(results)
-            scores = [engine.caption_scores([r], a[1].caption)[0] for r, a in zip(results, asks)]
-            accuracy = [attribute_accuracy(a[1].scene, image) for a, image in zip(asks, images)]
-            best = []
-            for i in range(len(examples)):
-                mine = [j for j, a in enumerate(asks) if a[1] is examples[i]]
-                best.append(accuracy[max(mine, key=lambda j: scores[j])])
-                if count == documents[-1]:
-                    grid.setdefault(name, []).append(images[max(mine, key=lambda j: scores[j])])
-            rows.append({"mode": name, "documents": count, "accuracy": float(np.mean(accuracy)),
-                         "best_ranked_accuracy": float(np.mean(best)),
-                         "exact_scenes": float(np.mean([a == 1.0 for a in accuracy]))})
+            outcome = judged(engine, examples, prompts, kinds, samples)
+            if count == documents[-1]:
+                grid[name] = outcome["best"]
+            rows.append({"mode": name, "documents": count, **{k: v for k, v in outcome.items() if k != "best"}})
+    grid[UNCONDITIONAL] = floor["best"]
     return rows, grid
 
 
@@ -130,26 +147,35 @@ def image_to_text(engine, examples: list[Example]) -> dict:
     return out
 
 
-def speed(engine, examples: list[Example], batch: int) -> dict:
-    prompts = [engine.image_prompt(e.caption, documents=0) for e in examples[:batch]]
+def timed(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def speed(engine, examples: list[Example], batch: int, repeats: int = 3) -> dict:
+    """CFG pairing and throughput; each time is the best of ``repeats`` (the
+    machine is shared, and the least disturbed run is the closest to the cost)."""
+    prompts = [engine.image_prompt(e.caption, documents=0) for e in examples]
+    prompts = (prompts * batch)[:batch]
     cfg = Cm3Params(guidance=Guidance.CLASSIFIER_FREE)
     generate(engine, prompts[:2], [cfg] * 2)  # warm up
-    start = time.perf_counter()
-    generate(engine, prompts, [cfg] * len(prompts))
-    paired = time.perf_counter() - start
-    start = time.perf_counter()
-    generate(engine, prompts, [Cm3Params()] * len(prompts))
-    generate(engine, [Cm3Prompt(p.task, p.uncond, p.uncond) for p in prompts], [Cm3Params()] * len(prompts))
-    sequential = time.perf_counter() - start
+    pairing = []
+    for concurrent in sorted({1, min(4, batch), batch}):
+        asked = prompts[:concurrent]
+        unconditional = [Cm3Prompt(p.task, p.uncond, p.uncond) for p in asked]
+        paired = min(timed(lambda: generate(engine, asked, [cfg] * concurrent)) for _ in range(repeats))
+        sequential = min(timed(lambda: (generate(engine, asked, [Cm3Params()] * concurrent),
+                                        generate(engine, unconditional, [Cm3Params()] * concurrent)))
+                         for _ in range(repeats))
+        pairing.append({"prompts": concurrent, "paired_images_per_s": concurrent / paired,
+                        "one_after_the_other_images_per_s": concurrent / sequential, "speedup": sequential / paired})
     rates = {}
     for concurrent in (1, batch):
-        start = time.perf_counter()
-        generate(engine, prompts[:concurrent], [Cm3Params(temperature=1.0)] * concurrent)
-        rates[concurrent] = concurrent / (time.perf_counter() - start)
-    return {"cfg_pair_in_one_batch_images_per_s": len(prompts) / paired,
-            "cfg_streams_one_after_the_other_images_per_s": len(prompts) / sequential,
-            "cfg_pairing_speedup": sequential / paired, "batch": len(prompts),
-            "images_per_s": {str(k): v for k, v in rates.items()}}
+        seconds = min(timed(lambda: generate(engine, prompts[:concurrent], [Cm3Params(temperature=1.0)] * concurrent))
+                      for _ in range(repeats))
+        rates[str(concurrent)] = concurrent / seconds
+    return {"cfg_pairing": pairing, "batch": batch, "images_per_s": rates}
 
 
 def save_grid(grid: dict[str, list[np.ndarray]], path: Path, scale: int = 3) -> None:
@@ -172,20 +198,25 @@ def markdown(report: dict) -> str:
     lines += [f"| {name} | {v['precision']:.3f} | {v['recall']:.3f} | {v['count']} |"
               for name, v in report["image_to_text"].items()]
     s = report["speed"]
-    lines += ["", f"CFG pair in one batch: {s['cfg_pair_in_one_batch_images_per_s']:.2f} images/s; the two streams "
-              f"one after the other: {s['cfg_streams_one_after_the_other_images_per_s']:.2f} images/s "
-              f"({s['cfg_pairing_speedup']:.2f}x, {s['batch']} prompts). Images/s at 1 and {s['batch']} concurrent "
-              f"requests: " + ", ".join(f"{v:.2f}" for v in s["images_per_s"].values()) + "."]
+    lines += ["", "| CFG prompts at once | pair in one batch (images/s) | streams one after the other (images/s) "
+              "| speed-up |", "| --- | --- | --- | --- |"]
+    lines += [f"| {p['prompts']} | {p['paired_images_per_s']:.2f} | {p['one_after_the_other_images_per_s']:.2f} "
+              f"| {p['speedup']:.2f}x |" for p in s["cfg_pairing"]]
+    lines += ["", f"Unguided images/s at 1 and {s['batch']} concurrent requests: "
+              + ", ".join(f"{v:.2f}" for v in s["images_per_s"].values()) + "."]
     return "\n".join(lines) + "\n"
 
 
 def evaluate(checkpoint: Path, prompts: int, samples: int, batch: int) -> tuple[dict, dict]:
     torch.manual_seed(0)
-    engine = engines.load(checkpoint, scheduler=SchedulerConfig(max_batch_size=max(16, batch)))
+    # Every sample of a mode is submitted at once: the queue holds them all.
+    queue = prompts * samples
+    engine = engines.load(checkpoint, scheduler=SchedulerConfig(max_batch_size=max(16, batch), max_queue=queue))
     try:
         size = engine.config.vq.image_size
         world = engine.manifest.training.data.get("image_world", {}) if engine.manifest else {}
-        examples = ImageWorld(seed=world.get("seed", 0), image_size=size).take(prompts, start=EVALUATION_START)
+        examples = ImageWorld(seed=world.get("seed", 0), image_size=size,
+                              jitter=world.get("jitter")).take(prompts, start=EVALUATION_START)
         rows, grid = text_to_image(engine, examples, samples, [0, 1, 2][: engine.config.retrieval.max_documents + 1])
         report = {
             "checkpoint": str(checkpoint), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "

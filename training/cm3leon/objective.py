@@ -7,6 +7,12 @@ A document is a caption and an image in either order, the two parts split by
     <img> codes </img> <break> caption                     (image -> caption)
     <img> codes </img> <break> alt-text <break> caption    (re-aligning an alt-text)
 
+A document may have its condition (the part before the first ``<break>``)
+dropped to ``<mask>``: ``<mask> <break> <img> codes </img>``. That is what the
+unconditional stream of guided decoding reads (``engines.cm3leon.prompts``),
+so training on such documents teaches the model the unconditional
+distribution that classifier-free guidance and CD-K contrast against.
+
 The CM3 objective masks n ~ clamp(Poisson(1), 1, 16) non-overlapping spans,
 each inside one part (so none crosses ``<break>``; the image markers are
 never masked), replaces the i-th span (in document order) by ``<mask:i>``,
@@ -24,25 +30,32 @@ import math
 import random
 from collections.abc import Sequence
 
-from engines.cm3leon.tokenizer import BREAK, EOS, IMAGE_END, IMAGE_START, MAX_SPANS, sentinel
+from engines.cm3leon.tokenizer import BREAK, EOS, IMAGE_END, IMAGE_START, MASK, MAX_SPANS, sentinel
 
 Part = tuple[int, int]  # [start, end) of a maskable part of a document
 
 
 def document(caption: Sequence[int], image: Sequence[int], image_first: bool,
-             alt_text: Sequence[int] | None = None) -> tuple[list[int], list[Part]]:
+             alt_text: Sequence[int] | None = None, condition_dropped: bool = False) -> tuple[list[int], list[Part]]:
     """The tokens of a caption-and-image document and its maskable parts (the
     caption, the codes). An image-first document may carry the image's
     alt-text between the image and the caption, which teaches re-aligning it;
-    the alt-text itself is never masked."""
+    the alt-text itself is never masked. With ``condition_dropped`` the first
+    part (the image of an image-first document, else the caption) is ``<mask>``."""
     picture = [IMAGE_START, *image, IMAGE_END]
     if image_first:
         noted = [*alt_text, BREAK] if alt_text is not None else []
-        tokens = [*picture, BREAK, *noted, *caption]
-        parts = [(1, 1 + len(image)), (len(picture) + 1 + len(noted), len(tokens))]
+        condition = [MASK] if condition_dropped else picture
+        tokens = [*condition, BREAK, *noted, *caption]
+        parts = [(len(condition) + 1 + len(noted), len(tokens))]
+        if not condition_dropped:
+            parts.insert(0, (1, 1 + len(image)))
     else:
-        tokens = [*caption, BREAK, *picture]
-        parts = [(0, len(caption)), (len(caption) + 2, len(caption) + 2 + len(image))]
+        condition = [MASK] if condition_dropped else list(caption)
+        tokens = [*condition, BREAK, *picture]
+        parts = [(len(condition) + 2, len(condition) + 2 + len(image))]
+        if not condition_dropped:
+            parts.insert(0, (0, len(caption)))
     return tokens, [(start, end) for start, end in parts if end > start]
 
 

@@ -14,6 +14,8 @@ class Cm3LeonPreset(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     world_seed: int = 0
+    # How far a shape may sit from its cell's centre, in pixels (None: anywhere in its cell).
+    world_jitter: int | None = Field(default=None, ge=0)
     train_images: int = Field(ge=1)
     heldout_images: int = Field(ge=1)
     text_vocab: int
@@ -26,6 +28,8 @@ class Cm3LeonPreset(BaseModel):
     transformer: TransformerConfig
     lm_schedule: Schedule
     max_sequence: int = 512
+    # Training documents whose condition is dropped to <mask>: the unconditional stream of guided decoding.
+    condition_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     seed: int = 0
 
 
@@ -45,8 +49,10 @@ def _tiny() -> Cm3LeonPreset:
 
 
 def _default() -> Cm3LeonPreset:
-    # Sized to train in a few minutes on 2 CPU cores beside BLT's default.
+    # Sized to train in a few minutes on 2 CPU cores beside BLT's default; shapes sit within
+    # a pixel of their cell's centre, so the image's freedom is small but not nil.
     return Cm3LeonPreset(
+        world_jitter=1,
         train_images=8000,
         heldout_images=256,
         text_vocab=512,
@@ -55,7 +61,7 @@ def _default() -> Cm3LeonPreset:
         retriever_schedule=Schedule(steps=300, batch_size=128, lr=3e-3),
         bank_size=4000,
         transformer=TransformerConfig(dim=128, n_layers=4, n_heads=4),
-        lm_schedule=Schedule(steps=1200, batch_size=16, lr=3e-3),
+        lm_schedule=Schedule(steps=800, batch_size=16, lr=3e-3),
     )
 
 

@@ -10,8 +10,11 @@
 4. Train the transformer with the CM3 objective on caption-and-image
    documents, each in a random order (caption -> image or image -> caption,
    half of the latter with the image's noisy alt-text before the caption),
-   the tokenizers and retriever frozen. Each document is preceded by 0 to
-   ``max_documents`` retrieved bank documents (uniformly), found with the
+   the tokenizers and retriever frozen. A ``condition_dropout`` fraction of
+   documents have their first part (the condition) replaced by ``<mask>`` and
+   no retrieved documents: the unconditional stream guided decoding reads.
+   Every other document is preceded by 0 to ``max_documents`` retrieved
+   bank documents (uniformly, one draw per batch), found with the
    prompt side's embedding (the caption's, or the image's) with 20% of its
    tokens dropped (the paper's query dropout); never the document's own
    bank entry, nor a near-duplicate.
@@ -80,18 +83,24 @@ def retrieved(model: Cm3LeonModel, captions: list[list[int]], codes: torch.Tenso
 
 
 def sequences(model: Cm3LeonModel, captions: list[list[int]], alt_texts: list[list[int]], codes: torch.Tensor,
-              rng: random.Random, max_documents: int, own: list[int]) -> list[list[int]]:
+              rng: random.Random, max_documents: int, own: list[int], condition_dropout: float) -> list[list[int]]:
     """One training sequence per (caption, alt-text, image codes) triple
     (``own``: their bank entries, -1 for none): retrieved documents, then the
     document in a random order under the CM3 objective; half the image-first
-    documents carry their alt-text."""
+    documents carry their alt-text; a ``condition_dropout`` fraction has its
+    condition dropped to ``<mask>`` and nothing retrieved. The others all have
+    the same number of retrieved documents, one draw per call, so a batch is
+    never padded to a neighbour that retrieved more."""
     image_first = [rng.random() < 0.5 for _ in captions]
-    counts = [rng.randint(0, max_documents) for _ in captions]
+    dropped = [rng.random() < condition_dropout for _ in captions]
+    count = rng.randint(0, max_documents)
+    counts = [0 if drop else count for drop in dropped]
     context = retrieved(model, captions, codes, image_first, counts, own, rng)
     out = []
-    for caption, alt, image, first, documents in zip(captions, alt_texts, codes.tolist(), image_first, context):
+    images = model.image_ids(codes).tolist()  # the retriever reads code ids, the transformer joint-vocabulary ids
+    for caption, alt, image, first, drop, documents in zip(captions, alt_texts, images, image_first, dropped, context):
         noted = alt if first and rng.random() < ALT_TEXT_FRACTION else None
-        tokens, parts = document(caption, image, image_first=first, alt_text=noted)
+        tokens, parts = document(caption, image, image_first=first, alt_text=noted, condition_dropped=drop)
         out.append([*(t for d in documents for t in d), *cm3(tokens, parts, rng)])
     return out
 
@@ -135,7 +144,7 @@ def train_cm3leon(preset: Cm3LeonPreset, out: Path, command: str, steps: int | N
         vq_schedule = vq_schedule.model_copy(update={"steps": steps})
         retriever_schedule = retriever_schedule.model_copy(update={"steps": steps})
         lm_schedule = lm_schedule.model_copy(update={"steps": steps})
-    world = ImageWorld(seed=preset.world_seed, image_size=preset.vq.image_size)
+    world = ImageWorld(seed=preset.world_seed, image_size=preset.vq.image_size, jitter=preset.world_jitter)
     train = world.take(preset.train_images)
     heldout = world.take(preset.heldout_images, start=HELDOUT_START)
 
@@ -174,19 +183,23 @@ def train_cm3leon(preset: Cm3LeonPreset, out: Path, command: str, steps: int | N
     model.retriever.requires_grad_(False)
     with torch.no_grad():
         bank_vectors = model.retriever.document_vectors(captions[:bank_size], codes[:bank_size])
-    bank = [bank_document(caption, image) for caption, image in zip(captions[:bank_size], codes[:bank_size].tolist())]
+    bank = [bank_document(caption, image)
+            for caption, image in zip(captions[:bank_size], model.image_ids(codes[:bank_size]).tolist())]
     model.bank.fill(bank_vectors, bank)
     retrieval_metrics = retrieval_accuracy(model, [tokenizer.encode(e.caption) for e in heldout], heldout_codes)
 
     max_documents = config.retrieval.max_documents if bank_size else 0
-    heldout_batches = [padded(chunk) for chunk in _chunks(sequences(
-        model, [tokenizer.encode(e.caption) for e in heldout], [tokenizer.encode(e.alt_text) for e in heldout],
-        heldout_codes, random.Random(1), max_documents, own=[-1] * len(heldout)), 32)]
+    heldout_rng = random.Random(1)
+    heldout_batches = [padded(sequences(
+        model, [tokenizer.encode(e.caption) for e in chunk], [tokenizer.encode(e.alt_text) for e in chunk],
+        heldout_codes[start:start + len(chunk)], heldout_rng, max_documents, own=[-1] * len(chunk),
+        condition_dropout=preset.condition_dropout)) for start, chunk in _chunks(heldout, 32)]
 
     def next_batch() -> torch.Tensor:
         picks = [rng.randrange(len(train)) for _ in range(lm_schedule.batch_size)]
         return padded(sequences(model, [captions[i] for i in picks], [alt_texts[i] for i in picks], codes[picks],
-                                rng, max_documents, own=[i if i < bank_size else -1 for i in picks]))
+                                rng, max_documents, own=[i if i < bank_size else -1 for i in picks],
+                                condition_dropout=preset.condition_dropout))
 
     model.lm.train()
     fit(model.lm.parameters(), lambda batch: lm_loss(model, batch), next_batch, lm_schedule, "cm3leon")
@@ -203,6 +216,7 @@ def train_cm3leon(preset: Cm3LeonPreset, out: Path, command: str, steps: int | N
     record = TrainingRecord(
         command=command,
         data={"image_world": {"seed": preset.world_seed, "image_size": preset.vq.image_size,
+                              "jitter": preset.world_jitter,
                               "train_images": len(train), "heldout_images": len(heldout),
                               "heldout_start": HELDOUT_START}},
         metrics=metrics,
@@ -211,5 +225,6 @@ def train_cm3leon(preset: Cm3LeonPreset, out: Path, command: str, steps: int | N
     return metrics
 
 
-def _chunks(items: list, size: int) -> list[list]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+def _chunks(items: list, size: int) -> list[tuple[int, list]]:
+    """(start, items[start:start + size]) for every chunk."""
+    return [(i, items[i:i + size]) for i in range(0, len(items), size)]

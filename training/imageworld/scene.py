@@ -4,6 +4,9 @@ A scene is one to three shapes, each in its own quadrant (cell) of a square
 image on a black background. A shape has a kind (circle, square, triangle),
 a colour from a fixed palette, a size (small or large) and a position inside
 its cell that never touches the cell's border, so two shapes never touch.
+A world's ``jitter`` bounds how far a shape may sit from its cell's centre
+(None: anywhere in the cell); captions never say where in its cell a shape
+sits, so jitter is the image's freedom that the text does not determine.
 """
 
 from __future__ import annotations
@@ -61,14 +64,26 @@ class Scene:
         return [shape.attributes for shape in self.shapes]
 
 
-def sample_scene(rng: random.Random, image_size: int) -> Scene:
+def sample_scene(rng: random.Random, image_size: int, jitter: int | None = None) -> Scene:
+    """A random scene; each shape's box starts within ``jitter`` pixels of its
+    cell's centred placement (anywhere in the cell when None). The random
+    draws do not depend on ``jitter``: worlds that differ only in it hold the
+    same scenes, placed differently."""
     cells = sorted(rng.sample(range(len(CELLS)), rng.randint(1, MAX_SHAPES)))
     shapes = []
     for cell in cells:
         size = rng.choice(SIZES)
         room = image_size // 2 - side_of(size, image_size) - 1  # at least one pixel to the cell's border
+        low, high = 1, room
+        if jitter is not None:
+            centre = (1 + room) // 2
+            low, high = max(1, centre - jitter), min(room, centre + jitter)
+
+        def placed(draw: int) -> int:  # [1, room] onto [low, high], evenly
+            return low + (draw - 1) * (high - low + 1) // room
+
         shapes.append(Shape(kind=rng.choice(KINDS), colour=rng.choice(sorted(COLOURS)), size=size, cell=cell,
-                            dx=rng.randint(1, room), dy=rng.randint(1, room)))
+                            dx=placed(rng.randint(1, room)), dy=placed(rng.randint(1, room))))
     return Scene(tuple(shapes))
 
 
@@ -108,10 +123,12 @@ class Example:
 class ImageWorld:
     """Examples ``world[i]`` for any i >= 0, each a pure function of (seed, i)."""
 
-    def __init__(self, seed: int = 0, image_size: int = 32, noisy_fraction: float = 0.5):
+    def __init__(self, seed: int = 0, image_size: int = 32, noisy_fraction: float = 0.5, jitter: int | None = None):
         if image_size not in (32, 64):
             raise ValueError(f"image_size must be 32 or 64, not {image_size}")
-        self.seed, self.image_size, self.noisy_fraction = seed, image_size, noisy_fraction
+        if jitter is not None and jitter < 0:
+            raise ValueError(f"jitter must be at least 0, not {jitter}")
+        self.seed, self.image_size, self.noisy_fraction, self.jitter = seed, image_size, noisy_fraction, jitter
 
     def __getitem__(self, index: int) -> Example:
         from training.imageworld.text import alt_text, caption
@@ -119,7 +136,7 @@ class ImageWorld:
         if index < 0:
             raise IndexError(index)
         rng = random.Random(f"imageworld/{self.seed}/{index}")
-        scene = sample_scene(rng, self.image_size)
+        scene = sample_scene(rng, self.image_size, self.jitter)
         text, noise = alt_text(scene, rng, self.noisy_fraction)
         return Example(index, scene, render(scene, self.image_size), caption(scene), text, noise)
 
