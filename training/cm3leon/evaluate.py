@@ -104,11 +104,11 @@ def judged(engine, examples: list[Example], prompts: list[Cm3Prompt], kinds: lis
     results = generate(engine, [prompts[i] for i, _ in asks], [params for _, params in asks])
     images = engine.images(results)
     accuracy = [attribute_accuracy(examples[i].scene, image) for (i, _), image in zip(asks, images)]
-    best = []  # per prompt: the index (into asks) of its best-ranked sample
+    best = []  # per prompt: the index (into asks) of its best-ranked sample; asks are prompt by prompt
     for i, example in enumerate(examples):
-        mine = [j for j, (k, _) in enumerate(asks) if k == i]
-        ranking = engine.caption_scores([results[j] for j in mine], example.caption)
-        best.append(mine[int(np.argmax(ranking))])
+        first = i * samples
+        ranking = engine.caption_scores(results[first:first + samples], example.caption)
+        best.append(first + int(np.argmax(ranking)))
     return {"accuracy": float(np.mean(accuracy)), "best_ranked_accuracy": float(np.mean([accuracy[j] for j in best])),
             "exact_scenes": float(np.mean([a == 1.0 for a in accuracy])), "best": [images[j] for j in best]}
 

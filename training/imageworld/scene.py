@@ -74,17 +74,19 @@ def sample_scene(rng: random.Random, image_size: int, jitter: int | None = None)
     for cell in cells:
         size = rng.choice(SIZES)
         room = image_size // 2 - side_of(size, image_size) - 1  # at least one pixel to the cell's border
-        low, high = 1, room
-        if jitter is not None:
-            centre = (1 + room) // 2
-            low, high = max(1, centre - jitter), min(room, centre + jitter)
-
-        def placed(draw: int) -> int:  # [1, room] onto [low, high], evenly
-            return low + (draw - 1) * (high - low + 1) // room
-
         shapes.append(Shape(kind=rng.choice(KINDS), colour=rng.choice(sorted(COLOURS)), size=size, cell=cell,
-                            dx=placed(rng.randint(1, room)), dy=placed(rng.randint(1, room))))
+                            dx=_placed(rng.randint(1, room), room, jitter),
+                            dy=_placed(rng.randint(1, room), room, jitter)))
     return Scene(tuple(shapes))
+
+
+def _placed(draw: int, room: int, jitter: int | None) -> int:
+    """A draw in [1, room] mapped evenly onto the offsets within ``jitter`` of the centred one."""
+    if jitter is None:
+        return draw
+    centre = (1 + room) // 2
+    low, high = max(1, centre - jitter), min(room, centre + jitter)
+    return low + (draw - 1) * (high - low + 1) // room
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, kind: str, left: int, top: int, width: int, height: int, fill) -> None:
