@@ -1,6 +1,6 @@
 # Patchwork: `make serve` on a fresh machine sets everything up, trains the
-# default BLT and CM3Leon checkpoints when they are missing and serves both on
-# 127.0.0.1:9000; `make test` runs the suite.
+# default BLT, CM3Leon and MAViL checkpoints when they are missing and serves
+# them on 127.0.0.1:9000; `make test` runs the suite.
 
 PYTHON ?= python3
 VENV := .venv
@@ -8,6 +8,9 @@ PY := $(VENV)/bin/python
 CHECKPOINTS ?= checkpoints
 DEFAULT_CHECKPOINT := $(CHECKPOINTS)/blt-default
 CM3LEON_CHECKPOINT := $(CHECKPOINTS)/cm3leon-default
+MAVIL_CHECKPOINT := $(CHECKPOINTS)/mavil-default
+# MAViL's stage-1 teacher, outside $(CHECKPOINTS) so that it is not served.
+MAVIL_TEACHER ?= teachers/mavil-stage1
 GRPC_PORT ?= 9000
 
 USERS ?= 16
@@ -33,7 +36,13 @@ $(DEFAULT_CHECKPOINT)/manifest.json: | setup
 $(CM3LEON_CHECKPOINT)/manifest.json: | setup
 	$(PY) -m training cm3leon --preset default --out $(CM3LEON_CHECKPOINT)
 
-train: $(DEFAULT_CHECKPOINT)/manifest.json $(CM3LEON_CHECKPOINT)/manifest.json
+$(MAVIL_TEACHER)/manifest.json: | setup
+	$(PY) -m training mavil --stage 1 --preset default --out $(MAVIL_TEACHER)
+
+$(MAVIL_CHECKPOINT)/manifest.json: | $(MAVIL_TEACHER)/manifest.json
+	$(PY) -m training mavil --stage 2 --preset default --teacher $(MAVIL_TEACHER) --out $(MAVIL_CHECKPOINT)
+
+train: $(DEFAULT_CHECKPOINT)/manifest.json $(CM3LEON_CHECKPOINT)/manifest.json $(MAVIL_CHECKPOINT)/manifest.json
 
 serve: setup train
 	$(PY) -m serving up --checkpoints $(CHECKPOINTS) --grpc-port $(GRPC_PORT)
@@ -46,11 +55,15 @@ loadtest: setup train
 	$(PY) -m loadtests run --target $(TARGET) --users $(USERS) --duration $(DURATION) \
 		--start-if-down $(CHECKPOINTS) --out results/loadtest/users_$(USERS)
 
-# The BLT generation benchmark (docs/benchmarks.md) and CM3Leon's evaluation (docs/cm3leon.md).
+# The BLT generation benchmark (docs/benchmarks.md), CM3Leon's evaluation
+# (docs/cm3leon.md), and MAViL's evaluation and speed (docs/mavil.md).
 bench: setup train
 	$(PY) -m engines.blt.bench --checkpoint $(DEFAULT_CHECKPOINT) --json results/bench.json
 	$(PY) -m training.cm3leon.evaluate --checkpoint $(CM3LEON_CHECKPOINT) --json results/cm3leon.json \
 		--markdown results/cm3leon.md --grid results/cm3leon-grid.png
+	$(PY) -m training.mavil.evaluate --model stage-1=$(MAVIL_TEACHER) --model stage-2=$(MAVIL_CHECKPOINT) \
+		--json results/mavil.json --markdown results/mavil.md
+	$(PY) -m engines.mavil.bench --checkpoint $(MAVIL_CHECKPOINT) --serve --json results/mavil-bench.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -4,7 +4,8 @@
   ``format_version``.
 - ``model.safetensors``: the weights (safetensors, never pickle).
 - assets: text files a family keeps beside its weights (CM3Leon's text
-  tokenizer as ``tokenizer.json``), listed in the manifest like the rest.
+  tokenizer as ``tokenizer.json``, MAViL's retrieval indexes), listed in the
+  manifest like the rest; ``add_assets`` adds some to a checkpoint.
 - ``manifest.json``: the sha256 of every other file, how the checkpoint was
   made (command, data) and its held-out metrics.
 
@@ -85,9 +86,7 @@ def save_checkpoint(
     temporary sibling directory and moves it into place, so a reader never
     sees half a checkpoint."""
     assets = assets or {}
-    for name in assets:
-        if name in (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE) or Path(name).name != name:
-            raise ValueError(f"asset name {name!r}: a plain file name other than the checkpoint's own files")
+    _check_asset_names(assets)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -108,6 +107,42 @@ def save_checkpoint(
         staging.rename(path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def _check_asset_names(names) -> None:
+    for name in names:
+        if name in (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE) or Path(name).name != name:
+            raise ValueError(f"asset name {name!r}: a plain file name other than the checkpoint's own files")
+
+
+def add_assets(path: str | os.PathLike, assets: dict[str, str]) -> Path:
+    """Adds ``assets`` (file name -> text; an existing one is replaced) to the
+    checkpoint at ``path``, verified first, and rewrites its manifest; like
+    ``save_checkpoint``, the new checkpoint is built beside the old one and
+    swapped in whole."""
+    _check_asset_names(assets)
+    path = Path(path)
+    manifest = read_manifest(path)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    retired = staging.with_name(staging.name + ".old")
+    try:
+        for name in manifest.files:
+            if name not in assets:
+                shutil.copy2(path / name, staging / name)
+        for name, text in assets.items():
+            (staging / name).write_text(text)
+        files = {name: sha256_of(staging / name) for name in (*manifest.files, *assets)}
+        updated = manifest.model_copy(update={"files": files})
+        (staging / MANIFEST_FILE).write_text(updated.model_dump_json(indent=2) + "\n")
+        path.rename(retired)
+        staging.rename(path)
+        shutil.rmtree(retired)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if retired.exists() and not path.exists():
+            retired.rename(path)
         raise
     return path
 
@@ -157,6 +192,15 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return load_file(weights_path)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights_path}: cannot read safetensors weights: {e}") from None
+
+
+def load_state(model: torch.nn.Module, weights: dict[str, torch.Tensor], name: str) -> None:
+    """Loads ``weights`` into ``model``, every tensor and nothing else;
+    CheckpointError naming the checkpoint ``name`` when they do not fit."""
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{name}/{WEIGHTS_FILE}: weights do not match {CONFIG_FILE}: {e}") from None
 
 
 def read_assets(path: str | os.PathLike, manifest: Manifest) -> dict[str, str]:

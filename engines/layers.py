@@ -232,6 +232,15 @@ class TransformerStack(nn.Module):
             h = layer(h, rotations, mask, None, i)
         return h
 
+    def encode(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Bidirectional (an encoder): h [B, T, dim], every token attending to
+        every other, at rotary ``positions`` [B, T] (a masked input's tokens
+        keep the places they had in the whole input)."""
+        rotations = self.rotary(positions)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rotations, None, None, i)
+        return h
+
     def step(self, h: torch.Tensor, cache: CacheView) -> torch.Tensor:
         """h: [B, T, dim], new tokens at ``cache.positions`` that attend to the
         cache (one decode step, or a chunk of a prompt)."""

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from engines.checkpoint import Manifest
 
 # family name -> module that defines FAMILY
-_FAMILY_MODULES = {"blt": "engines.blt.engine", "cm3leon": "engines.cm3leon.engine"}
+_FAMILY_MODULES = {"blt": "engines.blt.engine", "cm3leon": "engines.cm3leon.engine", "mavil": "engines.mavil.engine"}
 
 # The generation RPCs of patchwork.v1.ByteLM that every GenerativeEngine answers.
 GENERATION_RPCS = frozenset({"Generate", "GenerateStream"})

@@ -14,7 +14,6 @@ import json
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
 import yaml
@@ -31,23 +30,6 @@ Try:
   python -m serving client --target 127.0.0.1:{port} score "def main():"
   python -m serving models --target 127.0.0.1:{port}
 """
-
-
-def _wait_healthy(port: int, timeout_s: float) -> bool:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING:
-                    return True
-            except grpc.RpcError:
-                pass
-            time.sleep(0.5)
-    return False
 
 
 def load_config(args: argparse.Namespace) -> ServingConfig:
@@ -79,9 +61,9 @@ def up(args: argparse.Namespace) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cluster.start(config, num_cpus=args.num_cpus, detach=args.detach)
+    cluster.start(config, num_cpus=args.num_cpus or cluster.local_cpus(config, list(models)), detach=args.detach)
     apply(deploy_config(config, list(models)))
-    if not _wait_healthy(config.grpc_port, timeout_s=300):
+    if not ops.wait_healthy(config.grpc_port, timeout_s=300):
         print("error: the application did not become healthy; see `python -m serving status`", file=sys.stderr)
         return 1
     print(EXAMPLES.format(models=", ".join(sorted(models)), port=config.grpc_port, default=default,
@@ -166,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("up", help="start serving every checkpoint under --checkpoints")
     _setup_arguments(start)
-    start.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
+    start.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: the machine's, or "
+                       "what one replica of every model asks for when that is more)")
     start.add_argument("--detach", action="store_true", help="leave the server running in the background")
     stop = commands.add_parser("down", help="drain and stop a detached server")
     stop.add_argument("--grace", type=float, help="seconds requests in flight may take (default: the setup's drain_grace_s)")

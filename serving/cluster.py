@@ -23,6 +23,7 @@ same behaviour when its processes have that environment and node address.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -66,6 +67,23 @@ def connect(**init_options) -> None:
     if not ray.is_initialized():
         _loopback_nodes(True)
         ray.init(address="auto", **{"logging_level": "WARNING", **init_options})
+
+
+def cpus_needed(config: ServingConfig, models: list[str]) -> int:
+    """Logical CPUs that the first replicas of ``models`` and the gateway ask for together."""
+    def replicas(options) -> int:
+        scaling = options.autoscaling_config
+        return options.num_replicas if scaling is None else max(1, scaling.min_replicas)
+
+    deployments = [config.gateway, *(config.options_for(model) for model in models)]
+    return math.ceil(sum(options.ray_actor_options.num_cpus * replicas(options) for options in deployments))
+
+
+def local_cpus(config: ServingConfig, models: list[str]) -> int:
+    """The CPUs a local cluster advertises: the machine's cores, or as many as
+    the setup's first replicas ask for when that is more, so every model gets
+    a replica on a small machine (they share its cores then)."""
+    return max(os.cpu_count() or 1, cpus_needed(config, models))
 
 
 def start(config: ServingConfig, num_cpus: int | None = None, detach: bool = False, **init_options) -> None:

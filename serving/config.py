@@ -98,6 +98,13 @@ class Limits(BaseModel):
     # (checked from the header, before any pixel is decoded).
     max_image_bytes: int = Field(default=512 * 1024, ge=1)
     max_image_side: int = Field(default=1024, ge=1)
+    # An audio-video clip: the bytes of its sound and frames together, its
+    # audio's duration (checked before resampling) and its frame count.
+    max_clip_bytes: int = Field(default=768 * 1024, ge=1)
+    max_audio_seconds: float = Field(default=30.0, gt=0)
+    max_frames: int = Field(default=64, ge=1)
+    # Labels or matches one Classify or Retrieve returns.
+    max_top_k: int = Field(default=100, ge=1)
 
     @model_validator(mode="after")
     def _default_within_limit(self) -> "Limits":
@@ -110,12 +117,14 @@ class Limits(BaseModel):
         """The largest gRPC message a call within these limits needs, either
         way: a request with the longest prompt and every stop sequence, a
         Score response (a float and a patch length per byte), a generation
-        (text and patch lengths), an uploaded image with its texts, with room for the small fields and a model
+        (text and patch lengths), an uploaded image with its texts, an
+        audio-video clip, with room for the small fields and a model
         listing. The gRPC proxy refuses larger messages before they reach
         Patchwork."""
         request = self.max_prompt_bytes + self.max_stop_sequences * (self.max_stop_bytes + 4)
         images = self.max_image_bytes + 2 * self.max_prompt_bytes
-        return max(request, images, 8 * self.max_prompt_bytes, 4 * self.max_new_bytes) + 64 * 1024
+        clips = self.max_clip_bytes + 8 * self.max_frames
+        return max(request, images, clips, 8 * self.max_prompt_bytes, 4 * self.max_new_bytes) + 64 * 1024
 
 
 class AuthConfig(BaseModel):

@@ -124,6 +124,19 @@ def add_Multimodal_to_server(servicer, server) -> None:  # noqa: N802 (gRPC nami
     })
 
 
+def add_AudioVideo_to_server(servicer, server) -> None:  # noqa: N802 (gRPC naming)
+    from patchwork.v1 import audiovideo_pb2 as pb2
+
+    register(server, "patchwork.v1.AudioVideo", {
+        "Embed": grpc.unary_unary_rpc_method_handler(
+            servicer.Embed, request_deserializer=None, response_serializer=pb2.EmbedResponse.SerializeToString),
+        "Classify": grpc.unary_unary_rpc_method_handler(
+            servicer.Classify, request_deserializer=None, response_serializer=pb2.ClassifyResponse.SerializeToString),
+        "Retrieve": grpc.unary_unary_rpc_method_handler(
+            servicer.Retrieve, request_deserializer=None, response_serializer=pb2.RetrieveResponse.SerializeToString),
+    })
+
+
 def add_Models_to_server(servicer, server) -> None:  # noqa: N802 (gRPC naming)
     from patchwork.v1 import models_pb2
 

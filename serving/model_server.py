@@ -43,6 +43,11 @@ def pick_device(requested: str) -> str:
     return requested
 
 
+def monotonic_deadline(deadline: float | None) -> float | None:
+    """A Unix-time deadline as a time.monotonic() instant."""
+    return None if deadline is None else time.monotonic() + (deadline - time.time())
+
+
 class ModelServer:
     def __init__(self, checkpoint: str, device: str = "auto", threads: int = 1, scheduler: dict | None = None,
                  families: dict[str, str] | None = None):
@@ -119,7 +124,7 @@ class ModelServer:
         self._refuse_while_draining()
         loop = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
-        until = None if deadline is None else time.monotonic() + (deadline - time.time())
+        until = monotonic_deadline(deadline)
         request = self.engine.submit(
             prompt, params, emit=lambda item: loop.call_soon_threadsafe(items.put_nowait, item),
             deadline=until,

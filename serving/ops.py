@@ -125,3 +125,21 @@ def stop(grace_s: float | None = None) -> float:
         serve.delete(APP_NAME)  # each replica first waits for its requests to end
     serve.shutdown()
     return time.monotonic() - started
+
+
+def wait_healthy(port: int, timeout_s: float) -> bool:
+    """Polls the standard health check on 127.0.0.1:``port`` until SERVING (True) or ``timeout_s`` passes (False)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+    return False

@@ -77,6 +77,18 @@ def cm3leon_checkpoint(tmp_path_factory) -> tuple[Path, dict[str, float]]:
     return out, train_cm3leon(PRESETS["tiny"](), out, command="tests")
 
 
+@pytest.fixture(scope="session")
+def mavil_checkpoints(tmp_path_factory) -> tuple[Path, Path]:
+    """MAViL's tiny preset, stage 1 and stage 2 from it, trained once per session through the real CLI."""
+    root = tmp_path_factory.mktemp("mavil")
+    stage_one, stage_two = root / "mavil-stage1", root / "mavil-stage2"
+    for stage, out, teacher in ((1, stage_one, []), (2, stage_two, ["--teacher", str(stage_one)])):
+        subprocess.run([sys.executable, "-m", "training", "mavil", "--stage", str(stage), "--preset", "tiny",
+                        "--out", str(out), *teacher], check=True, cwd=REPO, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=1200)
+    return stage_one, stage_two
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -126,17 +138,20 @@ WIDE_MODEL = "wide"
 BOUNDED_MODEL = "bounded"
 ECHO_MODEL = "echo"
 CM3LEON_MODEL = "cm3leon"
+MAVIL_MODEL = "mavil"
 
 
 @pytest.fixture(scope="session")
-def serving_config(tiny_checkpoint, cm3leon_checkpoint):
+def serving_config(tiny_checkpoint, cm3leon_checkpoint, mavil_checkpoints):
     """The test server: the tiny checkpoint three times, as ``tiny`` (4 slots,
     4 requests in flight and 4 queued per replica), ``wide`` (32 slots, for
     tests with many concurrent streams) and ``bounded`` (2 slots and 2 places
     in the engine's queue behind a generous Ray Serve bound, so the engine's
     own queue bound is what refuses; the tests that kill a replica have it to
     themselves); ``echo``, a model of the test family in
-    ``tests/echo_family.py``; and ``cm3leon``, CM3Leon's tiny preset."""
+    ``tests/echo_family.py``; ``cm3leon``, CM3Leon's tiny preset; and
+    ``mavil``, MAViL's tiny preset after stage 2 (8 clips a batch, 32
+    requests in flight)."""
     import shutil
 
     from engines.scheduler import SchedulerConfig
@@ -148,6 +163,7 @@ def serving_config(tiny_checkpoint, cm3leon_checkpoint):
         shutil.copytree(tiny_checkpoint, tiny_checkpoint.parent / name, dirs_exist_ok=True)
     write_checkpoint(tiny_checkpoint.parent / ECHO_MODEL, shift=1)
     shutil.copytree(cm3leon_checkpoint[0], tiny_checkpoint.parent / CM3LEON_MODEL, dirs_exist_ok=True)
+    shutil.copytree(mavil_checkpoints[1], tiny_checkpoint.parent / MAVIL_MODEL, dirs_exist_ok=True)
     half_cpu = ActorOptions(num_cpus=0.5)
     return ServingConfig(
         checkpoints=tiny_checkpoint.parent,
@@ -165,12 +181,15 @@ def serving_config(tiny_checkpoint, cm3leon_checkpoint):
                          BOUNDED_MODEL: DeploymentOptions(max_ongoing_requests=32, max_queued_requests=-1,
                                                           ray_actor_options=half_cpu),
                          ECHO_MODEL: DeploymentOptions(ray_actor_options=ActorOptions(num_cpus=0.0)),
-                         CM3LEON_MODEL: DeploymentOptions(ray_actor_options=ActorOptions(num_cpus=0.0))},
+                         CM3LEON_MODEL: DeploymentOptions(ray_actor_options=ActorOptions(num_cpus=0.0)),
+                         MAVIL_MODEL: DeploymentOptions(max_ongoing_requests=32, max_queued_requests=32,
+                                                        ray_actor_options=ActorOptions(num_cpus=0.0))},
         engine=SchedulerConfig(max_batch_size=4, max_sequence_bytes=2000, max_queue=8),
         # A larger prefill budget keeps the 160-request mixed-traffic test short on a busy machine.
         engine_overrides={WIDE_MODEL: SchedulerConfig(max_batch_size=32, max_sequence_bytes=2000, max_queue=64,
                                                       prefill_budget=128),
-                          BOUNDED_MODEL: SchedulerConfig(max_batch_size=2, max_sequence_bytes=2000, max_queue=2)},
+                          BOUNDED_MODEL: SchedulerConfig(max_batch_size=2, max_sequence_bytes=2000, max_queue=2),
+                          MAVIL_MODEL: SchedulerConfig(max_batch_size=8, max_sequence_bytes=2000, max_queue=32)},
     )
 
 

@@ -75,7 +75,7 @@ def test_unknown_family_is_named_with_the_known_ones(checkpoint):
     rewrite_json(checkpoint / CONFIG_FILE, {"family": "gpt-17"})
     from engines.registry import known_families
 
-    assert {"blt", "cm3leon"} <= set(known_families())
+    assert {"blt", "cm3leon", "mavil"} <= set(known_families())
     with pytest.raises(CheckpointError, match=rf"{CONFIG_FILE}: unknown family 'gpt-17'; expected one of "
                                               rf"{re.escape(str(known_families()))}"):
         engines.load(checkpoint)

@@ -9,7 +9,7 @@ import grpc
 import pytest
 import yaml
 
-from tests.conftest import AUTH_TOKEN, BOUNDED_MODEL, CM3LEON_MODEL, ECHO_MODEL, REPO, WIDE_MODEL
+from tests.conftest import AUTH_TOKEN, BOUNDED_MODEL, CM3LEON_MODEL, ECHO_MODEL, MAVIL_MODEL, REPO, WIDE_MODEL
 from tests.helpers import scrape, wait_until
 
 
@@ -36,7 +36,7 @@ def test_committed_config_files_are_what_the_config_generates(setup):
         assert model.ray_actor_options.num_gpus == 1.0
     if setup == "autoscale":
         assert model.autoscaling_config["max_replicas"] == 4 and "num_replicas" not in model.model_fields_set
-    assert schema.grpc_options.port == 9000 and len(schema.grpc_options.grpc_servicer_functions) == 4
+    assert schema.grpc_options.port == 9000 and len(schema.grpc_options.grpc_servicer_functions) == 5
 
 
 def test_the_config_file_builder_builds_the_application(tiny_checkpoint, tmp_path):
@@ -88,9 +88,11 @@ def test_models_service_and_command(channel, grpc_target, tiny_checkpoint):
     from patchwork.v1 import models_pb2, models_pb2_grpc
 
     listed = models_pb2_grpc.ModelsStub(channel).ListModels(models_pb2.ListModelsRequest(), timeout=30).models
-    assert [m.name for m in listed] == sorted([BOUNDED_MODEL, CM3LEON_MODEL, ECHO_MODEL, "tiny", WIDE_MODEL])
+    assert [m.name for m in listed] == sorted([BOUNDED_MODEL, CM3LEON_MODEL, ECHO_MODEL, MAVIL_MODEL, "tiny", WIDE_MODEL])
     assert next(m for m in listed if m.name == ECHO_MODEL).family == "echo"
     assert next(m for m in listed if m.name == CM3LEON_MODEL).family == "cm3leon"
+    mavil = next(m for m in listed if m.name == MAVIL_MODEL)
+    assert mavil.family == "mavil" and json.loads(mavil.config_json)["indexes"]["heldout"]["audio"] > 0
     model, wide = (next(m for m in listed if m.name == name) for name in ("tiny", WIDE_MODEL))
     assert (wide.deployment, wide.is_default) == ("model-wide", False)
     manifest = json.loads((tiny_checkpoint / "manifest.json").read_text())
@@ -110,7 +112,7 @@ def test_status_and_scaling_without_dropping_requests(stub, pb2, grpc_target):
     assert report.returncode == 0, report.stderr
     deployments = yaml.safe_load(report.stdout)["patchwork"]["deployments"]
     assert deployments["model-tiny"]["replicas"] == {"RUNNING": 1}
-    models = ("tiny", WIDE_MODEL, BOUNDED_MODEL, ECHO_MODEL, CM3LEON_MODEL)
+    models = ("tiny", WIDE_MODEL, BOUNDED_MODEL, ECHO_MODEL, CM3LEON_MODEL, MAVIL_MODEL)
     assert set(deployments) == {"gateway", *(f"model-{name}" for name in models)}
 
     for replicas in (2, 1):
@@ -201,3 +203,20 @@ def test_a_config_whose_limits_an_engine_cannot_hold_is_refused():
     default = ServingConfig()  # the defaults fit, and a request at every limit fits in the proxy's message size
     assert default.limits.max_prompt_bytes + default.limits.default_new_bytes <= default.engine.max_sequence_bytes
     assert 8 * default.limits.max_prompt_bytes < default.limits.max_message_bytes < 2**20
+
+
+def test_a_local_cluster_advertises_cpus_for_one_replica_of_every_model():
+    import os
+
+    from serving.cluster import cpus_needed, local_cpus
+    from serving.config import ActorOptions, DeploymentOptions
+    from serving.deploy import setup
+
+    config = setup("cpu")  # one 1-CPU replica per model, a 0-CPU gateway
+    models = ["blt-default", "cm3leon-default", "mavil-default"]
+    assert cpus_needed(config, models) == 3
+    assert local_cpus(config, models) == max(os.cpu_count(), 3)
+    assert cpus_needed(setup("autoscale"), models) == 3  # the minimum replicas of each
+    heavy = config.model_copy(update={"model_overrides": {"mavil-default": DeploymentOptions(
+        num_replicas=2, ray_actor_options=ActorOptions(num_cpus=1.5))}})
+    assert cpus_needed(heavy, models) == 5

@@ -10,6 +10,7 @@ def test_committed_stubs_match_the_proto(tmp_path):
     subprocess.run([sys.executable, str(REPO / "protos" / "generate.py"), "--out", str(tmp_path)], check=True)
     fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.py*"))
     assert [p.name for p in fresh] == [
+        "audiovideo_pb2.py", "audiovideo_pb2.pyi", "audiovideo_pb2_grpc.py",
         "bytelm_pb2.py", "bytelm_pb2.pyi", "bytelm_pb2_grpc.py", "models_pb2.py", "models_pb2.pyi", "models_pb2_grpc.py",
         "multimodal_pb2.py", "multimodal_pb2.pyi", "multimodal_pb2_grpc.py",
     ]

@@ -20,7 +20,7 @@ from engines.blt.config import EOS_ID, FORMAT_VERSION, OFFSET, BltConfig
 from engines.blt.model import BltModel
 from engines.blt.patching import entropies_from_logits, lengths_from_starts, patch_ids_from_starts
 from engines.blt.reference import disallowed_symbols, finished_generation, generate_reference, prompt_tokens
-from engines.checkpoint import WEIGHTS_FILE, CheckpointError, Manifest
+from engines.checkpoint import Manifest, load_state
 from engines.generation import Decoding
 from engines.layers import fuse_projections
 from engines.registry import GENERATION_RPCS, Family
@@ -157,10 +157,7 @@ def build_engine(
     manifest: Manifest | None = None, scheduler: SchedulerConfig | None = None,
 ) -> BltEngine:
     model = BltModel(config)
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{WEIGHTS_FILE}: weights do not match config.json: {e}") from None
+    load_state(model, weights, name)
     return BltEngine(model.to(device=device, dtype=dtype), config, name, manifest, scheduler)
 
 

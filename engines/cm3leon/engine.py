@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from engines.api import EngineStats, Generation, InvalidRequest, ModelInfo, Usage
-from engines.checkpoint import CheckpointError, Manifest
+from engines.checkpoint import CheckpointError, Manifest, load_state
 from engines.cm3leon.config import FORMAT_VERSION, Cm3LeonConfig
 from engines.cm3leon.decoding import Cm3Params, Cm3State, record, scores
 from engines.cm3leon.model import Cm3LeonModel
@@ -266,10 +266,7 @@ def build_engine(
         raise CheckpointError(f"{name}: {TOKENIZER_ASSET} has {tokenizer.vocab_size} tokens, the config "
                               f"text_vocab {config.text_vocab}")
     model = Cm3LeonModel(config)
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{name}: weights do not match the config: {e}") from None
+    load_state(model, weights, name)
     model.to(device=device, dtype=dtype).eval()
     return Cm3LeonEngine(model, tokenizer, device, name, manifest, scheduler)
 

@@ -1,0 +1,117 @@
+"""What the encoders read: log-mel filterbanks cut into spectrogram patches,
+and frames cut into tubelets.
+
+The filterbank follows the paper's recipe at 16 kHz: 25 ms Hann windows
+(400 samples, zero-padded to a 512-point FFT) every 10 ms (160 samples),
+no centring, the power spectrum through 128 triangular mel filters (HTK mel
+scale, 20 Hz to 8 kHz, peak 1), then the natural log (floored at 1e-10). It
+equals librosa's ``melspectrogram(..., center=False, htk=True, norm=None)``
+(a test holds it to that).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from engines.mavil.config import AudioInput, VideoInput
+
+WINDOW = 400
+HOP = 160
+N_FFT = 512
+F_MIN, F_MAX = 20.0, 8000.0
+LOG_FLOOR = 1e-10
+
+
+def _hz_to_mel(hz: torch.Tensor) -> torch.Tensor:
+    return 2595.0 * torch.log10(1.0 + hz / 700.0)
+
+
+def _mel_to_hz(mel: torch.Tensor) -> torch.Tensor:
+    return 700.0 * (10.0 ** (mel / 2595.0) - 1.0)
+
+
+def mel_filters(mel_bins: int, sample_rate: int) -> torch.Tensor:
+    """[N_FFT // 2 + 1, mel_bins]: triangles between mel-spaced edges, each peaking at 1."""
+    edges = _mel_to_hz(torch.linspace(_hz_to_mel(torch.tensor(F_MIN, dtype=torch.float64)).item(),
+                                      _hz_to_mel(torch.tensor(F_MAX, dtype=torch.float64)).item(), mel_bins + 2,
+                                      dtype=torch.float64))
+    frequencies = torch.linspace(0, sample_rate / 2, N_FFT // 2 + 1, dtype=torch.float64)[:, None]
+    lower, centre, upper = edges[:-2], edges[1:-1], edges[2:]
+    rising = (frequencies - lower) / (centre - lower)
+    falling = (upper - frequencies) / (upper - centre)
+    return torch.clamp(torch.minimum(rising, falling), min=0).to(torch.float32)
+
+
+def log_mel(waveform: torch.Tensor, mel_bins: int = 128, sample_rate: int = 16_000) -> torch.Tensor:
+    """waveform [..., samples] (at least N_FFT) -> log-mel filterbank [..., frames, mel_bins]."""
+    shape = waveform.shape
+    spectrum = torch.stft(waveform.reshape(-1, shape[-1]).float(), n_fft=N_FFT, hop_length=HOP, win_length=WINDOW,
+                          window=torch.hann_window(WINDOW, periodic=True, device=waveform.device), center=False,
+                          return_complex=True)  # [B, N_FFT // 2 + 1, frames]
+    power = spectrum.abs().pow(2).transpose(1, 2)
+    mel = power @ mel_filters(mel_bins, sample_rate).to(waveform.device)
+    return torch.log(mel.clamp(min=LOG_FLOOR)).reshape(*shape[:-1], -1, mel_bins)
+
+
+def samples_for(frames: int) -> int:
+    """Samples whose filterbank has exactly ``frames`` frames."""
+    return N_FFT + (frames - 1) * HOP
+
+
+def fit_frames(spectrogram: torch.Tensor, frames: int, pad_value: float) -> torch.Tensor:
+    """[..., T, M] cut or padded (with ``pad_value``) to [..., frames, M]."""
+    missing = frames - spectrogram.shape[-2]
+    if missing <= 0:
+        return spectrogram[..., :frames, :]
+    return F.pad(spectrogram, (0, 0, 0, missing), value=pad_value)
+
+
+def spectrogram_patches(spectrogram: torch.Tensor, patch: int) -> torch.Tensor:
+    """[B, T, M] -> [B, (T / patch) * (M / patch), patch * patch], time-major."""
+    batch, time, mels = spectrogram.shape
+    grid = spectrogram.reshape(batch, time // patch, patch, mels // patch, patch)
+    return grid.permute(0, 1, 3, 2, 4).reshape(batch, -1, patch * patch)
+
+
+def tubelets(video: torch.Tensor, frames_per_tube: int, patch: int) -> torch.Tensor:
+    """[B, F, H, W, C] -> [B, (F / t) * (H / p) * (W / p), t * p * p * C], time-major."""
+    batch, frames, height, width, channels = video.shape
+    grid = video.reshape(batch, frames // frames_per_tube, frames_per_tube, height // patch, patch,
+                         width // patch, patch, channels)
+    return grid.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(batch, -1, frames_per_tube * patch * patch * channels)
+
+
+def pick_frames(count: int, wanted: int) -> list[int]:
+    """Indices of ``wanted`` frames spread evenly over ``count`` (repeating frames when there are fewer)."""
+    return [min(count - 1, math.floor((i + 0.5) * count / wanted)) for i in range(wanted)]
+
+
+def resize_frames(video: torch.Tensor, size: int) -> torch.Tensor:
+    """[F, H, W, C] (float) -> [F, size, size, C] by area averaging, unless already that size."""
+    if video.shape[1:3] == (size, size):
+        return video
+    return F.interpolate(video.permute(0, 3, 1, 2), size=(size, size), mode="area").permute(0, 2, 3, 1)
+
+
+def audio_patches(waveforms: torch.Tensor, audio: AudioInput) -> torch.Tensor:
+    """Waveforms [B, samples] at 16 kHz (at most ``audio.seconds``; shorter
+    ones padded with silence) -> normalised spectrogram patches [B, Na, patch * patch]."""
+    needed = samples_for(audio.frames)
+    if waveforms.shape[-1] < needed:
+        waveforms = F.pad(waveforms, (0, needed - waveforms.shape[-1]))
+    spectrogram = fit_frames(log_mel(waveforms, audio.mel_bins, audio.sample_rate), audio.frames, 0.0)
+    return spectrogram_patches((spectrogram - audio.mean) / audio.std, audio.patch)
+
+
+def video_tubelets(frames: torch.Tensor, video: VideoInput) -> torch.Tensor:
+    """Frames [B, F, H, W, 3] in [0, 1] (any count and size) -> tubelets
+    [B, Nv, t * p * p * 3]: frames picked evenly to ``video.frames``, resized
+    to ``video.image_size``, scaled to [-1, 1]."""
+    picked = frames[:, pick_frames(frames.shape[1], video.frames)]
+    resized = torch.stack([resize_frames(clip, video.image_size) for clip in picked])
+    return tubelets(resized * 2 - 1, video.tubelet_frames, video.patch)

@@ -1,0 +1,1 @@
+"""MAViL: masked audio-video encoder training (both stages), linear probes, indexes and evaluation."""
