@@ -19,10 +19,15 @@ TARGET ?= 127.0.0.1:$(GRPC_PORT)
 
 .PHONY: setup protos serve train test loadtest bench clean
 
+# What serving, training and the benchmarks need; `make test` adds the test tools.
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -e '.[test]'
 	touch $@
 
@@ -47,7 +52,7 @@ train: $(DEFAULT_CHECKPOINT)/manifest.json $(CM3LEON_CHECKPOINT)/manifest.json $
 serve: setup train
 	$(PY) -m serving up --checkpoints $(CHECKPOINTS) --grpc-port $(GRPC_PORT)
 
-test: setup
+test: $(VENV)/.installed-test
 	$(PY) -m pytest
 
 # Locust against a running server (one is started on $(CHECKPOINTS) if none answers).
