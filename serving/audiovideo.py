@@ -71,7 +71,7 @@ def _sound(clip, field: str, limits: Limits) -> np.ndarray | None:
     if not np.isfinite(samples).all():
         raise InvalidArgument(where, "holds NaN or infinite samples (as float32)")
     if len(samples) > limits.max_audio_seconds * max(rate, 1):
-        raise InvalidArgument(where, f"{len(samples) / rate:.2f} s; at most {limits.max_audio_seconds:g} s")
+        raise InvalidArgument(where, f"{len(samples) / max(rate, 1):.2f} s; at most {limits.max_audio_seconds:g} s")
     try:
         return resample(samples, rate, SAMPLE_RATE)
     except MediaError as e:
@@ -85,7 +85,12 @@ def _pictures(clip, field: str, limits: Limits) -> np.ndarray | None:
     if clip.frames:
         if len(clip.frames) > limits.max_frames:
             raise InvalidArgument(f"{field}.frames", f"{len(clip.frames)} frames; at most {limits.max_frames}")
-        pictures = [read_image(data, f"{field}.frames[{i}]", limits) for i, data in enumerate(clip.frames)]
+        pictures, pixels = [], 0
+        for i, data in enumerate(clip.frames):
+            pictures.append(read_image(data, f"{field}.frames[{i}]", limits))
+            pixels += pictures[-1].shape[0] * pictures[-1].shape[1]
+            if pixels > limits.max_clip_pixels:  # small files can hold large, plain frames
+                raise InvalidArgument(f"{field}.frames", f"over {limits.max_clip_pixels} pixels in all")
         for i, picture in enumerate(pictures):
             if picture.shape != pictures[0].shape:
                 raise InvalidArgument(f"{field}.frames[{i}]", f"{picture.shape[1]}x{picture.shape[0]} pixels; frame "

@@ -99,10 +99,13 @@ class Limits(BaseModel):
     max_image_bytes: int = Field(default=512 * 1024, ge=1)
     max_image_side: int = Field(default=1024, ge=1)
     # An audio-video clip: the bytes of its sound and frames together, its
-    # audio's duration (checked before resampling) and its frame count.
+    # audio's duration (checked before resampling), its frame count and the
+    # pixels of its decoded frames.
     max_clip_bytes: int = Field(default=768 * 1024, ge=1)
     max_audio_seconds: float = Field(default=30.0, gt=0)
     max_frames: int = Field(default=64, ge=1)
+    # The pixels of a clip's decoded frames together (64 frames of 256 x 256).
+    max_clip_pixels: int = Field(default=64 * 256 * 256, ge=1)
     # Labels or matches one Classify or Retrieve returns.
     max_top_k: int = Field(default=100, ge=1)
 

@@ -173,7 +173,7 @@ def serving_config(tiny_checkpoint, cm3leon_checkpoint, mavil_checkpoints):
         default_model="tiny",
         families={"echo": "tests.echo_family"},
         limits=Limits(max_new_bytes=1900, default_new_bytes=16, max_prompt_bytes=1536, max_stop_sequences=4,
-                      max_samples=4, max_image_side=256),
+                      max_samples=4, max_image_side=256, max_clip_pixels=16 * 256 * 256),
         models=DeploymentOptions(max_ongoing_requests=4, max_queued_requests=4, ray_actor_options=half_cpu),
         # The frozen-replica test freezes `wide`: a shorter health-check timeout finds it sooner.
         model_overrides={WIDE_MODEL: DeploymentOptions(max_ongoing_requests=64, max_queued_requests=64,

@@ -172,6 +172,7 @@ def _bad(apb2, world, local):
         (apb2.Clip(frames=[good_png, b"not a png"]), r"clip.frames\[1\]: not a PNG or JPEG"),
         (apb2.Clip(frames=[good_png, png(np.zeros((16, 16, 3), np.uint8))]), r"clip.frames\[1\]: 16x16 pixels"),
         (apb2.Clip(frames=[good_png] * 65), "clip.frames: 65 frames; at most 64"),
+        (apb2.Clip(frames=[png(np.zeros((256, 256, 3), np.uint8))] * 17), "clip.frames: over 1048576 pixels in all"),
         (apb2.Clip(video=array(apb2, np.full((2, 8, 8, 3), 2.0, np.float32))), "clip.video.data: float frames"),
         (apb2.Clip(video=array(apb2, np.zeros((2, 8, 8, 4), np.uint8))), "clip.video.shape"),
         (apb2.Clip(video=array(apb2, clip.frames), frames=[good_png]), "clip.video: send the frames once"),
