@@ -43,14 +43,14 @@ def world_clips(engine, count: int) -> list:
 def encoder_throughput(engine, clips: list, repeats: int = 3) -> dict[str, float]:
     """Clips per second of the encoder passes (best of ``repeats``) at batch 1 and at batch 32."""
     prepared = [engine.prepare(Clip(c.waveform, c.frames.astype(np.float32) / 255)) for c in clips]
-    engine._run(prepared[:BATCH])  # warm-up
+    engine.run_batch(prepared[:BATCH])  # warm-up
 
     def rate(batch: int) -> float:
         best = float("inf")
         for _ in range(repeats):
             started = time.perf_counter()
             for start in range(0, len(prepared), batch):
-                engine._run(prepared[start:start + batch])
+                engine.run_batch(prepared[start:start + batch])
             best = min(best, time.perf_counter() - started)
         return len(prepared) / best
 
@@ -73,7 +73,10 @@ def served_throughput(target: str, model: str, clips: list, token: str | None = 
     metadata = [("authorization", f"Bearer {token}")] if token else []
     with grpc.insecure_channel(target) as channel:
         stub = audiovideo_pb2_grpc.AudioVideoStub(channel)
-        call = lambda request: stub.Embed(request, timeout=300, metadata=metadata)  # noqa: E731
+
+        def call(request):
+            return stub.Embed(request, timeout=300, metadata=metadata)
+
         for request in requests[:4]:
             call(request)  # warm-up
         started = time.perf_counter()

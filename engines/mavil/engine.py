@@ -77,7 +77,7 @@ class MavilEngine:
         self.config: MavilConfig = model.config
         self.indexes = indexes or {}
         scheduler = scheduler or SchedulerConfig()
-        self.batcher = MicroBatcher(self._run, max_batch=scheduler.max_batch_size, max_wait_s=BATCH_WAIT_S,
+        self.batcher = MicroBatcher(self.run_batch, max_batch=scheduler.max_batch_size, max_wait_s=BATCH_WAIT_S,
                                     max_queue=scheduler.max_queue, stall_timeout_s=scheduler.stall_timeout_s,
                                     name=f"mavil-{name}")
 
@@ -144,7 +144,8 @@ class MavilEngine:
     # -- one batch (the batcher's thread) ---------------------------------------
 
     @torch.inference_mode()
-    def _run(self, items: list[Prepared]) -> list[ClipEmbedding]:
+    def run_batch(self, items: list[Prepared]) -> list[ClipEmbedding]:
+        """One pass of each encoder over prepared clips (the batcher's thread calls it)."""
         model, dtype = self.model, next(self.model.parameters()).dtype
         with_audio = [i for i, item in enumerate(items) if item.audio is not None]
         with_video = [i for i, item in enumerate(items) if item.video is not None]
