@@ -89,6 +89,25 @@ def mavil_checkpoints(tmp_path_factory) -> tuple[Path, Path]:
     return stage_one, stage_two
 
 
+@pytest.fixture(scope="session")
+def mavil_engine(mavil_checkpoints):
+    """The stage-2 tiny checkpoint (the one the test server serves), loaded here."""
+    import engines
+
+    engine = engines.load(mavil_checkpoints[1])
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def mavil_world(mavil_engine):
+    """The audio-video world at the tiny checkpoint's clip length, frame count and size."""
+    from training.avworld import AudioVideoWorld
+
+    video, audio = mavil_engine.config.video, mavil_engine.config.audio
+    return AudioVideoWorld(seed=0, frames=video.frames, image_size=video.image_size, seconds=audio.seconds)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

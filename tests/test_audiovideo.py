@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import engines
 from engines.mavil.engine import Clip
 from engines.mavil.media import resample, wav_bytes
 from tests.conftest import AUTH_TOKEN, MAVIL_MODEL, REPO
-from training.avworld import LABELS, AudioVideoWorld
+from training.avworld import LABELS
 from training.mavil.train import HELDOUT_START
 
 
@@ -37,17 +36,14 @@ def apb2():
 
 
 @pytest.fixture(scope="module")
-def local(mavil_checkpoints):
+def local(mavil_engine):
     """The served checkpoint, loaded here: what the server's answers must equal."""
-    engine = engines.load(mavil_checkpoints[1])
-    yield engine
-    engine.close()
+    return mavil_engine
 
 
 @pytest.fixture(scope="module")
-def world(local):
-    return AudioVideoWorld(frames=local.config.video.frames, image_size=local.config.video.image_size,
-                           seconds=local.config.audio.seconds)
+def world(mavil_world):
+    return mavil_world
 
 
 def png(frame: np.ndarray) -> bytes:

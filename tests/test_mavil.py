@@ -32,16 +32,13 @@ def _clip(world_clip, audio=True, video=True) -> Clip:
 
 
 @pytest.fixture(scope="module")
-def engine(mavil_checkpoints):
-    loaded = engines.load(mavil_checkpoints[1])
-    yield loaded
-    loaded.close()
+def engine(mavil_engine):
+    return mavil_engine
 
 
 @pytest.fixture(scope="module")
-def world(engine):
-    video, audio = engine.config.video, engine.config.audio
-    return AudioVideoWorld(seed=0, frames=video.frames, image_size=video.image_size, seconds=audio.seconds)
+def world(mavil_world):
+    return mavil_world
 
 
 def test_both_stages_write_checkpoints_with_metrics_heads_and_an_index(mavil_checkpoints):

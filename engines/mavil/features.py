@@ -11,6 +11,7 @@ equals librosa's ``melspectrogram(..., center=False, htk=True, norm=None)``
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING
 
@@ -35,8 +36,10 @@ def _mel_to_hz(mel: torch.Tensor) -> torch.Tensor:
     return 700.0 * (10.0 ** (mel / 2595.0) - 1.0)
 
 
+@functools.lru_cache(maxsize=8)
 def mel_filters(mel_bins: int, sample_rate: int) -> torch.Tensor:
-    """[N_FFT // 2 + 1, mel_bins]: triangles between mel-spaced edges, each peaking at 1."""
+    """[N_FFT // 2 + 1, mel_bins]: triangles between mel-spaced edges, each
+    peaking at 1; made once per setting (every request reads them)."""
     edges = _mel_to_hz(torch.linspace(_hz_to_mel(torch.tensor(F_MIN, dtype=torch.float64)).item(),
                                       _hz_to_mel(torch.tensor(F_MAX, dtype=torch.float64)).item(), mel_bins + 2,
                                       dtype=torch.float64))
