@@ -61,7 +61,8 @@ loadtest: setup train
 		--start-if-down $(CHECKPOINTS) --out results/loadtest/users_$(USERS)
 
 # The BLT generation benchmark (docs/benchmarks.md), CM3Leon's evaluation
-# (docs/cm3leon.md), and MAViL's evaluation and speed (docs/mavil.md).
+# (docs/cm3leon.md), MAViL's evaluation and speed (docs/mavil.md), and the
+# dense-versus-MoT study with the MoT step benchmark (docs/mot.md).
 bench: setup train
 	$(PY) -m engines.blt.bench --checkpoint $(DEFAULT_CHECKPOINT) --json results/bench.json
 	$(PY) -m training.cm3leon.evaluate --checkpoint $(CM3LEON_CHECKPOINT) --json results/cm3leon.json \
@@ -69,6 +70,8 @@ bench: setup train
 	$(PY) -m training.mavil.evaluate --model stage-1=$(MAVIL_TEACHER) --model stage-2=$(MAVIL_CHECKPOINT) \
 		--json results/mavil.json --markdown results/mavil.md
 	$(PY) -m engines.mavil.bench --checkpoint $(MAVIL_CHECKPOINT) --serve --json results/mavil-bench.json
+	$(PY) -m training mot-study --preset default --out results/mot-study
+	$(PY) -m engines.mot.bench --json results/mot-bench.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

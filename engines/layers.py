@@ -149,13 +149,17 @@ class SelfAttention(nn.Module):
     def fuse(self) -> None:
         self.qkv_weight = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
-    def forward(self, x, rotations, mask, cache: CacheView | None = None, layer: int = 0):
-        """x: [B, T, dim]. Without ``cache`` the tokens attend among themselves
-        under ``mask``; with it they are stored in the cache and attend to
-        what the cache holds for them."""
-        batch, seq, _ = x.shape
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., dim] -> queries, keys and values side by side [..., (H + 2 Hkv) * hd]."""
+        return F.linear(x, stacked_weight(self.qkv_weight, self.q_proj, self.k_proj, self.v_proj))
+
+    def attend(self, qkv: torch.Tensor, rotations, mask, cache: CacheView | None, layer: int) -> torch.Tensor:
+        """qkv: [B, T, (H + 2 Hkv) * hd] -> the heads' outputs [B, T, H * hd],
+        before the output projection. Without ``cache`` the tokens attend among
+        themselves under ``mask``; with it they are stored in the cache and
+        attend to what the cache holds for them."""
+        batch, seq, _ = qkv.shape
         n_qk = self.n_heads + self.n_kv_heads
-        qkv = F.linear(x, stacked_weight(self.qkv_weight, self.q_proj, self.k_proj, self.v_proj))
         qkv = qkv.view(batch, seq, n_qk + self.n_kv_heads, self.head_dim)
         qk = apply_rotary(qkv[:, :, :n_qk], rotations).transpose(1, 2)  # [B, H + Hkv, T, hd]
         q, k, v = qk[:, : self.n_heads], qk[:, self.n_heads :], qkv[:, :, n_qk:].transpose(1, 2)
@@ -164,7 +168,11 @@ class SelfAttention(nn.Module):
             out = cache.attend(layer, q, k, v, gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+        return out.transpose(1, 2).reshape(batch, seq, -1)
+
+    def forward(self, x, rotations, mask, cache: CacheView | None = None, layer: int = 0):
+        """x: [B, T, dim] -> [B, T, dim]; see ``attend``."""
+        return self.o_proj(self.attend(self.qkv(x), rotations, mask, cache, layer))
 
 
 class FeedForward(nn.Module):
@@ -196,14 +204,16 @@ class TransformerBlock(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class TransformerStack(nn.Module):
-    """``n_layers`` blocks with rotary positions and a causal (optionally windowed) mask."""
+class StackPositions(nn.Module):
+    """What every stack of blocks shares: rotary positions, the causal mask
+    and the key/value cache's views. ``layers`` are the subclass's blocks."""
+
+    layers: nn.ModuleList
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.cfg = cfg
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
-        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
 
     def positions(self, seq: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotations and the causal mask for positions 0..seq-1."""
@@ -224,6 +234,14 @@ class TransformerStack(nn.Module):
     def extend_view(self, cache: KVCache, slots: list[int], positions: torch.Tensor) -> CacheView:
         """A chunk of new tokens per sequence of ``slots`` at ``positions`` [B, T] (-1: padding)."""
         return cache.extend_view(slots, positions, self.cfg.window)
+
+
+class TransformerStack(StackPositions):
+    """``n_layers`` blocks with rotary positions and a causal (optionally windowed) mask."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__(cfg)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h: [B, T, dim], a whole sequence at positions 0..T-1."""

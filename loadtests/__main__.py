@@ -54,7 +54,9 @@ def check_loopback(target: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def healthy(target: str, timeout_s: float = 3.0) -> bool:
+def healthy(target: str, timeout_s: float = 10.0) -> bool:
+    """Whether the server at ``target`` answers SERVING; ``timeout_s`` is patient,
+    since a busy machine can take seconds to read the deployments' status."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 

@@ -17,12 +17,12 @@ import numpy as np
 from ray.serve.grpc_util import RayServegRPCContext
 
 from engines.mavil.engine import Clip
-from engines.mavil.media import SAMPLE_RATE, MediaError, read_wav, resample
 from serving.config import Limits
 from serving.gateway import abort, model_errors, parse
 from serving.grpc_services import GrpcService
 from serving.images import read_image
 from serving.model_server import ModelServer, monotonic_deadline
+from serving.sounds import checked_sound, read_sound
 from serving.validation import InvalidArgument
 
 DEFAULT_TOP_K = 5
@@ -52,30 +52,14 @@ def _sound(clip, field: str, limits: Limits) -> np.ndarray | None:
     if clip.wav and clip.HasField("audio"):
         raise InvalidArgument(f"{field}.audio", "send the sound once: wav or audio, not both")
     if clip.wav:
-        where = f"{field}.wav"
-        try:
-            samples, rate = read_wav(clip.wav)
-        except MediaError as e:
-            raise InvalidArgument(where, str(e)) from None
-    elif clip.HasField("audio"):
-        where = f"{field}.audio"
-        values = _array(clip.audio, where, _AUDIO_DTYPES, 1)
-        samples = values.astype(np.float32) / (32768.0 if values.dtype.kind == "i" else 1.0)
-        if not clip.sample_rate:
-            raise InvalidArgument(f"{field}.sample_rate", "required with audio")
-        rate = clip.sample_rate
-    else:
+        return read_sound(clip.wav, f"{field}.wav", limits)
+    if not clip.HasField("audio"):
         return None
-    if not len(samples):
-        raise InvalidArgument(where, "holds no samples")
-    if not np.isfinite(samples).all():
-        raise InvalidArgument(where, "holds NaN or infinite samples (as float32)")
-    if len(samples) > limits.max_audio_seconds * max(rate, 1):
-        raise InvalidArgument(where, f"{len(samples) / max(rate, 1):.2f} s; at most {limits.max_audio_seconds:g} s")
-    try:
-        return resample(samples, rate, SAMPLE_RATE)
-    except MediaError as e:
-        raise InvalidArgument(f"{field}.sample_rate" if clip.HasField("audio") else where, str(e)) from None
+    values = _array(clip.audio, f"{field}.audio", _AUDIO_DTYPES, 1)
+    if not clip.sample_rate:
+        raise InvalidArgument(f"{field}.sample_rate", "required with audio")
+    samples = values.astype(np.float32) / (32768.0 if values.dtype.kind == "i" else 1.0)
+    return checked_sound(samples, clip.sample_rate, f"{field}.audio", limits, rate_field=f"{field}.sample_rate")
 
 
 def _pictures(clip, field: str, limits: Limits) -> np.ndarray | None:

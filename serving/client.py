@@ -3,7 +3,7 @@
     python -m serving client generate PROMPT [--max-new-bytes N] [--temperature T] [--seed S] [--stream]
     python -m serving client score TEXT
     python -m serving client image PROMPT --out FILE.png [--samples N] [--guidance cfg|contrastive|mixed|none]
-    python -m serving client caption FILE [--alt-text TEXT]
+    python -m serving client caption FILE [--alt-text TEXT]      (FILE: PNG, JPEG or WAV)
     python -m serving client infill "a <mask> circle" [--image FILE]
     python -m serving client embed [--wav FILE] [--frames FILE ...]
     python -m serving client classify [--wav FILE] [--frames FILE ...] [--top-k K]
@@ -53,8 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     image.add_argument("--out", type=Path, required=True, help="PNG file of the best image")
     image.add_argument("--samples", type=int, default=1)
     image.add_argument("--documents", type=int, help="retrieved documents (default: the model's)")
-    caption = calls.add_parser("caption", help="describe the image in FILE (PNG or JPEG)")
-    caption.add_argument("image", type=Path)
+    caption = calls.add_parser("caption", help="describe the image (PNG or JPEG) or the sound (WAV) in FILE")
+    caption.add_argument("image", type=Path, metavar="FILE")
     caption.add_argument("--alt-text", default="", help="text found with the image, to re-align")
     caption.add_argument("--documents", type=int, help="retrieved documents (default: the model's)")
     infill = calls.add_parser("infill", help="fill the <mask> spans of TEXT")
@@ -119,8 +119,10 @@ def run_multimodal(args: argparse.Namespace, channel, call: dict) -> None:
             print(f"[{response.model}] {path} guidance={pb2.Guidance.Name(image.guidance)} score={image.score:.4f}",
                   file=sys.stderr)
     elif args.call == "caption":
-        response = stub.Caption(pb2.CaptionRequest(image=_read(args.image), alt_text=args.alt_text,
-                                                   decoding=decoding, model=args.model, **documents), **call)
+        data = _read(args.image)
+        media = {"audio": data} if data[:4] == b"RIFF" else {"image": data}  # a WAV file starts with RIFF
+        response = stub.Caption(pb2.CaptionRequest(**media, alt_text=args.alt_text, decoding=decoding,
+                                                   model=args.model, **documents), **call)
         print(response.text)
         print(f"[{response.model}]", file=sys.stderr)
     else:

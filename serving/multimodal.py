@@ -1,5 +1,10 @@
 """The ``patchwork.v1.Multimodal`` service (CM3Leon): GenerateImage, Caption and Infill.
 
+Caption describes an image or, for a model trained on sound, a WAV file
+(``serving.sounds``); a model not trained on sound answers INVALID_ARGUMENT
+naming ``audio``. Either backbone (dense or Mixture-of-Transformers) serves
+every RPC the same way.
+
 The gateway checks each request (texts against the prompt limit, images with
 ``serving.images``, decoding settings through ``Cm3Params``), and the model's
 ``Cm3LeonServer`` replica runs it: every sample of a GenerateImage request
@@ -24,6 +29,7 @@ from serving.gateway import abort, model_errors, parse
 from serving.grpc_services import GrpcService
 from serving.images import fit, png, read_image
 from serving.model_server import ModelServer
+from serving.sounds import read_sound
 from serving.validation import InvalidArgument
 
 # patchwork.v1.Guidance -> engines.cm3leon.decoding.Guidance (values), per sample.
@@ -87,7 +93,15 @@ class Cm3LeonServer(ModelServer):
                       deadline: float | None = None) -> str:
         self._refuse_while_draining()
         pixels = fit(image, self.engine.config.vq.image_size)
-        result = await self.generate(self.engine.caption_prompt(pixels, documents, alt_text), params, deadline)
+        return await self._caption(self.engine.caption_prompt(pixels, documents, alt_text), params, deadline)
+
+    async def caption_sound(self, samples: np.ndarray, params, deadline: float | None = None) -> str:
+        """A sound (float32 at 16 kHz) -> its caption; INVALID_ARGUMENT from a model not trained on sound."""
+        self._refuse_while_draining()
+        return await self._caption(self.engine.audio_caption_prompt(samples), params, deadline)
+
+    async def _caption(self, prompt, params, deadline: float | None) -> str:
+        result = await self.generate(prompt, params, deadline)
         return result.text.decode(errors="replace")
 
     async def infill(self, text: str, image: np.ndarray | None, params, deadline: float | None = None) -> list[str]:
@@ -139,15 +153,27 @@ class MultimodalHandlers:
 
             def check():
                 _check_text("alt_text", request.alt_text, self.limits)
-                image = read_image(request.image, "image", self.limits)
-                return image, sample_params(request.decoding, 1, request.max_new_bytes, self.limits)[0]
+                if request.audio:
+                    if request.image:
+                        raise InvalidArgument("audio", "send an image or a sound, not both")
+                    if request.alt_text:
+                        raise InvalidArgument("alt_text", "re-aligns an image's text; a sound has none")
+                    if request.HasField("documents") and request.documents:
+                        raise InvalidArgument("documents", "retrieval finds images; a sound's caption reads none")
+                    media = read_sound(request.audio, "audio", self.limits)
+                else:
+                    media = read_image(request.image, "image", self.limits)
+                return media, sample_params(request.decoding, 1, request.max_new_bytes, self.limits)[0]
 
-            image, params = self._checked(grpc_context, check)
+            media, params = self._checked(grpc_context, check)
             model, handle = self.model(request.model, "Caption", grpc_context)
             documents = request.documents if request.HasField("documents") else None
             with model_errors(grpc_context):
-                text = await handle.caption.remote(image, request.alt_text, params, documents,
-                                                   self.deadline(grpc_context))
+                if request.audio:
+                    text = await handle.caption_sound.remote(media, params, self.deadline(grpc_context))
+                else:
+                    text = await handle.caption.remote(media, request.alt_text, params, documents,
+                                                       self.deadline(grpc_context))
             return pb2.CaptionResponse(text=text, model=model)
 
     async def Infill(self, request, grpc_context: RayServegRPCContext):

@@ -78,6 +78,17 @@ def cm3leon_checkpoint(tmp_path_factory) -> tuple[Path, dict[str, float]]:
 
 
 @pytest.fixture(scope="session")
+def mot_checkpoint(tmp_path_factory) -> tuple[Path, dict[str, float]]:
+    """CM3Leon's mot-tiny preset (a Mixture-of-Transformers backbone, trained
+    on text, images and sound), trained once per session; its path and metrics."""
+    from training.cm3leon.presets import PRESETS
+    from training.cm3leon.train import train_cm3leon
+
+    out = tmp_path_factory.mktemp("mot") / "mot-tiny"
+    return out, train_cm3leon(PRESETS["mot-tiny"](), out, command="tests")
+
+
+@pytest.fixture(scope="session")
 def mavil_checkpoints(tmp_path_factory) -> tuple[Path, Path]:
     """MAViL's tiny preset, stage 1 and stage 2 from it, trained once per session through the real CLI."""
     root = tmp_path_factory.mktemp("mavil")
@@ -157,18 +168,20 @@ WIDE_MODEL = "wide"
 BOUNDED_MODEL = "bounded"
 ECHO_MODEL = "echo"
 CM3LEON_MODEL = "cm3leon"
+MOT_MODEL = "mot"
 MAVIL_MODEL = "mavil"
 
 
 @pytest.fixture(scope="session")
-def serving_config(tiny_checkpoint, cm3leon_checkpoint, mavil_checkpoints):
+def serving_config(tiny_checkpoint, cm3leon_checkpoint, mot_checkpoint, mavil_checkpoints):
     """The test server: the tiny checkpoint three times, as ``tiny`` (4 slots,
     4 requests in flight and 4 queued per replica), ``wide`` (32 slots, for
     tests with many concurrent streams) and ``bounded`` (2 slots and 2 places
     in the engine's queue behind a generous Ray Serve bound, so the engine's
     own queue bound is what refuses; the tests that kill a replica have it to
     themselves); ``echo``, a model of the test family in
-    ``tests/echo_family.py``; ``cm3leon``, CM3Leon's tiny preset; and
+    ``tests/echo_family.py``; ``cm3leon``, CM3Leon's tiny preset; ``mot``,
+    its mot-tiny preset (Mixture-of-Transformers, with sound); and
     ``mavil``, MAViL's tiny preset after stage 2 (8 clips a batch, 32
     requests in flight)."""
     import shutil
@@ -182,6 +195,7 @@ def serving_config(tiny_checkpoint, cm3leon_checkpoint, mavil_checkpoints):
         shutil.copytree(tiny_checkpoint, tiny_checkpoint.parent / name, dirs_exist_ok=True)
     write_checkpoint(tiny_checkpoint.parent / ECHO_MODEL, shift=1)
     shutil.copytree(cm3leon_checkpoint[0], tiny_checkpoint.parent / CM3LEON_MODEL, dirs_exist_ok=True)
+    shutil.copytree(mot_checkpoint[0], tiny_checkpoint.parent / MOT_MODEL, dirs_exist_ok=True)
     shutil.copytree(mavil_checkpoints[1], tiny_checkpoint.parent / MAVIL_MODEL, dirs_exist_ok=True)
     half_cpu = ActorOptions(num_cpus=0.5)
     return ServingConfig(
@@ -201,6 +215,7 @@ def serving_config(tiny_checkpoint, cm3leon_checkpoint, mavil_checkpoints):
                                                           ray_actor_options=half_cpu),
                          ECHO_MODEL: DeploymentOptions(ray_actor_options=ActorOptions(num_cpus=0.0)),
                          CM3LEON_MODEL: DeploymentOptions(ray_actor_options=ActorOptions(num_cpus=0.0)),
+                         MOT_MODEL: DeploymentOptions(ray_actor_options=ActorOptions(num_cpus=0.0)),
                          MAVIL_MODEL: DeploymentOptions(max_ongoing_requests=32, max_queued_requests=32,
                                                         ray_actor_options=ActorOptions(num_cpus=0.0))},
         engine=SchedulerConfig(max_batch_size=4, max_sequence_bytes=2000, max_queue=8),

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from engines.mavil.engine import Clip
-from engines.mavil.media import resample, wav_bytes
+from engines.wav import resample, wav_bytes
 from tests.conftest import AUTH_TOKEN, MAVIL_MODEL, REPO
 from training.avworld import LABELS
 from training.mavil.train import HELDOUT_START

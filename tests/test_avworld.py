@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engines.mavil.media import read_wav
+from engines.wav import read_wav
 from training.avworld import LABELS, SAMPLE_RATE, AudioVideoWorld, Motion
 from training.avworld.files import clip_files, write_clip
 from training.avworld.world import TRAVEL, render_frames, synthesize

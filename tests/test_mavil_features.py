@@ -10,16 +10,9 @@ import pytest
 import torch
 
 from engines.mavil.config import AudioInput, VideoInput
-from engines.mavil.features import (
-    audio_patches,
-    log_mel,
-    pick_frames,
-    samples_for,
-    spectrogram_patches,
-    tubelets,
-    video_tubelets,
-)
-from engines.mavil.media import MediaError, read_wav, resample, wav_bytes
+from engines.filterbank import log_mel, samples_for
+from engines.mavil.features import audio_patches, pick_frames, spectrogram_patches, tubelets, video_tubelets
+from engines.wav import MediaError, read_wav, resample, wav_bytes
 
 
 def _noisy_chirp(seconds: float = 1.0, rate: int = 16000) -> np.ndarray:

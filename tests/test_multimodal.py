@@ -1,4 +1,5 @@
-"""CM3Leon served through the real proxy: GenerateImage, Caption, Infill, bad input and fuzzing."""
+"""CM3Leon served through the real proxy: GenerateImage, Caption (of images and sounds), Infill,
+both backbones (dense and Mixture-of-Transformers), bad input and fuzzing."""
 
 import io
 import struct
@@ -13,7 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tests.conftest import CM3LEON_MODEL, REPO, wait_serving
+from engines.wav import resample, wav_bytes
+from tests.conftest import CM3LEON_MODEL, MOT_MODEL, REPO, wait_serving
+from training.avworld import AudioVideoWorld
 from training.imageworld import ImageWorld
 
 
@@ -82,7 +85,49 @@ def test_captions_and_infills_come_back_as_text(mm, mpb2):
     assert len("".join(infill.spans).encode()) <= 30
 
 
+def test_a_mot_checkpoint_serves_the_same_rpcs(mm, mpb2):
+    example = ImageWorld(seed=13)[2]
+    decoding = mpb2.Decoding(guidance=mpb2.GUIDANCE_MIXED, temperature=1.0, seed=3)
+    images = mm.GenerateImage(mpb2.GenerateImageRequest(prompt=example.caption, samples=2, decoding=decoding,
+                                                        model=MOT_MODEL), timeout=120)
+    assert images.model == MOT_MODEL and len(images.images) == 2
+    for image in images.images:
+        with Image.open(io.BytesIO(image.png)) as decoded:
+            assert decoded.size == (32, 32)
+    caption = mm.Caption(mpb2.CaptionRequest(image=encoded(example.image), alt_text=example.alt_text,
+                                             max_new_bytes=30, documents=1, model=MOT_MODEL), timeout=120)
+    assert caption.model == MOT_MODEL and len(caption.text.encode()) <= 30
+    infill = mm.Infill(mpb2.InfillRequest(text="a <mask> square", max_new_bytes=20, model=MOT_MODEL), timeout=120)
+    assert len(infill.spans) == 1
+
+
+def test_a_model_trained_on_sound_captions_wav_files_at_any_rate(mm, mpb2):
+    clip = AudioVideoWorld(seed=9)[4]
+    plain = mm.Caption(mpb2.CaptionRequest(audio=wav_bytes(clip.waveform, 16000), max_new_bytes=40,
+                                           model=MOT_MODEL), timeout=120)
+    assert plain.model == MOT_MODEL and len(plain.text.encode()) <= 40
+    # 44.1 kHz is resampled to 16 kHz; half a second is padded with silence.
+    for sound, rate in ((resample(clip.waveform, 16000, 44100), 44100), (clip.waveform[:8000], 16000)):
+        again = mm.Caption(mpb2.CaptionRequest(audio=wav_bytes(sound, rate), max_new_bytes=40, model=MOT_MODEL),
+                           timeout=120)
+        assert len(again.text.encode()) <= 40
+
+
+SOUND = wav_bytes(AudioVideoWorld(seed=1)[0].waveform, 16000)
 BAD = [
+    ("Caption", {"audio": SOUND, "model": CM3LEON_MODEL},
+     "audio: model cm3leon was not trained on audio (it reads text and image)"),
+    ("Caption", {"audio": SOUND, "image": "png", "model": MOT_MODEL}, "audio: send an image or a sound, not both"),
+    ("Caption", {"audio": SOUND, "alt_text": "x", "model": MOT_MODEL},
+     "alt_text: re-aligns an image's text; a sound has none"),
+    ("Caption", {"audio": SOUND, "documents": 1, "model": MOT_MODEL},
+     "documents: retrieval finds images; a sound's caption reads none"),
+    ("Caption", {"audio": b"RIFF not really", "model": MOT_MODEL},
+     "audio: not a readable WAV file (Not a WAV file. RIFF form type is b' rea'.)"),
+    ("Caption", {"audio": wav_bytes(np.zeros(32000), 16000), "model": MOT_MODEL},
+     "audio: 2.00 s of sound; this model reads up to 1 s"),
+    ("Caption", {"audio": wav_bytes(np.zeros(100), 2000), "model": MOT_MODEL},
+     "audio: sample rate 2000 Hz; expected 4000 to 192000"),
     ("GenerateImage", {"prompt": "x", "samples": 5}, "samples: 5 is over the limit of 4"),
     ("GenerateImage", {"prompt": "x" * 1537}, "prompt: 1537 bytes is over the limit of 1536"),
     ("GenerateImage", {"prompt": "x", "decoding": {"guidance_scale": 500.0}},
@@ -153,6 +198,10 @@ def test_the_client_writes_images_captions_and_spans(grpc_target, tmp_path):
     assert Image.open(out).size == (32, 32) and Image.open(tmp_path / "red-1.png").size == (32, 32)
     caption = client("caption", str(out), "--alt-text", "stock photo")
     assert "[cm3leon]" in caption.stderr
+    sound = tmp_path / "clip.wav"
+    sound.write_bytes(SOUND)
+    heard = client("--model", MOT_MODEL, "caption", str(sound))
+    assert f"[{MOT_MODEL}]" in heard.stderr
     spans = client("infill", "a <mask> circle at the <mask>")
     assert len(spans.stdout.splitlines()) == 2
     missing = subprocess.run([sys.executable, "-m", "serving", "client", "--target", grpc_target, "caption",
@@ -171,14 +220,15 @@ decodings = st.fixed_dictionaries({}, optional={
 
 @pytest.mark.timeout(900)
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-@given(method=st.sampled_from(["GenerateImage", "Caption", "Infill", "raw"]),
+@given(method=st.sampled_from(["GenerateImage", "Caption", "Sound", "Infill", "raw"]),
        text=st.one_of(st.text(st.characters(exclude_categories=("Cs",)), max_size=200),
                       st.just("a <mask> circle"), st.just("<mask>")),
        image=st.one_of(st.binary(max_size=300), st.sampled_from(["png", "gif", "wide"])), decoding=decodings,
        samples=st.integers(0, 6), documents=st.one_of(st.none(), st.integers(0, 4)),
-       max_new_bytes=st.sampled_from([0, 3, 10**6]))
+       max_new_bytes=st.sampled_from([0, 3, 10**6]),
+       sound=st.one_of(st.binary(max_size=300), st.integers(0, len(SOUND)).map(lambda n: SOUND[:n])))
 def test_fuzzed_multimodal_requests_get_proper_status_codes(mm, mpb2, channel, method, text, image, decoding,
-                                                            samples, documents, max_new_bytes):
+                                                            samples, documents, max_new_bytes, sound):
     image = _image(image) if isinstance(image, str) else image
     extra = {} if documents is None else {"documents": documents}
     try:
@@ -188,6 +238,9 @@ def test_fuzzed_multimodal_requests_get_proper_status_codes(mm, mpb2, channel, m
         elif method == "Caption":
             mm.Caption(mpb2.CaptionRequest(image=image, alt_text=text, max_new_bytes=max_new_bytes,
                                            decoding=mpb2.Decoding(**decoding), **extra), timeout=120)
+        elif method == "Sound":
+            mm.Caption(mpb2.CaptionRequest(audio=sound, max_new_bytes=max_new_bytes, decoding=mpb2.Decoding(
+                **decoding), model=MOT_MODEL), timeout=120)
         elif method == "Infill":
             mm.Infill(mpb2.InfillRequest(text=text, image=image, max_new_bytes=max_new_bytes,
                                          decoding=mpb2.Decoding(**decoding)), timeout=120)

@@ -9,7 +9,9 @@ import grpc
 import pytest
 import yaml
 
-from tests.conftest import AUTH_TOKEN, BOUNDED_MODEL, CM3LEON_MODEL, ECHO_MODEL, MAVIL_MODEL, REPO, WIDE_MODEL
+from tests.conftest import (
+    AUTH_TOKEN, BOUNDED_MODEL, CM3LEON_MODEL, ECHO_MODEL, MAVIL_MODEL, MOT_MODEL, REPO, WIDE_MODEL,
+)
 from tests.helpers import scrape, wait_until
 
 
@@ -88,9 +90,12 @@ def test_models_service_and_command(channel, grpc_target, tiny_checkpoint):
     from patchwork.v1 import models_pb2, models_pb2_grpc
 
     listed = models_pb2_grpc.ModelsStub(channel).ListModels(models_pb2.ListModelsRequest(), timeout=30).models
-    assert [m.name for m in listed] == sorted([BOUNDED_MODEL, CM3LEON_MODEL, ECHO_MODEL, MAVIL_MODEL, "tiny", WIDE_MODEL])
+    assert [m.name for m in listed] == sorted([BOUNDED_MODEL, CM3LEON_MODEL, ECHO_MODEL, MAVIL_MODEL, MOT_MODEL, "tiny",
+                                               WIDE_MODEL])
     assert next(m for m in listed if m.name == ECHO_MODEL).family == "echo"
     assert next(m for m in listed if m.name == CM3LEON_MODEL).family == "cm3leon"
+    mot = json.loads(next(m for m in listed if m.name == MOT_MODEL).config_json)
+    assert (mot["backbone"], mot["untied"], mot["audio"]["seconds"]) == ("mot", "all", 1.0)
     mavil = next(m for m in listed if m.name == MAVIL_MODEL)
     assert mavil.family == "mavil" and json.loads(mavil.config_json)["indexes"]["heldout"]["audio"] > 0
     model, wide = (next(m for m in listed if m.name == name) for name in ("tiny", WIDE_MODEL))
@@ -112,7 +117,7 @@ def test_status_and_scaling_without_dropping_requests(stub, pb2, grpc_target):
     assert report.returncode == 0, report.stderr
     deployments = yaml.safe_load(report.stdout)["patchwork"]["deployments"]
     assert deployments["model-tiny"]["replicas"] == {"RUNNING": 1}
-    models = ("tiny", WIDE_MODEL, BOUNDED_MODEL, ECHO_MODEL, CM3LEON_MODEL, MAVIL_MODEL)
+    models = ("tiny", WIDE_MODEL, BOUNDED_MODEL, ECHO_MODEL, CM3LEON_MODEL, MOT_MODEL, MAVIL_MODEL)
     assert set(deployments) == {"gateway", *(f"model-{name}" for name in models)}
 
     for replicas in (2, 1):

@@ -1,8 +1,9 @@
-"""python -m training <family> ...: train a checkpoint.
+"""python -m training <family> ...: train a checkpoint; python -m training mot-study: the backbone study.
 
 Each family with a trainer in the registry (``engines.registry.Family.trainer``)
-gets a sub-command; its module's ``add_arguments(parser)`` declares the
-options and ``run(args, argv)`` trains and returns the exit code.
+gets a sub-command, and so does each study (``STUDIES``); its module's
+``add_arguments(parser)`` declares the options and ``run(args, argv)`` trains
+and returns the exit code.
 """
 
 from __future__ import annotations
@@ -14,9 +15,14 @@ import sys
 from engines.registry import get_family, known_families
 
 
+# Commands that train more than one checkpoint's worth: name -> module.
+STUDIES = {"mot-study": "training.mot.study"}
+
+
 def trainers() -> dict[str, str]:
-    """Family name -> its trainer module, for every family that has one."""
-    return {name: family.trainer for name in known_families() if (family := get_family(name)).trainer}
+    """Command -> its module: every family with a trainer, then the studies."""
+    families = {name: family.trainer for name in known_families() if (family := get_family(name)).trainer}
+    return {**families, **STUDIES}
 
 
 def parser() -> argparse.ArgumentParser:

@@ -38,9 +38,11 @@ def fit(
     schedule: Schedule,
     description: str,
     show: Callable[[float], dict[str, str]] = lambda loss: {"loss": f"{loss:.3f}"},
+    on_step: Callable[[int], None] | None = None,
 ) -> float:
     """``schedule.steps`` AdamW steps, each on ``loss_of(next_batch())``; the
-    progress bar shows ``show(loss)``. Returns the last step's loss."""
+    progress bar shows ``show(loss)``; ``on_step(step)`` runs after each step
+    (the study's evaluations). Returns the last step's loss."""
     params = [p for p in parameters if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=schedule.lr, betas=(0.9, 0.95), weight_decay=schedule.weight_decay)
     loss = torch.tensor(float("nan"))
@@ -55,4 +57,6 @@ def fit(
             optimizer.step()
             if step % 10 == 0 or step == schedule.steps - 1:
                 bar.set_postfix(show(loss.item()))
+            if on_step is not None:
+                on_step(step)
     return float(loss.detach())

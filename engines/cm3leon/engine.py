@@ -19,10 +19,13 @@ import torch
 
 from engines.api import EngineStats, Generation, InvalidRequest, ModelInfo, Usage
 from engines.checkpoint import CheckpointError, Manifest, load_state
+from engines.cm3leon.audio import SAMPLE_RATE
 from engines.cm3leon.config import FORMAT_VERSION, Cm3LeonConfig
 from engines.cm3leon.decoding import Cm3Params, Cm3State, record, scores
 from engines.cm3leon.model import Cm3LeonModel
-from engines.cm3leon.prompts import Cm3Prompt, Task, allowed_tokens, caption_prompt, image_prompt, infill_prompt
+from engines.cm3leon.prompts import (
+    AUDIO_MARKERS, Cm3Prompt, Task, allowed_tokens, caption_prompt, image_prompt, infill_prompt,
+)
 from engines.cm3leon.tokenizer import BREAK, EOS, IMAGE_END, IMAGE_START, MAX_SPANS, PAD, TextTokenizer, sentinel
 from engines.generation import Decoding
 from engines.kv_cache import KVCache
@@ -49,8 +52,8 @@ class Cm3LeonEngine:
                  manifest: Manifest | None = None, scheduler: SchedulerConfig | None = None):
         self.model, self.tokenizer, self.device, self.name, self.manifest = model, tokenizer, device, name, manifest
         self.config: Cm3LeonConfig = model.config
-        self.allowed = {task: allowed_tokens(task, self.config.text_vocab, self.config.vocab_size).to(device)
-                        for task in Task}
+        self.allowed = {task: allowed_tokens(task, self.config.text_vocab, self.config.image_end,
+                                             self.config.vocab_size).to(device) for task in Task}
         scheduler = scheduler or SchedulerConfig()
         positions = min(scheduler.max_sequence_bytes, self.config.max_sequence)
         self.scheduler = Scheduler(self, scheduler.model_copy(update={"max_sequence_bytes": positions}), device)
@@ -90,6 +93,19 @@ class Cm3LeonEngine:
         found = self.model.bank.search(self.model.retriever.embed_images(codes), count)[0] if count else []
         ids = self.model.image_ids(codes)[0].tolist()
         return caption_prompt(ids, [self.model.bank.document(i) for i in found], self.tokenizer.encode(alt_text))
+
+    @torch.inference_mode()
+    def audio_caption_prompt(self, samples: np.ndarray) -> Cm3Prompt:
+        """A sound (float32 samples at 16 kHz, at most the audio tokenizer's
+        ``seconds``; shorter sounds are padded with silence) -> text."""
+        if self.model.audio is None:
+            raise InvalidRequest("audio", f"model {self.name} was not trained on audio (it reads "
+                                 f"{' and '.join(self.config.modalities)})")
+        if np.ndim(samples) != 1 or not 0 < len(samples) <= self.config.audio.samples:
+            raise InvalidRequest("audio", f"{np.size(samples) / SAMPLE_RATE:.2f} s of sound; this model reads "
+                                 f"up to {self.config.audio.seconds:g} s")
+        codes = self.model.audio.encode(torch.as_tensor(np.asarray(samples, dtype=np.float32))[None].to(self.device))
+        return caption_prompt(self.model.audio_ids(codes)[0].tolist(), markers=AUDIO_MARKERS)
 
     @torch.inference_mode()
     def infill_prompt(self, text: str, image: np.ndarray | None = None) -> Cm3Prompt:

@@ -1,31 +1,44 @@
 """The CM3Leon model: a decoder-only transformer over the joint vocabulary
-(the shared ``CausalLM``), the image tokenizer that turns images into codes
-and back, and the retriever with its memory bank. Weights are stored as
-``lm.*``, ``vq.*``, ``retriever.*`` and ``bank.*``."""
+(the shared ``CausalLM``, or a Mixture-of-Transformers ``MotLM``), the image
+tokenizer that turns images into codes and back, the audio tokenizer of a
+model trained on sound, and the retriever with its memory bank. Weights are
+stored as ``lm.*``, ``vq.*``, ``audio.*``, ``retriever.*`` and ``bank.*``."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from engines.cm3leon.audio import AudioTokenizer
 from engines.cm3leon.config import Cm3LeonConfig
 from engines.cm3leon.retrieval import DualEncoder, MemoryBank
 from engines.cm3leon.vqvae import VqVae
 from engines.layers import CausalLM
+from engines.mot.model import MotLM
+from engines.mot.routing import ModalityRouter
 
 
 class Cm3LeonModel(nn.Module):
     def __init__(self, config: Cm3LeonConfig):
         super().__init__()
         self.config = config
-        self.lm = CausalLM(config.transformer, config.vocab_size)
+        self.modality_of = ModalityRouter(config.modality_boundaries)  # token ids [...] -> modality [...]
+        if config.backbone == "mot":
+            self.lm = MotLM(config.transformer, config.vocab_size, config.modality_boundaries, config.untied)
+        else:
+            self.lm = CausalLM(config.transformer, config.vocab_size)
         self.vq = VqVae(config.vq)
+        self.audio = AudioTokenizer(config.audio) if config.audio else None
         self.retriever = DualEncoder(config.retrieval, config.text_vocab, config.vq.codes, config.image_tokens)
         self.bank = MemoryBank(config.retrieval)
 
     def image_ids(self, codes: torch.Tensor) -> torch.Tensor:
         """The image tokenizer's code ids (b, image_tokens) -> image tokens of the joint vocabulary."""
         return codes + self.config.text_vocab
+
+    def audio_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        """The audio tokenizer's codes (b, audio.tokens) -> audio tokens of the joint vocabulary."""
+        return codes + self.config.image_end
 
     def images(self, ids: torch.Tensor) -> torch.Tensor:
         """Image tokens (b, image_tokens) of the joint vocabulary -> uint8 images (b, size, size, 3)."""

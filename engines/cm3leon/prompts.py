@@ -6,7 +6,8 @@ replaced by ``<mask>``; guided decoding reads both streams.
 
 - image: ``caption <break> <img>`` -> exactly ``image_tokens`` image codes;
 - caption: ``<img> codes </img> <break>`` (then the alt-text to re-align and
-  ``<break>``, if any) -> text tokens until ``<eos>``;
+  ``<break>``, if any) -> text tokens until ``<eos>``; a sound's caption reads
+  ``<audio> codes </audio> <break>`` instead;
 - infill: a document with ``<mask:i>`` sentinels, then ``<mask:0>`` -> each
   span after its sentinel, until ``<eos>``.
 
@@ -22,7 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from engines.cm3leon.tokenizer import BREAK, EOS, IMAGE_END, IMAGE_START, MASK, SPECIALS, sentinel
+from engines.cm3leon.tokenizer import (
+    AUDIO_END, AUDIO_START, BREAK, EOS, IMAGE_END, IMAGE_START, MASK, MAX_SPANS, SPECIALS, sentinel,
+)
 
 
 class Task(str, enum.Enum):
@@ -43,29 +46,35 @@ def image_prompt(text: Sequence[int], retrieved: Sequence[Sequence[int]] = ()) -
     return Cm3Prompt(Task.IMAGE, (*context, *text, BREAK, IMAGE_START), (MASK, BREAK, IMAGE_START))
 
 
-def caption_prompt(image: Sequence[int], retrieved: Sequence[Sequence[int]] = (),
-                   alt_text: Sequence[int] = ()) -> Cm3Prompt:
-    """An alt-text, when there is one, follows the image (to be re-aligned)."""
+IMAGE_MARKERS = (IMAGE_START, IMAGE_END)
+AUDIO_MARKERS = (AUDIO_START, AUDIO_END)
+
+
+def caption_prompt(media: Sequence[int], retrieved: Sequence[Sequence[int]] = (), alt_text: Sequence[int] = (),
+                   markers: tuple[int, int] = IMAGE_MARKERS) -> Cm3Prompt:
+    """``media`` is an image's codes (or a sound's, with ``AUDIO_MARKERS``).
+    An alt-text, when there is one, follows the image (to be re-aligned)."""
     context = [token for document in retrieved for token in document]
     noted = (*alt_text, BREAK) if alt_text else ()
-    return Cm3Prompt(Task.CAPTION, (*context, IMAGE_START, *image, IMAGE_END, BREAK, *noted), (MASK, BREAK, *noted))
+    start, end = markers
+    return Cm3Prompt(Task.CAPTION, (*context, start, *media, end, BREAK, *noted), (MASK, BREAK, *noted))
 
 
 def infill_prompt(document: Sequence[int]) -> Cm3Prompt:
     return Cm3Prompt(Task.INFILL, (*document, sentinel(0)), (MASK, sentinel(0)))
 
 
-def allowed_tokens(task: Task, text_vocab: int, vocab_size: int) -> torch.Tensor:
-    """bool [vocab_size]: what the task may generate. Image codes only in an
-    image; text tokens and ``<eos>`` in a caption; text, codes, the later
-    sentinels and ``<eos>`` in an infill."""
+def allowed_tokens(task: Task, text_vocab: int, image_end: int, vocab_size: int) -> torch.Tensor:
+    """bool [vocab_size]: what the task may generate. Image codes
+    ([text_vocab, image_end)) only in an image; text tokens and ``<eos>`` in a
+    caption; text, any codes, the later sentinels and ``<eos>`` in an infill."""
     allowed = torch.zeros(vocab_size, dtype=torch.bool)
     if task is Task.IMAGE:
-        allowed[text_vocab:] = True
+        allowed[text_vocab:image_end] = True
         return allowed
     allowed[len(SPECIALS):text_vocab] = True
     allowed[EOS] = True
     if task is Task.INFILL:
         allowed[text_vocab:] = True
-        allowed[sentinel(1):len(SPECIALS)] = True
+        allowed[sentinel(1):sentinel(MAX_SPANS - 1) + 1] = True
     return allowed

@@ -21,7 +21,7 @@ def generate_reference(model: Cm3LeonModel, tokenizer: TextTokenizer, prompt: Cm
 
     config = model.config
     device = next(model.parameters()).device
-    allowed = allowed_tokens(prompt.task, config.text_vocab, config.vocab_size).to(device)
+    allowed = allowed_tokens(prompt.task, config.text_vocab, config.image_end, config.vocab_size).to(device)
     decoding = Decoding(params, device)
     state = Cm3State(task=prompt.task, params=params, uncond=prompt.uncond)
     cond, uncond = list(prompt.cond), list(prompt.uncond)

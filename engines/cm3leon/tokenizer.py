@@ -3,7 +3,8 @@
 Ids ``[0, text_vocab)`` are text: the special tokens first (``SPECIALS``,
 always the same ids), then the BPE vocabulary trained with Hugging Face
 ``tokenizers``; ids ``[text_vocab, text_vocab + image_codes)`` are the image
-tokenizer's codes. Text from a request never becomes a special token: the
+tokenizer's codes, and a checkpoint trained on sound has the audio
+tokenizer's codes after them. Text from a request never becomes a special token: the
 string "<break>" encodes as its characters, and specials enter a sequence only
 by id. The tokenizer travels in the checkpoint as its JSON.
 """
@@ -15,15 +16,17 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 MAX_SPANS = 16  # masked spans per document, each with its sentinel <mask:i>
-SPECIALS = ("<pad>", "<eos>", "<break>", "<img>", "</img>", "<mask>", *(f"<mask:{i}>" for i in range(MAX_SPANS)))
+SPECIALS = ("<pad>", "<eos>", "<break>", "<img>", "</img>", "<mask>", *(f"<mask:{i}>" for i in range(MAX_SPANS)),
+            "<audio>", "</audio>")
 PAD, EOS, BREAK, IMAGE_START, IMAGE_END, MASK = range(6)
+AUDIO_START, AUDIO_END = SPECIALS.index("<audio>"), SPECIALS.index("</audio>")
 
 
 def sentinel(span: int) -> int:
     """The id of ``<mask:span>``."""
     if not 0 <= span < MAX_SPANS:
         raise ValueError(f"span {span} is not in [0, {MAX_SPANS})")
-    return len(SPECIALS) - MAX_SPANS + span
+    return MASK + 1 + span
 
 
 class TextTokenizer:

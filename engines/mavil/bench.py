@@ -64,7 +64,7 @@ def served_throughput(target: str, model: str, clips: list, token: str | None = 
     from patchwork.v1 import audiovideo_pb2 as pb2
     from patchwork.v1 import audiovideo_pb2_grpc
 
-    from engines.mavil.media import wav_bytes
+    from engines.wav import wav_bytes
     from serving.images import png
 
     requests = [pb2.EmbedRequest(model=model, clip=pb2.Clip(wav=wav_bytes(c.waveform, 16000),

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engines.layers import TransformerConfig
-from engines.mavil.features import samples_for
+from engines.filterbank import samples_for
 
 FORMAT_VERSION = 1
 

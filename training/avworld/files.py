@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from engines.mavil.media import wav_bytes
+from engines.wav import wav_bytes
 from training.avworld.world import SAMPLE_RATE, Clip
 
 AUDIO_FILE = "audio.wav"

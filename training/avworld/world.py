@@ -83,6 +83,17 @@ class Motion:
     def strikes_per_second(self) -> float:
         return 2.0 + 2.0 * self.speed
 
+    @property
+    def sound_caption(self) -> str:
+        """What a listener can tell, in words: size (pitch), material, kind
+        (timbre), speed (rhythm) and vertical motion (glide); never colour.
+        E.g. "the sound of a small metal square striking fast, rising"."""
+        size = "small" if self.side <= 8 else "large" if self.side >= 12 else "medium"
+        pace = ("slowly", "steadily", "fast")[SPEEDS.index(self.speed)]
+        glide = {"up": ", rising", "down": ", falling"}.get(self.direction, "")
+        material = "wooden" if self.material == "wood" else self.material
+        return f"the sound of a {size} {material} {self.kind} striking {pace}{glide}"
+
 
 @dataclass(frozen=True)
 class Clip:

@@ -7,6 +7,9 @@ A document is a caption and an image in either order, the two parts split by
     <img> codes </img> <break> caption                     (image -> caption)
     <img> codes </img> <break> alt-text <break> caption    (re-aligning an alt-text)
 
+A caption-and-sound document is the same with ``<audio> codes </audio>``
+for the picture (and no alt-text).
+
 A document may have its condition (the part before the first ``<break>``)
 dropped to ``<mask>``: ``<mask> <break> <img> codes </img>``. That is what the
 unconditional stream of guided decoding reads (``engines.cm3leon.prompts``),
@@ -30,19 +33,23 @@ import math
 import random
 from collections.abc import Sequence
 
-from engines.cm3leon.tokenizer import BREAK, EOS, IMAGE_END, IMAGE_START, MASK, MAX_SPANS, sentinel
+from engines.cm3leon.prompts import IMAGE_MARKERS
+from engines.cm3leon.tokenizer import BREAK, EOS, MASK, MAX_SPANS, sentinel
 
 Part = tuple[int, int]  # [start, end) of a maskable part of a document
 
 
 def document(caption: Sequence[int], image: Sequence[int], image_first: bool,
-             alt_text: Sequence[int] | None = None, condition_dropped: bool = False) -> tuple[list[int], list[Part]]:
+             alt_text: Sequence[int] | None = None, condition_dropped: bool = False,
+             markers: tuple[int, int] = IMAGE_MARKERS) -> tuple[list[int], list[Part]]:
     """The tokens of a caption-and-image document and its maskable parts (the
     caption, the codes). An image-first document may carry the image's
     alt-text between the image and the caption, which teaches re-aligning it;
     the alt-text itself is never masked. With ``condition_dropped`` the first
-    part (the image of an image-first document, else the caption) is ``<mask>``."""
-    picture = [IMAGE_START, *image, IMAGE_END]
+    part (the image of an image-first document, else the caption) is ``<mask>``.
+    A caption-and-sound document is the same with the sound's codes between
+    ``AUDIO_MARKERS``."""
+    picture = [markers[0], *image, markers[1]]
     if image_first:
         noted = [*alt_text, BREAK] if alt_text is not None else []
         condition = [MASK] if condition_dropped else picture

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
+from engines.cm3leon.audio import AudioVqConfig
 from engines.cm3leon.retrieval import RetrievalConfig
 from engines.cm3leon.vqvae import VqConfig
 from engines.layers import TransformerConfig
+from engines.mot.config import Untied
 from training.loop import Schedule
 
 
@@ -30,6 +34,15 @@ class Cm3LeonPreset(BaseModel):
     max_sequence: int = 512
     # Training documents whose condition is dropped to <mask>: the unconditional stream of guided decoding.
     condition_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    backbone: Literal["dense", "mot"] = "dense"
+    untied: Untied = Untied.ALL
+    # Clips of the audio-video world the model learns sound from (0: text and images only).
+    audio_clips: int = Field(default=0, ge=0)
+    heldout_audio_clips: int = Field(default=64, ge=1)
+    audio: AudioVqConfig = Field(default_factory=AudioVqConfig)
+    audio_iterations: int = Field(default=20, ge=1)  # k-means iterations of the audio codebook
+    # Of each batch's documents, the caption-and-sound ones (when there is sound).
+    audio_fraction: float = Field(default=0.25, ge=0.0, lt=1.0)
     seed: int = 0
 
 
@@ -65,4 +78,15 @@ def _default() -> Cm3LeonPreset:
     )
 
 
-PRESETS = {"tiny": _tiny, "default": _default}
+def _mot_tiny() -> Cm3LeonPreset:
+    """The tiny preset with sound and a Mixture-of-Transformers backbone."""
+    return _tiny().model_copy(update={"backbone": "mot", "audio_clips": 256, "heldout_audio_clips": 32,
+                                      "audio": AudioVqConfig(codes=32)})
+
+
+def _mot_default() -> Cm3LeonPreset:
+    """The default preset with sound and a Mixture-of-Transformers backbone (the study's mot-all run)."""
+    return _default().model_copy(update={"backbone": "mot", "audio_clips": 2000})
+
+
+PRESETS = {"tiny": _tiny, "default": _default, "mot-tiny": _mot_tiny, "mot-default": _mot_default}

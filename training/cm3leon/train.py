@@ -18,14 +18,25 @@
    prompt side's embedding (the caption's, or the image's) with 20% of its
    tokens dropped (the paper's query dropout); never the document's own
    bank entry, nor a near-duplicate.
-5. Measure the held-out loss and write the checkpoint (the text tokenizer
-   as its ``tokenizer.json`` asset).
+5. Measure the held-out loss (overall and per modality of the predicted
+   token) and write the checkpoint (the text tokenizer as its
+   ``tokenizer.json`` asset).
+
+With ``audio_clips`` the model also learns sound: clips of the audio-video
+world (``training.avworld``) described by what a listener can tell
+(``Motion.sound_caption``); the audio tokenizer (k-means over log-mel frames,
+``training.cm3leon.audio``) is fitted after the image tokenizer, and an
+``audio_fraction`` of every batch's documents are caption-and-sound
+documents (either order, the same condition dropout, no retrieval: the
+retriever pairs captions with images).
 """
 
 from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +48,14 @@ from engines.checkpoint import TrainingRecord, save_checkpoint
 from engines.cm3leon.config import Cm3LeonConfig
 from engines.cm3leon.engine import TOKENIZER_ASSET
 from engines.cm3leon.model import Cm3LeonModel
+from engines.cm3leon.prompts import AUDIO_MARKERS
 from engines.cm3leon.tokenizer import PAD, TextTokenizer
+from training.avworld import AudioVideoWorld
+from training.cm3leon.audio import fit_audio_tokenizer, quantisation_error
 from training.cm3leon.objective import bank_document, cm3, document
 from training.cm3leon.presets import Cm3LeonPreset
 from training.imageworld import Example, ImageWorld, parse_image
-from training.loop import fit
+from training.loop import Schedule, fit
 
 # Held-out examples come from indices no training run reaches.
 HELDOUT_START = 10_000_000
@@ -117,9 +131,53 @@ def retrieval_accuracy(model: Cm3LeonModel, captions: list[list[int]], codes: to
             "retriever_image_to_text_recall": float((similarity.argmax(0) == labels).float().mean())}
 
 
+def sound_sequences(source: Cm3LeonModel, captions: list[list[int]], codes: torch.Tensor, rng: random.Random,
+                    condition_dropout: float) -> list[list[int]]:
+    """One CM3 training sequence per (caption, sound codes) pair, in a random order."""
+    out = []
+    for caption, sound in zip(captions, source.audio_ids(codes).tolist()):
+        first, dropped = rng.random() < 0.5, rng.random() < condition_dropout
+        tokens, parts = document(caption, sound, image_first=first, condition_dropped=dropped, markers=AUDIO_MARKERS)
+        out.append(cm3(tokens, parts, rng))
+    return out
+
+
 def padded(batch: list[list[int]]) -> torch.Tensor:
     longest = max(map(len, batch))
     return torch.tensor([sequence + [PAD] * (longest - len(sequence)) for sequence in batch])
+
+
+@dataclass
+class Corpus:
+    """What the transformer trains on: every training document's parts as
+    token ids, and ``source``, the model whose frozen retriever and bank
+    find each document's retrieved documents."""
+
+    source: Cm3LeonModel
+    tokenizer: TextTokenizer
+    captions: list[list[int]]
+    alt_texts: list[list[int]]
+    codes: torch.Tensor  # image codes [n, image_tokens]
+    bank_size: int
+    max_documents: int
+    condition_dropout: float
+    sound_captions: list[list[int]]
+    sound_codes: torch.Tensor | None  # [m, audio.tokens], None without sound
+    audio_fraction: float
+    heldout: list[torch.Tensor]  # padded held-out batches
+
+    def batch(self, rng: random.Random, size: int) -> torch.Tensor:
+        sounds = round(size * self.audio_fraction) if self.sound_codes is not None else 0
+        picks = [rng.randrange(len(self.captions)) for _ in range(size - sounds)]
+        rows = sequences(self.source, [self.captions[i] for i in picks], [self.alt_texts[i] for i in picks],
+                         self.codes[picks], rng, self.max_documents,
+                         own=[i if i < self.bank_size else -1 for i in picks],
+                         condition_dropout=self.condition_dropout) if picks else []
+        if sounds:
+            heard = [rng.randrange(len(self.sound_captions)) for _ in range(sounds)]
+            rows += sound_sequences(self.source, [self.sound_captions[i] for i in heard], self.sound_codes[heard],
+                                    rng, self.condition_dropout)
+        return padded(rows)
 
 
 def lm_loss(model: Cm3LeonModel, batch: torch.Tensor) -> torch.Tensor:
@@ -129,28 +187,56 @@ def lm_loss(model: Cm3LeonModel, batch: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def heldout_loss(model: Cm3LeonModel, batches: list[torch.Tensor]) -> float:
-    total = sum(lm_loss(model, batch).item() * int((batch[:, 1:] != PAD).sum()) for batch in batches)
-    return total / sum(int((batch[:, 1:] != PAD).sum()) for batch in batches)
+def heldout_losses(model: Cm3LeonModel, batches: list[torch.Tensor]) -> dict[str, float]:
+    """Mean next-token loss (nats) over the real tokens of ``batches``:
+    ``heldout_loss`` over all of them, and ``heldout_loss_<modality>`` over
+    the tokens of each modality (special tokens count as text)."""
+    modalities = model.config.modalities
+    totals, counts = torch.zeros(len(modalities), dtype=torch.float64), torch.zeros(len(modalities))
+    for batch in batches:
+        targets = batch[:, 1:]
+        losses = F.cross_entropy(model.lm(batch[:, :-1]).flatten(0, 1).float(), targets.flatten(), reduction="none")
+        real = targets.flatten() != PAD
+        modality = model.modality_of(targets.flatten())[real]
+        totals.index_add_(0, modality, losses[real].double())
+        counts.index_add_(0, modality, torch.ones(len(modality)))
+    out = {"heldout_loss": float(totals.sum() / counts.sum())}
+    out.update({f"heldout_loss_{name}": float(totals[i] / counts[i]) for i, name in enumerate(modalities) if counts[i]})
+    return out
 
 
-def train_cm3leon(preset: Cm3LeonPreset, out: Path, command: str, steps: int | None = None) -> dict[str, float]:
-    """Runs the whole recipe and writes the checkpoint to ``out``; returns its metrics."""
-    started = time.monotonic()
+def train_lm(model: Cm3LeonModel, corpus: Corpus, schedule: Schedule, rng: random.Random, description: str,
+             on_step: Callable[[int], None] | None = None) -> None:
+    """Trains ``model.lm`` on batches of ``corpus`` drawn with ``rng``; ``on_step(step)`` after each step."""
+    model.lm.train()
+    fit(model.lm.parameters(), lambda batch: lm_loss(model, batch), lambda: corpus.batch(rng, schedule.batch_size),
+        schedule, description, on_step=on_step)
+    model.lm.eval()
+
+
+def prepare(preset: Cm3LeonPreset, steps: int | None = None) -> tuple[Cm3LeonModel, Corpus, dict, dict]:
+    """Steps 1-3 (and the audio tokenizer): the model with its tokenizers,
+    retriever and bank trained and frozen, its transformer untrained; the
+    corpus; their metrics; and the data record."""
     torch.manual_seed(preset.seed)
     rng = random.Random(preset.seed)
-    vq_schedule, retriever_schedule, lm_schedule = preset.vq_schedule, preset.retriever_schedule, preset.lm_schedule
+    generator = torch.Generator().manual_seed(preset.seed)
+    vq_schedule, retriever_schedule = preset.vq_schedule, preset.retriever_schedule
     if steps is not None:
         vq_schedule = vq_schedule.model_copy(update={"steps": steps})
         retriever_schedule = retriever_schedule.model_copy(update={"steps": steps})
-        lm_schedule = lm_schedule.model_copy(update={"steps": steps})
     world = ImageWorld(seed=preset.world_seed, image_size=preset.vq.image_size, jitter=preset.world_jitter)
     train = world.take(preset.train_images)
     heldout = world.take(preset.heldout_images, start=HELDOUT_START)
+    sound_world = AudioVideoWorld(seed=preset.world_seed)
+    sounds = sound_world.take(preset.audio_clips)
+    heldout_sounds = sound_world.take(preset.heldout_audio_clips if sounds else 0, start=HELDOUT_START)
 
-    tokenizer = TextTokenizer.train((t for e in train for t in (e.caption, e.alt_text)), preset.text_vocab)
+    texts = [t for e in train for t in (e.caption, e.alt_text)] + [clip.motion.sound_caption for clip in sounds]
+    tokenizer = TextTokenizer.train(texts, preset.text_vocab)
     bank_size = min(preset.bank_size, len(train))
-    config = Cm3LeonConfig(transformer=preset.transformer, text_vocab=tokenizer.vocab_size, vq=preset.vq,
+    config = Cm3LeonConfig(backbone=preset.backbone, untied=preset.untied, transformer=preset.transformer,
+                           text_vocab=tokenizer.vocab_size, vq=preset.vq, audio=preset.audio if sounds else None,
                            max_sequence=preset.max_sequence,
                            retrieval=preset.retrieval.model_copy(update={"bank_size": bank_size}))
     model = Cm3LeonModel(config)
@@ -162,15 +248,26 @@ def train_cm3leon(preset: Cm3LeonPreset, out: Path, command: str, steps: int | N
         lambda: images[torch.randint(len(images), (vq_schedule.batch_size,))], vq_schedule, "image tokenizer")
     model.vq.eval()
     model.vq.requires_grad_(False)
-    vq_metrics = reconstruction_metrics(model, heldout)
-    tqdm.write(f"image tokenizer: held-out RMSE {vq_metrics['vq_heldout_rmse']:.1f}, "
-               f"parser agreement {vq_metrics['vq_parser_agreement']:.3f}")
+    metrics = reconstruction_metrics(model, heldout)
+    tqdm.write(f"image tokenizer: held-out RMSE {metrics['vq_heldout_rmse']:.1f}, "
+               f"parser agreement {metrics['vq_parser_agreement']:.3f}")
 
     with torch.no_grad():
         codes = torch.cat([model.vq.encode(chunk) for chunk in images.split(256)])
         heldout_codes = model.vq.encode(images_of(heldout))
     captions = [tokenizer.encode(e.caption) for e in train]
     alt_texts = [tokenizer.encode(e.alt_text) for e in train]
+
+    sound_codes = heldout_sound_codes = None
+    if sounds:
+        waveforms = torch.from_numpy(np.stack([clip.waveform for clip in sounds]))
+        held_waveforms = torch.from_numpy(np.stack([clip.waveform for clip in heldout_sounds]))
+        fit_audio_tokenizer(model.audio, waveforms, preset.audio_iterations, generator)
+        metrics["audio_vq_heldout_error"] = quantisation_error(model.audio, held_waveforms)
+        with torch.no_grad():
+            sound_codes = torch.cat([model.audio.encode(chunk) for chunk in waveforms.split(256)])
+            heldout_sound_codes = model.audio.encode(held_waveforms)
+        tqdm.write(f"audio tokenizer: held-out relative error {metrics['audio_vq_heldout_error']:.3f}")
 
     def retriever_batch() -> tuple[list[list[int]], torch.Tensor]:
         picks = [rng.randrange(len(train)) for _ in range(retriever_schedule.batch_size)]
@@ -181,12 +278,13 @@ def train_cm3leon(preset: Cm3LeonPreset, out: Path, command: str, steps: int | N
         retriever_schedule, "retriever")
     model.retriever.eval()
     model.retriever.requires_grad_(False)
-    with torch.no_grad():
-        bank_vectors = model.retriever.document_vectors(captions[:bank_size], codes[:bank_size])
-    bank = [bank_document(caption, image)
-            for caption, image in zip(captions[:bank_size], model.image_ids(codes[:bank_size]).tolist())]
-    model.bank.fill(bank_vectors, bank)
-    retrieval_metrics = retrieval_accuracy(model, [tokenizer.encode(e.caption) for e in heldout], heldout_codes)
+    if bank_size:
+        with torch.no_grad():
+            bank_vectors = model.retriever.document_vectors(captions[:bank_size], codes[:bank_size])
+        bank = [bank_document(caption, image)
+                for caption, image in zip(captions[:bank_size], model.image_ids(codes[:bank_size]).tolist())]
+        model.bank.fill(bank_vectors, bank)
+    metrics.update(retrieval_accuracy(model, [tokenizer.encode(e.caption) for e in heldout], heldout_codes))
 
     max_documents = config.retrieval.max_documents if bank_size else 0
     heldout_rng = random.Random(1)
@@ -194,34 +292,39 @@ def train_cm3leon(preset: Cm3LeonPreset, out: Path, command: str, steps: int | N
         model, [tokenizer.encode(e.caption) for e in chunk], [tokenizer.encode(e.alt_text) for e in chunk],
         heldout_codes[start:start + len(chunk)], heldout_rng, max_documents, own=[-1] * len(chunk),
         condition_dropout=preset.condition_dropout)) for start, chunk in _chunks(heldout, 32)]
+    heldout_batches += [padded(sound_sequences(
+        model, [tokenizer.encode(clip.motion.sound_caption) for clip in chunk],
+        heldout_sound_codes[start:start + len(chunk)], heldout_rng, preset.condition_dropout))
+        for start, chunk in _chunks(heldout_sounds, 32)]
+    corpus = Corpus(source=model, tokenizer=tokenizer, captions=captions, alt_texts=alt_texts, codes=codes, bank_size=bank_size,
+                    max_documents=max_documents, condition_dropout=preset.condition_dropout,
+                    sound_captions=[tokenizer.encode(clip.motion.sound_caption) for clip in sounds],
+                    sound_codes=sound_codes, audio_fraction=preset.audio_fraction, heldout=heldout_batches)
+    data = {"image_world": {"seed": preset.world_seed, "image_size": preset.vq.image_size,
+                            "jitter": preset.world_jitter, "train_images": len(train),
+                            "heldout_images": len(heldout), "heldout_start": HELDOUT_START}}
+    if sounds:
+        data["audio_video_world"] = {"seed": preset.world_seed, "train_clips": len(sounds),
+                                     "heldout_clips": len(heldout_sounds), "heldout_start": HELDOUT_START}
+    return model, corpus, metrics, data
 
-    def next_batch() -> torch.Tensor:
-        picks = [rng.randrange(len(train)) for _ in range(lm_schedule.batch_size)]
-        return padded(sequences(model, [captions[i] for i in picks], [alt_texts[i] for i in picks], codes[picks],
-                                rng, max_documents, own=[i if i < bank_size else -1 for i in picks],
-                                condition_dropout=preset.condition_dropout))
 
-    model.lm.train()
-    fit(model.lm.parameters(), lambda batch: lm_loss(model, batch), next_batch, lm_schedule, "cm3leon")
-    model.lm.eval()
+def train_cm3leon(preset: Cm3LeonPreset, out: Path, command: str, steps: int | None = None) -> dict[str, float]:
+    """Runs the whole recipe and writes the checkpoint to ``out``; returns its metrics."""
+    started = time.monotonic()
+    model, corpus, metrics, data = prepare(preset, steps)
+    lm_schedule = preset.lm_schedule if steps is None else preset.lm_schedule.model_copy(update={"steps": steps})
+    train_lm(model, corpus, lm_schedule, random.Random(preset.seed + 1), preset.backbone)
     metrics = {
-        "heldout_loss": heldout_loss(model, heldout_batches),
-        **vq_metrics,
-        **retrieval_metrics,
-        "text_vocab": float(tokenizer.vocab_size),
+        **heldout_losses(model, corpus.heldout),
+        **metrics,
+        "text_vocab": float(model.config.text_vocab),
         "parameters": float(sum(p.numel() for p in model.lm.parameters())),
         "vq_parameters": float(sum(p.numel() for p in model.vq.parameters())),
         "train_seconds": time.monotonic() - started,
     }
-    record = TrainingRecord(
-        command=command,
-        data={"image_world": {"seed": preset.world_seed, "image_size": preset.vq.image_size,
-                              "jitter": preset.world_jitter,
-                              "train_images": len(train), "heldout_images": len(heldout),
-                              "heldout_start": HELDOUT_START}},
-        metrics=metrics,
-    )
-    save_checkpoint(out, config, model.state_dict(), record, assets={TOKENIZER_ASSET: tokenizer.to_json()})
+    record = TrainingRecord(command=command, data=data, metrics=metrics)
+    save_checkpoint(out, model.config, model.state_dict(), record, assets={TOKENIZER_ASSET: corpus.tokenizer.to_json()})
     return metrics
 
 

@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from engines.checkpoint import WEIGHTS_FILE, CheckpointError, add_assets, read_manifest
 from engines.mavil.engine import Clip, MavilEngine, load_mavil
 from engines.mavil.index import ClipIndex, Vectors, asset_name, to_json
-from engines.mavil.media import MediaError, read_wav, resample
+from engines.wav import MediaError, read_wav, resample
 
 
 def build_index(engine: MavilEngine, name: str, clips: dict[str, Clip]) -> ClipIndex:

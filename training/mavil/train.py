@@ -29,7 +29,8 @@ from engines.checkpoint import TrainingRecord, add_assets, save_checkpoint
 from engines.mavil.config import AudioInput, MavilConfig
 from engines.mavil.engine import Clip as EngineClip
 from engines.mavil.engine import load_mavil
-from engines.mavil.features import audio_patches, fit_frames, log_mel, video_tubelets
+from engines.filterbank import fit_frames, log_mel
+from engines.mavil.features import audio_patches, video_tubelets
 from engines.mavil.index import asset_name, to_json
 from engines.mavil.model import MODALITIES, MavilModel
 from training.avworld import LABELS, AudioVideoWorld, Clip

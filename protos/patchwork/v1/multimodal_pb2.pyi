@@ -73,20 +73,22 @@ class GenerateImageResponse(_message.Message):
     def __init__(self, images: _Optional[_Iterable[_Union[GeneratedImage, _Mapping]]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class CaptionRequest(_message.Message):
-    __slots__ = ("image", "alt_text", "decoding", "documents", "max_new_bytes", "model")
+    __slots__ = ("image", "alt_text", "decoding", "documents", "max_new_bytes", "model", "audio")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     ALT_TEXT_FIELD_NUMBER: _ClassVar[int]
     DECODING_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_BYTES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     alt_text: str
     decoding: Decoding
     documents: int
     max_new_bytes: int
     model: str
-    def __init__(self, image: _Optional[bytes] = ..., alt_text: _Optional[str] = ..., decoding: _Optional[_Union[Decoding, _Mapping]] = ..., documents: _Optional[int] = ..., max_new_bytes: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+    audio: bytes
+    def __init__(self, image: _Optional[bytes] = ..., alt_text: _Optional[str] = ..., decoding: _Optional[_Union[Decoding, _Mapping]] = ..., documents: _Optional[int] = ..., max_new_bytes: _Optional[int] = ..., model: _Optional[str] = ..., audio: _Optional[bytes] = ...) -> None: ...
 
 class CaptionResponse(_message.Message):
     __slots__ = ("text", "model")

@@ -66,7 +66,7 @@ class MultimodalServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Caption(self, request, context):
-        """Describes an image; an alt-text, if given, is re-aligned to the image.
+        """Describes an image (an alt-text, if given, is re-aligned to it) or a sound.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

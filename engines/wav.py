@@ -1,5 +1,5 @@
 """Sound as it arrives: WAV files in and out, and resampling to the rate
-every MAViL model reads (16 kHz).
+every audio model here reads (16 kHz).
 
 WAV files are read with SciPy: PCM of 8, 16, 24 or 32 bits or IEEE float,
 any number of channels (averaged to mono). Other rates are resampled with

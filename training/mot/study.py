@@ -1,0 +1,279 @@
+"""Dense against Mixture-of-Transformers: the same data, FLOPs and schedule.
+
+    python -m training mot-study --preset tiny|default --out DIR [--steps N] [--evaluations K]
+
+One corpus (``training.cm3leon.train.prepare``: text, images and sounds; no
+retrieval, so every document is its own) and one stream of training batches
+(the same seed for every run) train four transformers of the same width and
+depth: the dense backbone, and MoT backbones that untie the feed-forward
+alone, the feed-forward and attention, and every non-embedding weight (the
+paper's model). Every token costs the same FLOPs in all four (each token runs
+through one set of weights of the dense shape), so the runs compare loss at
+equal training FLOPs.
+
+Every ``steps / evaluations`` steps each run measures its held-out loss per
+modality of the predicted token. The study writes ``study.json`` (every
+curve and summary), ``study.md`` (the tables) and ``loss.png`` (loss per
+modality against training FLOPs), and reports per modality the fraction of
+the dense run's training FLOPs at which each MoT run first reaches the dense
+run's final loss (linear between evaluations; an upper bound when the first
+evaluation is already there; none if it never does).
+
+Training FLOPs per token are 3x the forward pass's: 2 per weight of every
+matmul a token runs through (blocks and output head) plus the attention's
+2 x 2 x dim per layer for each key a token attends to (its causal context).
+Also measured: seconds per training step of each run (side by side on the
+same batches, interleaved, after the runs), and the parameters each
+backbone holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shlex
+import time
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from engines.cm3leon.model import Cm3LeonModel
+from engines.cm3leon.tokenizer import PAD
+from engines.mot.bench import machine
+from engines.mot.config import Untied
+from training.arguments import positive_int
+from training.cm3leon.presets import PRESETS, Cm3LeonPreset
+from training.cm3leon.train import Corpus, heldout_losses, lm_loss, prepare
+from training.loop import fit
+
+# Run name -> (backbone, untied).
+RUNS = {
+    "dense": ("dense", Untied.ALL),
+    "mot-ffn": ("mot", Untied.FFN),
+    "mot-ffn-attention": ("mot", Untied.FFN_ATTENTION),
+    "mot-all": ("mot", Untied.ALL),
+}
+
+
+class StudyPreset(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    corpus: Cm3LeonPreset
+    evaluations: int
+    timing_rounds: int
+
+
+def _study(base: Cm3LeonPreset, evaluations: int, timing_rounds: int) -> StudyPreset:
+    """``base``'s corpus (with sound) and schedule, without retrieval."""
+    return StudyPreset(corpus=base.model_copy(update={"bank_size": 0}), evaluations=evaluations,
+                       timing_rounds=timing_rounds)
+
+
+STUDY_PRESETS = {
+    "tiny": lambda: _study(PRESETS["mot-tiny"](), evaluations=3, timing_rounds=2),
+    "default": lambda: _study(PRESETS["mot-default"](), evaluations=16, timing_rounds=20),
+}
+
+
+def with_backbone(source: Cm3LeonModel, backbone: str, untied: Untied, seed: int) -> Cm3LeonModel:
+    """A model with ``source``'s frozen tokenizers, retriever and bank and a
+    fresh transformer of the given backbone."""
+    config = source.config.model_copy(update={"backbone": backbone, "untied": untied})
+    torch.manual_seed(seed)
+    model = Cm3LeonModel(config)
+    torch.nn.init.normal_(model.lm.embed_tokens.weight, std=0.02)
+    frozen = {name: value for name, value in source.state_dict().items() if not name.startswith("lm.")}
+    missing, unexpected = model.load_state_dict(frozen, strict=False)
+    if unexpected or any(not name.startswith("lm.") for name in missing):
+        raise RuntimeError(f"the frozen parts do not fit: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+def flops_per_token(model: Cm3LeonModel, batch: torch.Tensor) -> float:
+    """Training FLOPs per real token of ``batch`` (see the module's docstring)."""
+    cfg = model.config.transformer
+    block = cfg.dim * (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim + cfg.n_heads * cfg.head_dim * cfg.dim
+    block += 3 * cfg.dim * cfg.hidden_dim
+    matmul = cfg.n_layers * block + cfg.dim * model.config.vocab_size  # weights one token runs through
+    inputs = batch[:, :-1]
+    real = inputs != PAD
+    context = real.cumsum(dim=1)[real].float().mean().item()  # keys a real token attends to, on average
+    return 3 * (2 * matmul + 2 * 2 * cfg.dim * cfg.n_layers * context)
+
+
+def _real_tokens(batch: torch.Tensor) -> int:
+    return int((batch[:, 1:] != PAD).sum())
+
+
+def train_run(model: Cm3LeonModel, corpus: Corpus, preset: Cm3LeonPreset, evaluations: int, name: str) -> dict:
+    """Trains ``model.lm`` on the study's batches; its held-out curve and timing."""
+    schedule = preset.lm_schedule
+    rng = random.Random(preset.seed + 1)  # the same batches for every run
+    every = max(1, schedule.steps // evaluations)
+    curve, seen = [], {"tokens": 0, "flops": 0.0}
+
+    def next_batch() -> torch.Tensor:
+        batch = corpus.batch(rng, schedule.batch_size)
+        seen["tokens"] += _real_tokens(batch)
+        seen["flops"] += flops_per_token(model, batch) * _real_tokens(batch)
+        return batch
+
+    def evaluate(step: int) -> None:
+        if (step + 1) % every == 0 or step + 1 == schedule.steps:
+            model.lm.eval()
+            curve.append({"step": step + 1, "tokens": seen["tokens"], "flops": seen["flops"],
+                          **heldout_losses(model, corpus.heldout)})
+            model.lm.train()
+
+    model.lm.train()
+    started = time.monotonic()
+    fit(model.lm.parameters(), lambda batch: lm_loss(model, batch), next_batch, schedule, name, on_step=evaluate)
+    model.lm.eval()
+    return {"curve": curve, "wall_seconds": time.monotonic() - started,
+            "parameters": sum(p.numel() for p in model.lm.parameters()),
+            "non_embedding_parameters": sum(p.numel() for n, p in model.lm.named_parameters()
+                                            if not n.startswith(("embed_tokens", "lm_head")))}
+
+
+def step_seconds(models: dict[str, Cm3LeonModel], corpus: Corpus, preset: Cm3LeonPreset, rounds: int) -> dict:
+    """Seconds per training step (forward, backward, AdamW) of each model on
+    the same batches, the runs interleaved round by round so machine noise
+    falls on all alike; the median over ``rounds``."""
+    rng = random.Random(preset.seed + 2)
+    batches = [corpus.batch(rng, preset.lm_schedule.batch_size) for _ in range(rounds)]
+    optimizers = {name: torch.optim.AdamW(model.lm.parameters(), lr=1e-6) for name, model in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for batch in batches:
+        for name, model in models.items():
+            model.lm.train()
+            started = time.perf_counter()
+            loss = lm_loss(model, batch)
+            optimizers[name].zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers[name].step()
+            times[name].append(time.perf_counter() - started)
+            model.lm.eval()
+    return {name: sorted(values)[len(values) // 2] for name, values in times.items()}
+
+
+def flops_fraction(run: list[dict], dense: list[dict], modality: str) -> dict | None:
+    """The fraction of the dense run's training FLOPs at which ``run`` first
+    reaches the dense run's final loss on ``modality`` (linear between
+    evaluations), and whether it is only an upper bound (reached by the
+    first evaluation); None if it never does."""
+    key = f"heldout_loss_{modality}"
+    target, total = dense[-1][key], dense[-1]["flops"]
+    previous = None
+    for point in run:
+        if point[key] <= target:
+            if previous is None:
+                return {"fraction": point["flops"] / total, "upper_bound": True}
+            share = (previous[key] - target) / (previous[key] - point[key])
+            flops = previous["flops"] + share * (point["flops"] - previous["flops"])
+            return {"fraction": flops / total, "upper_bound": False}
+        previous = point
+    return None
+
+
+def _fraction_cell(fraction: dict | None) -> str:
+    if fraction is None:
+        return "never"
+    return ("≤ " if fraction["upper_bound"] else "") + f"{fraction['fraction']:.1%}"
+
+
+def summarise(runs: dict[str, dict], modalities: tuple[str, ...]) -> dict:
+    dense = runs["dense"]["curve"]
+    fractions = {name: {m: flops_fraction(run["curve"], dense, m) for m in modalities}
+                 for name, run in runs.items() if name != "dense"}
+    final = {name: {m: run["curve"][-1][f"heldout_loss_{m}"] for m in modalities} for name, run in runs.items()}
+    ranking = sorted(runs, key=lambda name: sum(final[name].values()) / len(modalities))
+    return {"flops_fraction": fractions, "final_loss": final, "ranking_by_mean_final_loss": ranking}
+
+
+def plot(runs: dict[str, dict], modalities: tuple[str, ...], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(modalities), figsize=(5 * len(modalities), 4))
+    for axis, modality in zip(axes, modalities):
+        for name, run in runs.items():
+            curve = run["curve"]
+            axis.plot([p["flops"] for p in curve], [p[f"heldout_loss_{modality}"] for p in curve], marker=".",
+                      label=name)
+        axis.set_title(f"{modality} tokens")
+        axis.set_xlabel("training FLOPs")
+        axis.set_ylabel("held-out loss (nats/token)")
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(out)
+    plt.close(figure)
+
+
+def markdown(report: dict) -> str:
+    modalities = report["modalities"]
+    lines = ["| run | " + " | ".join(f"final {m} loss" for m in modalities) + " | non-embedding parameters "
+             "| s/step (side by side) |", "|" + "---|" * (len(modalities) + 3)]
+    for name, run in report["runs"].items():
+        final = report["summary"]["final_loss"][name]
+        lines.append(f"| {name} | " + " | ".join(f"{final[m]:.3f}" for m in modalities)
+                     + f" | {run['non_embedding_parameters']:,} | {report['step_seconds'][name]:.3f} |")
+    lines += ["", "Fraction of the dense run's training FLOPs at which each run first reaches the dense run's "
+              "final loss:", "", "| run | " + " | ".join(modalities) + " |", "|" + "---|" * (len(modalities) + 1)]
+    for name, fractions in report["summary"]["flops_fraction"].items():
+        cells = [_fraction_cell(fractions[m]) for m in modalities]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Ranking by mean final loss over the modalities: "
+              + ", ".join(report["summary"]["ranking_by_mean_final_loss"]) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def run_study(preset: StudyPreset, out: Path, command: str, steps: int | None = None,
+              evaluations: int | None = None) -> dict:
+    corpus_preset = preset.corpus
+    if steps is not None:
+        corpus_preset = corpus_preset.model_copy(update={
+            "lm_schedule": corpus_preset.lm_schedule.model_copy(update={"steps": steps})})
+    started = time.monotonic()
+    source, corpus, corpus_metrics, data = prepare(corpus_preset)
+    modalities = source.config.modalities
+    models, runs = {}, {}
+    for name, (backbone, untied) in RUNS.items():
+        models[name] = with_backbone(source, backbone, untied, corpus_preset.seed)
+        runs[name] = train_run(models[name], corpus, corpus_preset, evaluations or preset.evaluations, name)
+    report = {
+        "command": command,
+        "machine": machine(),
+        "modalities": list(modalities),
+        "corpus": {"data": data, "metrics": corpus_metrics, "batch_size": corpus_preset.lm_schedule.batch_size,
+                   "steps": corpus_preset.lm_schedule.steps, "transformer": corpus_preset.transformer.model_dump(),
+                   "audio_fraction": corpus_preset.audio_fraction},
+        "runs": runs,
+        "step_seconds": step_seconds(models, corpus, corpus_preset, preset.timing_rounds),
+        "summary": summarise(runs, modalities),
+        "seconds": time.monotonic() - started,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "study.md").write_text(markdown(report))
+    plot(runs, modalities, out / "loss.png")
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=sorted(STUDY_PRESETS), default="tiny")
+    parser.add_argument("--out", type=Path, required=True, help="directory for study.json, study.md and loss.png")
+    parser.add_argument("--steps", type=positive_int, help="override the preset's training steps of every run")
+    parser.add_argument("--evaluations", type=positive_int, help="held-out evaluations per run")
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    report = run_study(STUDY_PRESETS[args.preset](), args.out, shlex.join(["python", "-m", "training", *argv]),
+                       steps=args.steps, evaluations=args.evaluations)
+    print(markdown(report), end="")
+    print(f"written: {args.out / 'study.json'}, {args.out / 'study.md'}, {args.out / 'loss.png'}")
+    return 0
