@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,12 +204,11 @@ def heldout_losses(model: Cm3LeonModel, batches: list[torch.Tensor]) -> dict[str
     return out
 
 
-def train_lm(model: Cm3LeonModel, corpus: Corpus, schedule: Schedule, rng: random.Random, description: str,
-             on_step: Callable[[int], None] | None = None) -> None:
-    """Trains ``model.lm`` on batches of ``corpus`` drawn with ``rng``; ``on_step(step)`` after each step."""
+def train_lm(model: Cm3LeonModel, corpus: Corpus, schedule: Schedule, rng: random.Random) -> None:
+    """Trains ``model.lm`` on batches of ``corpus`` drawn with ``rng``."""
     model.lm.train()
     fit(model.lm.parameters(), lambda batch: lm_loss(model, batch), lambda: corpus.batch(rng, schedule.batch_size),
-        schedule, description, on_step=on_step)
+        schedule, f"{model.config.backbone} transformer")
     model.lm.eval()
 
 
@@ -314,7 +312,7 @@ def train_cm3leon(preset: Cm3LeonPreset, out: Path, command: str, steps: int | N
     started = time.monotonic()
     model, corpus, metrics, data = prepare(preset, steps)
     lm_schedule = preset.lm_schedule if steps is None else preset.lm_schedule.model_copy(update={"steps": steps})
-    train_lm(model, corpus, lm_schedule, random.Random(preset.seed + 1), preset.backbone)
+    train_lm(model, corpus, lm_schedule, random.Random(preset.seed + 1))
     metrics = {
         **heldout_losses(model, corpus.heldout),
         **metrics,
