@@ -262,11 +262,16 @@ def test_the_study_command_trains_every_backbone_on_the_same_data(tmp_path):
 
 def test_the_grouping_benchmark_runs_and_reports_every_case(tmp_path):
     import json
+    import subprocess
+    import sys
 
-    from engines.mot import bench
+    from tests.conftest import REPO
 
     out = tmp_path / "mot-bench.json"
-    assert bench.main(["--preset", "tiny", "--batch", "3", "--context", "8", "--rounds", "2", "--json", str(out)]) == 0
+    run = subprocess.run([sys.executable, "-m", "engines.mot.bench", "--preset", "tiny", "--batch", "3", "--context", "8",
+                          "--rounds", "2", "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| decode, mixed |" in run.stdout
     result = json.loads(out.read_text())
     assert set(result["mot_over_dense"]) == {f"{kind}, {label}" for kind in ("decode", "prefill")
                                              for label in ("one modality", "mixed")}
