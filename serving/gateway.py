@@ -21,9 +21,10 @@ CANCELLED come from the client, and the request's work stops with them;
 INTERNAL says only "internal error" and the request id, whose traceback is in
 the gateway's log.
 
-Health (grpc.health.v1.Health/Check) reads the model deployments' replica
-states from Ray Serve's controller, at most once a second, and never calls a
-model: SERVING when every model deployment has a running replica and the
+Health (grpc.health.v1.Health/Check) answers from the model deployments'
+replica states, which the gateway reads from Ray Serve's controller in the
+background once a second; a check never waits on the controller and never
+calls a model: SERVING when every model deployment has a running replica and the
 gateway is not draining. A model replica whose scheduler stops or stalls fails
 Ray Serve's own health check (``ModelServer.check_health``), leaves the running
 state and is replaced.
@@ -58,6 +59,7 @@ from serving.validation import InvalidArgument, resolve_model
 logger = logging.getLogger("ray.serve")
 
 HEALTH_REFRESH_S = 1.0
+HEALTH_STALE_S = 60.0
 _UNAVAILABLE = (RayActorError, ActorDiedError, ActorUnavailableError, DeploymentUnavailableError, EngineUnavailable)
 
 
@@ -115,28 +117,35 @@ def load_token(auth: AuthConfig) -> str | None:
 
 class ModelHealth:
     """Whether every model deployment has a running replica, as Ray Serve's
-    controller sees it; asked at most once per ``HEALTH_REFRESH_S``, by one
-    caller at a time, whatever the rate of health checks."""
+    controller sees it. A task on the gateway's event loop reads the
+    controller every ``HEALTH_REFRESH_S``; a check answers from the last
+    reading and never waits on the controller, however busy it is. Before the
+    first reading, or when the last one is older than ``HEALTH_STALE_S``
+    (the controller stopped answering), the answer is not serving.
+
+    Made on a running event loop (Ray Serve runs a replica's constructor on
+    its event loop)."""
 
     def __init__(self, deployments: list[str]):
         self.deployments = deployments
         self.serving = False
-        self.checked = float("-inf")
-        self._lock = asyncio.Lock()
+        self.read_at = float("-inf")
+        self._reader = asyncio.get_running_loop().create_task(self._read_forever())
 
-    async def current(self) -> bool:
-        if time.monotonic() - self.checked < HEALTH_REFRESH_S:
-            return self.serving
-        async with self._lock:
-            if time.monotonic() - self.checked >= HEALTH_REFRESH_S:
-                try:
-                    status = await asyncio.get_running_loop().run_in_executor(None, serve.status)
-                    self.serving = self._all_running(status)
-                except Exception:
-                    logger.warning("reading the deployments' status failed", exc_info=True)
-                    self.serving = False
-                self.checked = time.monotonic()
-        return self.serving
+    def current(self) -> bool:
+        return self.serving and time.monotonic() - self.read_at < HEALTH_STALE_S
+
+    async def _read_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                status = await loop.run_in_executor(None, serve.status)
+                self.serving = self._all_running(status)
+            except Exception:
+                logger.warning("reading the deployments' status failed", exc_info=True)
+                self.serving = False
+            self.read_at = time.monotonic()
+            await asyncio.sleep(HEALTH_REFRESH_S)
 
     def _all_running(self, status) -> bool:
         application = status.applications.get(APP_NAME)
@@ -265,7 +274,7 @@ class GatewayCore:
 
         if request.service not in ("", *self.services):
             abort(grpc_context, grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
-        serving = self.draining_until is None and await self.health.current()
+        serving = self.draining_until is None and self.health.current()
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         return health_pb2.HealthCheckResponse(status=status)
 

@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import grpc
 import psutil
@@ -135,6 +136,43 @@ def test_health_answers_serving_while_every_slot_and_queue_place_is_taken(stub, 
     wait_until(lambda: idle(model_handle))
 
 
+def test_health_answers_from_the_last_reading_and_never_waits_on_the_controller(monkeypatch):
+    from serving import gateway
+
+    monkeypatch.setattr(gateway, "HEALTH_REFRESH_S", 0.01)
+    controller_answers = threading.Semaphore(1)  # one reading, then the controller hangs
+    asked = threading.Event()
+
+    def status():
+        asked.set()
+        controller_answers.acquire()
+        deployment = SimpleNamespace(replica_states={"RUNNING": 1})
+        return SimpleNamespace(applications={gateway.APP_NAME: SimpleNamespace(deployments={"m": deployment})})
+
+    monkeypatch.setattr(gateway.serve, "status", status)
+
+    async def checks():
+        health = gateway.ModelHealth(["m"])
+        assert not health.current()  # no reading yet
+        for _ in range(2000):
+            if health.current():
+                break
+            await asyncio.sleep(0.01)
+        assert health.current()
+        asked.clear()
+        for _ in range(2000):
+            if asked.is_set():
+                break
+            await asyncio.sleep(0.01)
+        assert asked.is_set() and health.current()  # the controller hangs; checks answer from the last reading
+        monkeypatch.setattr(gateway, "HEALTH_STALE_S", 0.0)
+        assert not health.current()  # a reading too old to vouch for the replicas
+        health._reader.cancel()
+        controller_answers.release()
+
+    asyncio.run(checks())
+
+
 def test_a_replica_whose_scheduler_stopped_fails_fast_and_fails_its_health_check(tiny_checkpoint):
     from serving.model_server import ModelServer
 
@@ -230,14 +268,20 @@ class FakeContext:
         self.details = details
 
 
-def test_unexpected_errors_reach_clients_as_internal_with_only_a_request_id(caplog):
+def test_unexpected_errors_reach_clients_as_internal_with_only_a_request_id(caplog, monkeypatch):
+    from serving import gateway
     from serving.gateway import GatewayCore, _Abort
 
-    gateway = GatewayCore({}, {}, "none", {}, {"token_env": "NO_SUCH_TOKEN_VARIABLE"})
+    monkeypatch.setattr(gateway.serve, "status", lambda: SimpleNamespace(applications={}))  # no controller here
     context = FakeContext()
-    with pytest.raises(_Abort):
-        with gateway.serving(context):
-            raise ValueError("secret at /srv/models/x.py, actor 7a02b1e")
+
+    async def fail_while_serving():  # the gateway is made on an event loop, as in its replica
+        gateway = GatewayCore({}, {}, "none", {}, {"token_env": "NO_SUCH_TOKEN_VARIABLE"})
+        with pytest.raises(_Abort):
+            with gateway.serving(context):
+                raise ValueError("secret at /srv/models/x.py, actor 7a02b1e")
+
+    asyncio.run(fail_while_serving())
     assert context.code == grpc.StatusCode.INTERNAL
     assert context.details == "internal error (request id req-123)"
     assert "secret at /srv/models/x.py" in caplog.text and "req-123" in caplog.text  # the log has it all
