@@ -31,6 +31,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -e '.[test]'
 	touch $@
 
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(PY) -m pip install -e '.[bench]'
+	touch $@
+
 # Regenerates the committed gRPC stubs after a .proto changes.
 protos: setup
 	$(PY) protos/generate.py
@@ -63,7 +67,7 @@ loadtest: setup train
 # The BLT generation benchmark (docs/benchmarks.md), CM3Leon's evaluation
 # (docs/cm3leon.md), MAViL's evaluation and speed (docs/mavil.md), and the
 # dense-versus-MoT study with the MoT step benchmark (docs/mot.md).
-bench: setup train
+bench: $(VENV)/.installed-bench train
 	$(PY) -m engines.blt.bench --checkpoint $(DEFAULT_CHECKPOINT) --json results/bench.json
 	$(PY) -m training.cm3leon.evaluate --checkpoint $(CM3LEON_CHECKPOINT) --json results/cm3leon.json \
 		--markdown results/cm3leon.md --grid results/cm3leon-grid.png

@@ -40,7 +40,8 @@ def load_config(args: argparse.Namespace) -> ServingConfig:
         config = ServingConfig.model_validate(yaml.safe_load(args.config.read_text()) or {})
     else:
         config = setup(args.setup)
-    overrides = {key: getattr(args, key) for key in ("checkpoints", "grpc_port", "device", "metrics_port")
+    overrides = {key: getattr(args, key) for key in ("checkpoints", "grpc_port", "direct_grpc_port", "ingress",
+                                                      "device", "metrics_port")
                  if getattr(args, key, None) is not None}
     return config.model_copy(update=overrides)
 
@@ -63,11 +64,14 @@ def up(args: argparse.Namespace) -> int:
         return 2
     cluster.start(config, num_cpus=args.num_cpus or cluster.local_cpus(config, list(models)), detach=args.detach)
     apply(deploy_config(config, list(models)))
-    if not ops.wait_healthy(config.grpc_port, timeout_s=300):
+    if not ops.wait_healthy(config.client_port, timeout_s=300):
         print("error: the application did not become healthy; see `python -m serving status`", file=sys.stderr)
         return 1
-    print(EXAMPLES.format(models=", ".join(sorted(models)), port=config.grpc_port, default=default,
+    print(EXAMPLES.format(models=", ".join(sorted(models)), port=config.client_port, default=default,
                           metrics=f"{config.metrics_host}:{config.metrics_port}"), flush=True)
+    if config.ingress == "direct":
+        print(f"The gateway answers on 127.0.0.1:{config.direct_grpc_port} itself (direct ingress) and through "
+              f"Ray Serve's gRPC proxy on 127.0.0.1:{config.grpc_port}.", flush=True)
     if args.detach:
         print("Running in the background; stop it with `python -m serving down`.")
         return 0
@@ -138,7 +142,10 @@ def _setup_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--setup", choices=["cpu", "gpu", "autoscale"], default="cpu")
     parser.add_argument("--config", type=Path, help="a ServingConfig as YAML (instead of --setup)")
     parser.add_argument("--checkpoints", type=Path)
-    parser.add_argument("--grpc-port", type=int)
+    parser.add_argument("--grpc-port", type=int, help="Ray Serve's gRPC proxy")
+    parser.add_argument("--ingress", choices=["direct", "proxy"],
+                        help="direct (default): the gateway also answers gRPC itself, one hop less; proxy: only the proxy")
+    parser.add_argument("--direct-grpc-port", type=int, help="the first gateway replica's own gRPC port (direct ingress)")
     parser.add_argument("--metrics-port", type=int)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
 

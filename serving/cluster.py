@@ -12,6 +12,15 @@ processes, and are set here before Ray starts:
   and Windows), so Ray's metrics exporter and its other ports listen on
   loopback only. Ray Serve's gRPC proxy listens on every interface either way.
 
+- direct ingress (``ServingConfig.ingress``): ``RAY_SERVE_ENABLE_DIRECT_INGRESS``
+  and the range of ports gateway replicas answer gRPC on, from
+  ``direct_grpc_port`` up (HTTP from ``DIRECT_HTTP_PORT`` up, which
+  Patchwork does not use). A stopping gateway replica drains by Patchwork's
+  own drain (``drain_grace_s``), not by Ray's 30 s minimum
+  (``RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=0``), and the port it
+  leaves is free at once (``RAY_SERVE_PORT_QUARANTINE_S=0``; Ray keeps it
+  for its HAProxy otherwise), so a replaced replica answers where the one
+  before it did.
 - ``RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S``: how long Ray Serve's controller
   waits for a new gRPC proxy to start before killing it (Ray's 5 s is too
   short for a small machine under load, and a killed first proxy fails the
@@ -28,10 +37,12 @@ import os
 import subprocess
 import sys
 
-from serving.config import ServingConfig
+from serving.config import DIRECT_PORTS, ServingConfig
 
 LOOPBACK = "127.0.0.1"
 PROXY_READY_TIMEOUT_S = 60.0
+# Gateway replicas' own HTTP servers (direct ingress starts them; Patchwork serves gRPC only).
+DIRECT_HTTP_PORT = 30000
 
 
 def cluster_environment(config: ServingConfig) -> dict[str, str]:
@@ -40,6 +51,13 @@ def cluster_environment(config: ServingConfig) -> dict[str, str]:
         "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(config.limits.max_message_bytes),
         "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": str(PROXY_READY_TIMEOUT_S),
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0" if config.metrics_host == LOOPBACK else "1",
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1" if config.ingress == "direct" else "0",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(config.direct_grpc_port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(config.direct_grpc_port + DIRECT_PORTS),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(DIRECT_HTTP_PORT),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(DIRECT_HTTP_PORT + DIRECT_PORTS),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
     }
 
 

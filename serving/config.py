@@ -17,6 +17,8 @@ from engines.scheduler import SchedulerConfig
 APP_NAME = "patchwork"
 ROUTE_PREFIX = "/patchwork"
 GATEWAY = "gateway"
+# Ports above `direct_grpc_port` that gateway replicas may take.
+DIRECT_PORTS = 64
 
 
 def model_deployment(model: str) -> str:
@@ -153,6 +155,13 @@ class ServingConfig(BaseModel):
     families: dict[str, str] = Field(default_factory=dict)
     # Ray Serve's gRPC proxy listens on this port on every interface.
     grpc_port: int = Field(default=9000, ge=1, le=65535)
+    # How clients reach the gateway. "direct" (Ray Serve's direct ingress):
+    # each gateway replica also answers gRPC itself, on every interface, the
+    # first one on `direct_grpc_port` and any others on the next free ports
+    # up to DIRECT_PORTS above it: one Ray hop less than through the proxy.
+    # The proxy keeps answering on `grpc_port` either way. "proxy": only the proxy.
+    ingress: Literal["direct", "proxy"] = "direct"
+    direct_grpc_port: int = Field(default=9010, ge=1, le=65535 - DIRECT_PORTS)
     # Ray Serve's HTTP proxy (health and routes) on 127.0.0.1.
     http_port: int = Field(default=8000, ge=1, le=65535)
     # Prometheus metrics of the whole Ray cluster (Ray Serve's and Patchwork's),
@@ -203,6 +212,12 @@ class ServingConfig(BaseModel):
                     f"limits.max_new_bytes ({self.limits.max_new_bytes}) exceeds {where}.max_sequence_bytes ({slot})"
                 )
         return self
+
+    @property
+    def client_port(self) -> int:
+        """The port clients are pointed at: the first gateway replica's own
+        with direct ingress, else the proxy's."""
+        return self.direct_grpc_port if self.ingress == "direct" else self.grpc_port
 
     def options_for(self, model: str) -> DeploymentOptions:
         return self.model_overrides.get(model, self.models)

@@ -1,7 +1,9 @@
-"""Patchwork's edge: what runs inside Ray Serve's gRPC proxy for each RPC.
+"""Patchwork's edge: what runs around each RPC in the gRPC server that took it.
 
-Ray Serve's proxy turns every RPC into a call to the gateway deployment.
-``serving.grpc_services`` registers Patchwork's services so that the proxy's
+Two servers take Patchwork's RPCs: each gateway replica's own (Ray Serve's
+direct ingress, the default) and Ray Serve's proxy, which turns every RPC into
+a call to the gateway deployment. Both build their method handlers the same
+way, from the functions ``serving.grpc_services`` names, so that in either the
 handler for each method is wrapped by ``EdgeHandlers``, which adds:
 
 - Cancellation that always reaches the model. The proxy passes a client's

@@ -201,6 +201,7 @@ def serving_config(tiny_checkpoint, cm3leon_checkpoint, mot_checkpoint, mavil_ch
     return ServingConfig(
         checkpoints=tiny_checkpoint.parent,
         grpc_port=free_port(),
+        direct_grpc_port=free_port(),
         http_port=free_port(),
         metrics_port=free_port(),
         default_model="tiny",
@@ -235,8 +236,16 @@ def grpc_target(ray_cluster, serving_config) -> str:
     from serving.deploy import apply, deploy_config
 
     apply(deploy_config(serving_config, list(discover_checkpoints(serving_config.checkpoints, serving_config.families))))
-    target = f"127.0.0.1:{serving_config.grpc_port}"
+    target = f"127.0.0.1:{serving_config.client_port}"  # the gateway replica's own port (direct ingress)
     wait_serving(target, timeout_s=900)
+    return target
+
+
+@pytest.fixture(scope="session")
+def proxy_target(grpc_target, serving_config) -> str:
+    """host:port of Ray Serve's gRPC proxy in front of the same application."""
+    target = f"127.0.0.1:{serving_config.grpc_port}"
+    wait_serving(target, timeout_s=300)
     return target
 
 

@@ -19,8 +19,13 @@ def test_the_benchmark_runs_and_reports_every_measurement(tiny_checkpoint, tmp_p
     assert result["reference"]["same_output_as_incremental"]
     assert result["incremental_streams"]["bytes"] == 3 * 24
     assert result["weights"]["held_bytes"] == result["weights"]["parameter_bytes"]
+    uncached = result["transformers"]["uncached"]
+    assert uncached["same_output_as_incremental"]  # the peer computes what the engine computes
+    assert uncached["streams"]["bytes"] == 3 * 24 and result["batch1_over_transformers_uncached"] > 0
+    assert set(result["transformers"]) == {"cached", "uncached"}
     interference = result["interference"]
     assert interference["long_prompt_bytes"] == 300 and interference["normal_step_s"] > 0
     assert set(interference["resident_bytes"]) == {"before", "during_peak", "after"}
-    for line in ("incremental batch 1 / reference", "beside 8 running streams", "resident memory"):
+    for line in ("incremental batch 1 / reference", "beside 8 running streams", "resident memory",
+                 "transformers generate (uncached): the engine's bytes exactly"):
         assert line in run.stdout

@@ -1,4 +1,5 @@
-"""Integration: real gRPC calls through Ray Serve's proxy to the tiny checkpoint."""
+"""Integration: real gRPC calls to the tiny checkpoint through the gateway replica's own gRPC
+server (direct ingress, the default) and through Ray Serve's proxy."""
 
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import grpc
 import pytest
 
 import engines
-from tests.conftest import REPO
+from tests.conftest import AUTH_TOKEN, REPO, BearerToken
 from tests.helpers import idle, stats, wait_until
 
 
@@ -102,6 +103,35 @@ def test_standard_health_check(grpc_target):
     with pytest.raises(grpc.RpcError) as error:
         health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=30)
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_the_proxy_serves_the_same_application_beside_the_gateways_own_port(proxy_target, grpc_target, stub, pb2):
+    """Direct ingress is the default: clients reach the gateway replica's own
+    gRPC server; Ray Serve's proxy still answers for the same application,
+    with the same auth, and one more hop."""
+    from patchwork.v1 import bytelm_pb2_grpc
+
+    assert proxy_target != grpc_target
+    request = pb2.GenerateRequest(prompt=b"class ", max_new_bytes=20)
+    with grpc.insecure_channel(proxy_target) as raw:
+        with pytest.raises(grpc.RpcError) as error:
+            bytelm_pb2_grpc.ByteLMStub(raw).Generate(request, timeout=120)
+        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        via_proxy = bytelm_pb2_grpc.ByteLMStub(grpc.intercept_channel(raw, BearerToken(AUTH_TOKEN)))
+        unary = via_proxy.Generate(request, timeout=120)
+        streamed = b"".join(chunk.text for chunk in via_proxy.GenerateStream(request, timeout=120))
+    assert unary.text == streamed == stub.Generate(request, timeout=120).text
+
+
+def test_ingress_is_selectable_in_the_clusters_environment(serving_config):
+    from serving.cluster import cluster_environment
+
+    direct = cluster_environment(serving_config)
+    assert direct["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    assert direct["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"] == str(serving_config.direct_grpc_port)
+    proxy_only = serving_config.model_copy(update={"ingress": "proxy"})
+    assert cluster_environment(proxy_only)["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
+    assert proxy_only.client_port == serving_config.grpc_port
 
 
 def test_ray_serve_healthz_and_application_list(channel):

@@ -395,15 +395,21 @@ def main(argv: list[str] | None = None) -> int:
     if not args.hf_dir.is_dir():
         print(f"error: {args.hf_dir}: not a directory", file=sys.stderr)
         return 2
+    return run_conversion(lambda: convert(args.hf_dir, args.out), args.out, "checkpoint")
+
+
+def run_conversion(write: Callable[[], Path], out: Path, what: str, errors: tuple = (ConversionError,)) -> int:
+    """A conversion command's end: prints the directory ``write`` wrote, or one
+    line naming the problem (exit code 2) for ``errors`` and OS errors."""
     try:
-        path = convert(args.hf_dir, args.out)
-    except ConversionError as e:
+        path = write()
+    except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        print(f"error: {e.filename or out}: {e.strerror or e}", file=sys.stderr)
         return 2
-    print(f"checkpoint: {path}")
+    print(f"{what}: {path}")
     return 0
 
 
