@@ -64,13 +64,18 @@ def up(args: argparse.Namespace) -> int:
         return 2
     cluster.start(config, num_cpus=args.num_cpus or cluster.local_cpus(config, list(models)), detach=args.detach)
     apply(deploy_config(config, list(models)))
-    if not ops.wait_healthy(config.client_port, timeout_s=300):
+    port = config.grpc_port
+    if config.ingress == "direct":
+        # The first free port from direct_grpc_port up: another server may hold the configured one.
+        port = ops.wait_gateway_port(timeout_s=300)
+    if port is None or not ops.wait_healthy(port, timeout_s=300):
         print("error: the application did not become healthy; see `python -m serving status`", file=sys.stderr)
         return 1
-    print(EXAMPLES.format(models=", ".join(sorted(models)), port=config.client_port, default=default,
+    print(EXAMPLES.format(models=", ".join(sorted(models)), port=port, default=default,
                           metrics=f"{config.metrics_host}:{config.metrics_port}"), flush=True)
     if config.ingress == "direct":
-        print(f"The gateway answers on 127.0.0.1:{config.direct_grpc_port} itself (direct ingress) and through "
+        busy = f"; {config.direct_grpc_port} was taken" if port != config.direct_grpc_port else ""
+        print(f"The gateway answers on 127.0.0.1:{port} itself (direct ingress{busy}) and through "
               f"Ray Serve's gRPC proxy on 127.0.0.1:{config.grpc_port}.", flush=True)
     if args.detach:
         print("Running in the background; stop it with `python -m serving down`.")

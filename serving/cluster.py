@@ -3,14 +3,15 @@
 Some settings live outside Ray Serve's config file, in the cluster's
 processes, and are set here before Ray starts:
 
-- ``RAY_SERVE_GRPC_MAX_MESSAGE_SIZE``: the gRPC proxy refuses messages larger
-  than the setup's limits need (``Limits.max_message_bytes``) before they
-  reach Patchwork; Ray's default is 2 GiB.
+- ``RAY_SERVE_GRPC_MAX_MESSAGE_SIZE``: Ray Serve's gRPC servers (the proxy and
+  the gateway replicas' own) refuse messages larger than the setup's limits
+  need (``Limits.max_message_bytes``) before they reach Patchwork; Ray's
+  default is 2 GiB.
 - the node's address: with ``metrics_host`` 127.0.0.1 the local cluster is a
   single-machine cluster whose node address is loopback
   (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, what Ray does by itself on macOS
   and Windows), so Ray's metrics exporter and its other ports listen on
-  loopback only. Ray Serve's gRPC proxy listens on every interface either way.
+  loopback only. Ray Serve's gRPC servers listen on every interface either way.
 
 - direct ingress (``ServingConfig.ingress``): ``RAY_SERVE_ENABLE_DIRECT_INGRESS``
   and the range of ports gateway replicas answer gRPC on, from

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from serving.config import APP_NAME
+from serving.config import APP_NAME, GATEWAY
 
 
 def connect() -> None:
@@ -125,6 +125,32 @@ def stop(grace_s: float | None = None) -> float:
         serve.delete(APP_NAME)  # each replica first waits for its requests to end
     serve.shutdown()
     return time.monotonic() - started
+
+
+def gateway_ports() -> list[int]:
+    """The ports the gateway's replicas answer gRPC on themselves (direct
+    ingress), lowest first; none without direct ingress or before a replica
+    has taken one."""
+    from ray.serve.context import _get_global_client
+
+    connect()
+    replica = f"{APP_NAME}#{GATEWAY}#"  # Ray Serve names a replica's actor app#deployment#id
+    groups = _get_global_client().get_serve_details().get("target_groups") or []
+    return sorted({target["port"] for group in groups if group.get("protocol") == "gRPC"
+                   and group.get("app_name") == APP_NAME
+                   for target in group.get("targets", []) if replica in (target.get("name") or "")})
+
+
+def wait_gateway_port(timeout_s: float) -> int | None:
+    """The lowest port a gateway replica answers on itself, once one has taken
+    one (None if none has within ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ports = gateway_ports()
+        if ports:
+            return ports[0]
+        time.sleep(0.5)
+    return None
 
 
 def wait_healthy(port: int, timeout_s: float) -> bool:

@@ -91,7 +91,7 @@ def test_a_family_name_cannot_be_taken_twice():
         register({"blt": "tests.echo_family"})
 
 
-def test_the_test_family_is_served_beside_blt_through_the_proxy(stub, pb2):
+def test_the_test_family_is_served_beside_blt_over_grpc(stub, pb2):
     import grpc
 
     from tests.conftest import ECHO_MODEL

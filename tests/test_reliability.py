@@ -220,7 +220,7 @@ def test_a_frozen_model_replica_is_reported_not_serving_and_replaced(grpc_target
 # -- the edge: message sizes, auth ------------------------------------------------
 
 
-def test_messages_larger_than_the_limits_need_are_refused_by_the_proxy(grpc_target, pb2, serving_config):
+def test_messages_larger_than_the_limits_need_are_refused_before_patchwork_reads_them(grpc_target, pb2, serving_config):
     from patchwork.v1 import bytelm_pb2_grpc
 
     limit = serving_config.limits.max_message_bytes

@@ -74,7 +74,7 @@ def test_the_character_boundary_check_can_fail():
     assert not splits_a_character(b"a\xe6\x97b", 2)  # not a character: nothing to keep whole
 
 
-def test_stop_sequence_through_the_proxy(stub, pb2):
+def test_stop_sequence_over_grpc(stub, pb2):
     full = stub.Generate(pb2.GenerateRequest(prompt=b"class ", max_new_bytes=30), timeout=120).text
     stop = full[10:12]
     response = stub.Generate(pb2.GenerateRequest(prompt=b"class ", max_new_bytes=30, stop=[stop]), timeout=120)
@@ -121,6 +121,13 @@ def test_the_proxy_serves_the_same_application_beside_the_gateways_own_port(prox
         unary = via_proxy.Generate(request, timeout=120)
         streamed = b"".join(chunk.text for chunk in via_proxy.GenerateStream(request, timeout=120))
     assert unary.text == streamed == stub.Generate(request, timeout=120).text
+
+
+def test_the_gateway_replica_answers_on_the_configured_port(grpc_target, serving_config):
+    from serving import ops
+
+    assert ops.gateway_ports() == [serving_config.direct_grpc_port]
+    assert grpc_target.endswith(f":{serving_config.direct_grpc_port}")
 
 
 def test_ingress_is_selectable_in_the_clusters_environment(serving_config):
