@@ -1,6 +1,6 @@
 # Patchwork: `make serve` on a fresh machine sets everything up, trains the
 # default BLT, CM3Leon and MAViL checkpoints when they are missing and serves
-# them on 127.0.0.1:9000; `make test` runs the suite.
+# them on 127.0.0.1:9010 (and :9000 through Ray Serve's proxy); `make test` runs the suite.
 
 PYTHON ?= python3
 VENV := .venv
@@ -12,10 +12,11 @@ MAVIL_CHECKPOINT := $(CHECKPOINTS)/mavil-default
 # MAViL's stage-1 teacher, outside $(CHECKPOINTS) so that it is not served.
 MAVIL_TEACHER ?= teachers/mavil-stage1
 GRPC_PORT ?= 9000
+DIRECT_GRPC_PORT ?= 9010
 
 USERS ?= 16
 DURATION ?= 60s
-TARGET ?= 127.0.0.1:$(GRPC_PORT)
+TARGET ?= 127.0.0.1:$(DIRECT_GRPC_PORT)
 
 .PHONY: setup protos serve train test loadtest bench clean
 
@@ -54,7 +55,7 @@ $(MAVIL_CHECKPOINT)/manifest.json: | $(MAVIL_TEACHER)/manifest.json
 train: $(DEFAULT_CHECKPOINT)/manifest.json $(CM3LEON_CHECKPOINT)/manifest.json $(MAVIL_CHECKPOINT)/manifest.json
 
 serve: setup train
-	$(PY) -m serving up --checkpoints $(CHECKPOINTS) --grpc-port $(GRPC_PORT)
+	$(PY) -m serving up --checkpoints $(CHECKPOINTS) --grpc-port $(GRPC_PORT) --direct-grpc-port $(DIRECT_GRPC_PORT)
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest

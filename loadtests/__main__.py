@@ -1,6 +1,6 @@
 """Load tests of a Patchwork server with Locust (headless, bounded in time, loopback only).
 
-    python -m loadtests run     [--target 127.0.0.1:9000] [--users 16] [--duration 60s] [--out DIR] [--slo-p99-ms MS]
+    python -m loadtests run     [--target 127.0.0.1:9010] [--users 16] [--duration 60s] [--out DIR] [--slo-p99-ms MS]
     python -m loadtests sweep   [--users-list 1,2,4,8,16,32] [--duration 30s] ...
     python -m loadtests compare [--replicas 1,2] [--deployment model-blt-default] [--users 16] ...
     python -m loadtests overhead --checkpoint DIR [--target ...] [--requests 200]
@@ -9,7 +9,8 @@ Each run writes Locust's CSV files, a markdown summary (time to first byte,
 time per output byte, inter-byte and end-to-end latency: mean, p50, p90,
 p99; request and byte throughput; error rate) and PNG plots into --out.
 With --start-if-down a server is started (`serving up --detach`) when none
-answers at the target, and stopped afterwards. --slo-p99-ms makes the run
+answers at the target, its gateway answering at the target's port (direct
+ingress), and stopped afterwards. --slo-p99-ms makes the run
 exit with status 3 when the chosen p99 is over the threshold.
 """
 
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     for name in ("run", "sweep", "compare", "overhead"):
         command = commands.add_parser(name)
-        command.add_argument("--target", default="127.0.0.1:9000")
+        command.add_argument("--target", default="127.0.0.1:9010")
         command.add_argument("--out", type=Path, default=Path("results") / "loadtest" / name)
         command.add_argument("--model", default="")
         command.add_argument("--max-new-bytes", type=int, default=64)
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.start_if_down is None:
                 raise UsageError(f"no healthy server at {args.target}; start one or pass --start-if-down CHECKPOINTS")
             subprocess.run([sys.executable, "-m", "serving", "up", "--detach", "--checkpoints",
-                            str(args.start_if_down), "--grpc-port", str(port)], check=True, timeout=900)
+                            str(args.start_if_down), "--direct-grpc-port", str(port)], check=True, timeout=900)
             started = True
         try:
             handler = {"run": run_one, "sweep": run_sweep, "compare": run_compare, "overhead": run_overhead}

@@ -27,7 +27,9 @@ import grpc
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", default="127.0.0.1:9000", help="host:port of the gRPC proxy")
+    parser.add_argument("--target", default="127.0.0.1:9010",
+                        help="host:port of the server: the gateway's own port (direct ingress, the default "
+                             "setup) or Ray Serve's proxy (9000)")
     parser.add_argument("--token", default=os.environ.get("PATCHWORK_AUTH_TOKEN"),
                         help="bearer token (default: $PATCHWORK_AUTH_TOKEN)")
     parser.add_argument("--timeout", type=float, default=300.0, help="deadline of the call in seconds")

@@ -112,16 +112,17 @@ def serve_and_measure(checkpoint: Path, clips: list, token: str | None) -> dict[
     with tempfile.TemporaryDirectory() as root:
         name = checkpoint.resolve().name
         os.symlink(checkpoint.resolve(), Path(root) / name)
-        config = ServingConfig(checkpoints=Path(root), grpc_port=_free_port(), http_port=_free_port(),
-                               metrics_port=_free_port(),
+        config = ServingConfig(checkpoints=Path(root), grpc_port=_free_port(), direct_grpc_port=_free_port(),
+                               http_port=_free_port(), metrics_port=_free_port(),
                                models=DeploymentOptions(max_ongoing_requests=64, max_queued_requests=64))
         cluster.start(config, num_cpus=cluster.local_cpus(config, [name]), logging_level="ERROR",
                       log_to_driver=False)
         try:
             apply(deploy_config(config, [name]))
-            if not ops.wait_healthy(config.grpc_port, timeout_s=300):
+            port = ops.wait_gateway_port(timeout_s=300)  # the gateway replica's own (direct ingress)
+            if port is None or not ops.wait_healthy(port, timeout_s=300):
                 raise RuntimeError("the local server did not become healthy")
-            return served_throughput(f"127.0.0.1:{config.grpc_port}", name, clips, token)
+            return served_throughput(f"127.0.0.1:{port}", name, clips, token)
         finally:
             serve.shutdown()
             ray.shutdown()
