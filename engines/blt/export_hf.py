@@ -99,6 +99,7 @@ def config_to_hf(config: BltConfig) -> dict:
 def export(checkpoint: str | Path, out: str | Path) -> Path:
     """Writes the Hugging Face layout of the BLT checkpoint at ``checkpoint`` to ``out``."""
     engine = engines.load(checkpoint)
+    engine.close()  # only its config and weights are needed
     if not isinstance(engine.config, BltConfig):
         raise ConversionError(f"{checkpoint}: a {engine.config.family} checkpoint; only BLT has a Hugging Face layout")
     hf = config_to_hf(engine.config)
