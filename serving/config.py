@@ -213,12 +213,6 @@ class ServingConfig(BaseModel):
                 )
         return self
 
-    @property
-    def client_port(self) -> int:
-        """The port clients are pointed at: the first gateway replica's own
-        with direct ingress, else the proxy's."""
-        return self.direct_grpc_port if self.ingress == "direct" else self.grpc_port
-
     def options_for(self, model: str) -> DeploymentOptions:
         return self.model_overrides.get(model, self.models)
 

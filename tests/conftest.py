@@ -236,7 +236,7 @@ def grpc_target(ray_cluster, serving_config) -> str:
     from serving.deploy import apply, deploy_config
 
     apply(deploy_config(serving_config, list(discover_checkpoints(serving_config.checkpoints, serving_config.families))))
-    target = f"127.0.0.1:{serving_config.client_port}"  # the gateway replica's own port (direct ingress)
+    target = f"127.0.0.1:{serving_config.direct_grpc_port}"  # the gateway replica's own port (direct ingress)
     wait_serving(target, timeout_s=900)
     return target
 
