@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from engines.blt.config import BOE_ID, BOS_ID, BPE_ID, EOS_ID, OFFSET
+from engines.blt.config import EOS_ID, OFFSET
 from engines.blt.export_hf import export
+from engines.blt.reference import disallowed_symbols, prompt_tokens
 
 
 @dataclass
@@ -43,13 +44,13 @@ class TransformersPeer:
     def generate(self, prompts: list[bytes], new_bytes: int, use_cache: bool) -> PeerRun:
         if len({len(p) for p in prompts}) != 1:
             raise ValueError("the prompts of one batch must have one length")
-        ids = torch.tensor([[BOS_ID, *(b + OFFSET for b in prompt)] for prompt in prompts])
+        ids = torch.tensor([prompt_tokens(prompt) for prompt in prompts])
+        banned = disallowed_symbols("cpu").nonzero()[:, 0].tolist()  # what the engine never emits either
         start = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_bytes,
                                       do_sample=False, use_cache=use_cache,
-                                      suppress_tokens=[BOE_ID, BOS_ID, BPE_ID], eos_token_id=EOS_ID,
-                                      pad_token_id=EOS_ID)
+                                      suppress_tokens=banned, eos_token_id=EOS_ID, pad_token_id=EOS_ID)
         seconds = time.perf_counter() - start
         texts = []
         for row in out[:, ids.shape[1]:].tolist():
