@@ -52,7 +52,7 @@ def slot_selector(slots: list[int], device) -> slice | torch.Tensor:
     return torch.tensor(slots, device=device)
 
 
-class _Reserved:
+class ReservedTensor:
     """A zero-initialised tensor whose memory is taken from the OS page by page
     as it is written (CPU), with a way to give a slot's pages back."""
 
@@ -85,7 +85,7 @@ class KVCache:
     ):
         self.capacity, self.ring, self.size = capacity, ring, capacity
         shape = (slots, layers, kv_heads, capacity, head_dim)
-        self._keys, self._values = _Reserved(shape, device, dtype), _Reserved(shape, device, dtype)
+        self._keys, self._values = ReservedTensor(shape, device, dtype), ReservedTensor(shape, device, dtype)
         self.keys, self.values = self._keys.tensor, self._values.tensor  # [slots, layers, Hkv, size, hd]
         self.positions = torch.full((slots, capacity), -1, dtype=torch.long, device=device)
 

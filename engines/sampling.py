@@ -16,8 +16,37 @@ def make_generator(seed: int, device) -> torch.Generator:
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """logits: [V] (disallowed symbols already at -inf) -> the chosen symbol id."""
+    return int(sample_on_device(logits, params, generator))
+
+
+def choose_rows(logits: torch.Tensor, decodings: list) -> list[int | Exception]:
+    """The next symbol of every row of ``logits`` [B, V], each row under its
+    own ``Decoding``'s parameters and generator, read to the host once: the
+    greedy rows take one argmax together, the sampling rows their own draws.
+    Each row's symbol is the one ``sample_next`` gives for it alone; a row
+    that cannot be sampled gets its error in its place, and the others are
+    chosen as if it were not there."""
+    greedy = [i for i, decoding in enumerate(decodings) if decoding.params.temperature == 0.0]
+    if len(greedy) == len(decodings):
+        return torch.argmax(logits, dim=-1).tolist()
+    chosen = torch.zeros(len(decodings), dtype=torch.long, device=logits.device)
+    if greedy:
+        rows = torch.tensor(greedy, device=logits.device)
+        chosen[rows] = torch.argmax(logits[rows], dim=-1)
+    errors: dict[int, Exception] = {}
+    for i, decoding in enumerate(decodings):
+        if decoding.params.temperature != 0.0:
+            try:
+                chosen[i] = sample_on_device(logits[i], decoding.params, decoding.generator)
+            except Exception as error:  # this row's own failure (e.g. NaN logits)
+                errors[i] = error
+    return [errors.get(i, symbol) for i, symbol in enumerate(chosen.tolist())]
+
+
+def sample_on_device(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    """``sample_next`` without reading the result to the host: a 0-dim tensor."""
     if params.temperature == 0.0:
-        return int(torch.argmax(logits))
+        return torch.argmax(logits)
     logits = logits.float()
     # Shift the best logit to 0 before dividing: any positive temperature,
     # however small or large, then gives finite probabilities.
@@ -32,4 +61,4 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= params.top_p
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.multinomial(probs, 1, generator=generator)[0]

@@ -14,8 +14,9 @@ submitted from any thread; at each step the scheduler
    still being read (a long prompt takes several steps, so it never stalls
    the running sequences for long), and one symbol for every sequence past
    its prompt;
-5. chooses each sequence's next symbol and retires the finished ones, freeing
-   their slots at once.
+5. chooses every sequence's next symbol in one call (one read of the chosen
+   symbols to the host) and retires the finished ones, freeing their slots
+   at once.
 
 Requests beyond the free slots wait in a bounded queue. The whole loop runs
 under one ``torch.inference_mode()``, and the caches are created in it too, so
@@ -58,6 +59,7 @@ from engines.api import (
     SamplingParams,
 )
 from engines.generation import Decoding
+from engines.sampling import choose_rows
 
 logger = logging.getLogger(__name__)
 
@@ -136,9 +138,12 @@ class StepModel(Protocol):
         chunks that end their prompt are read) and after each decoded symbol
         [B2, V]. It changes no state unless it succeeds."""
 
-    def choose(self, decoding: Decoding, logits: torch.Tensor, state: Any) -> tuple[int, bytes]:
-        """Picks and records the next symbol of the sequence in ``state``;
-        returns it and the released bytes."""
+    def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Next-symbol logits [B, V] with the symbols a generation may not
+        emit at -inf (the scheduler then chooses every row in one call)."""
+
+    def accept(self, decoding: Decoding, symbol: int, state: Any) -> bytes:
+        """Records the symbol chosen for the sequence in ``state``; returns the released bytes."""
 
     def result(self, prompt: Any, decoding: Decoding, state: Any) -> Generation: ...
 
@@ -433,12 +438,17 @@ class Scheduler:
             self.prefill_sizes.append(sum(len(chunk) for _, chunk in reading))
         if decoding:
             self.batch_sizes.append(len(decoding))
+        choosing, rows = [], []
         for (request, chunk), row in zip(reading, chunk_logits if reading else []):
             request.prefilled += len(chunk)
             if not request.reading_prompt:
-                self._choose(request, row)
-        for request, row in zip(decoding, decode_logits if decoding else []):
-            self._choose(request, row)
+                choosing.append(request)
+                rows.append(row)
+        if decoding:
+            choosing += decoding
+            rows.append(decode_logits)
+        if choosing:
+            self._choose(choosing, torch.cat([row if row.dim() == 2 else row[None] for row in rows]))
 
     def _prompt_chunks(self, budget: int) -> list[tuple[Request, list[int]]]:
         """The prompt symbols to read in this step: short new prompts whole,
@@ -468,16 +478,28 @@ class Scheduler:
             except Exception as failure:
                 self._retire(request, failure)
 
-    def _choose(self, request: Request, logits: torch.Tensor) -> None:
+    def _choose(self, requests: list[Request], logits: torch.Tensor) -> None:
+        """Chooses the next symbol of every request in one call (logits [B, V]);
+        a request whose row or record fails fails alone."""
         try:
-            request.pending, delta = self.model.choose(request.decoding, logits, request.state)
+            symbols = choose_rows(self.model.mask_logits(logits), [r.decoding for r in requests])
         except Exception as error:
-            self._retire(request, error)
-            return
-        if delta:
-            self._deliver(request, delta)
-        if request.decoding.finished:
-            self._finish(request)
+            logger.exception("choosing the next symbols failed; failing their %d requests", len(requests))
+            symbols = [error] * len(requests)
+        for request, symbol in zip(requests, symbols):
+            if isinstance(symbol, Exception):
+                self._retire(request, symbol)
+                continue
+            try:
+                delta = self.model.accept(request.decoding, symbol, request.state)
+            except Exception as error:
+                self._retire(request, error)
+                continue
+            request.pending = symbol
+            if delta:
+                self._deliver(request, delta)
+            if request.decoding.finished:
+                self._finish(request)
 
     def _finish(self, request: Request) -> None:
         try:

@@ -14,6 +14,8 @@ except ImportError:  # pragma: no cover - triton is a declared dependency
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """y = weight * x / sqrt(mean(x^2) + eps): statistics in float32, the
     normalised x cast back to x's dtype before the weight (as in Llama)."""
+    if x.dtype == weight.dtype == torch.float32:  # the same numbers in one call (no casts)
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
     normed = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps)
     return weight * normed.to(x.dtype)
 

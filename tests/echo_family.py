@@ -98,9 +98,11 @@ class EchoEngine:
             caches[decodes.slots] = echoed
         return chunk_logits, decode_logits
 
-    def choose(self, decoding, logits: torch.Tensor, state=None) -> tuple[int, bytes]:
-        symbol = decoding.choose(logits)
-        return symbol, decoding.accept(bytes([symbol]))
+    def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def accept(self, decoding, symbol: int, state=None) -> bytes:
+        return decoding.accept(bytes([symbol]))
 
     def result(self, prompt: bytes, decoding, state) -> Generation:
         text = decoding.stop.text

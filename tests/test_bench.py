@@ -23,9 +23,11 @@ def test_the_benchmark_runs_and_reports_every_measurement(tiny_checkpoint, tmp_p
     assert uncached["same_output_as_incremental"]  # the peer computes what the engine computes
     assert uncached["streams"]["bytes"] == 3 * 24 and result["batch1_over_transformers_uncached"] > 0
     assert set(result["transformers"]) == {"cached", "uncached"}
+    floor = result["decode_step_batch1"]
+    assert floor["ops_per_step"] > 10 and floor["floor_s"] == floor["ops_per_step"] * floor["small_op_s"]
     interference = result["interference"]
     assert interference["long_prompt_bytes"] == 300 and interference["normal_step_s"] > 0
     assert set(interference["resident_bytes"]) == {"before", "during_peak", "after"}
-    for line in ("incremental batch 1 / reference", "beside 8 running streams", "resident memory",
+    for line in ("incremental batch 1 / reference", "beside 8 running streams", "resident memory", "decode step",
                  "transformers generate (uncached): the engine's bytes exactly"):
         assert line in run.stdout

@@ -34,6 +34,9 @@ def test_mixed_batches_match_the_reference_and_leave_no_state_behind():
         slow = reference(engine, prompt, SamplingParams(max_new_bytes=n))
         assert result.text == slow.text and result.details.patch_lengths == slow.details.patch_lengths
     assert max(engine.scheduler.batch_sizes) == 3
+    table = engine.scheduler.caches.table  # every slot's row is back to a fresh sequence's
+    assert table.length.eq(0).all() and table.open_length.eq(0).all() and table.closed.eq(0).all()
+    assert table.opens_next.all() and table.recent.eq(0).all() and table.entropy.eq(0).all()
 
 
 def test_a_failing_prefill_fails_only_its_request():

@@ -75,3 +75,11 @@ def test_dispatch_picks_the_kernel_only_for_gpu_inference(launches):
             torch.testing.assert_close(rms_norm(on_gpu, weight.cuda(), 1e-6).cpu(),
                                        rms_norm_reference(x.detach(), weight, 1e-6))
         assert not kernels._use_triton(on_gpu.requires_grad_())  # forward-only kernels: training uses the reference
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 128), (16, 1, 128), (3, 57, 256), (2, 700, 341)])
+def test_the_float32_reference_is_the_cast_formula_bit_for_bit(shape):
+    generator = torch.Generator().manual_seed(sum(shape))
+    x, weight = torch.randn(shape, generator=generator) * 3, torch.randn(shape[-1], generator=generator)
+    formula = weight * torch.nn.functional.rms_norm(x.float(), (shape[-1],), eps=1e-5).to(x.dtype)
+    assert torch.equal(rms_norm_reference(x, weight, 1e-5), formula)

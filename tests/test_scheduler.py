@@ -40,15 +40,15 @@ def test_prefill_work_per_step_stays_within_the_budget_while_others_generate():
 
 def test_a_failing_choice_during_admission_fails_only_its_request_and_leaks_no_slot():
     engine = make_engine(max_batch_size=3)
-    choose = engine.choose
+    accept = engine.accept
     failing = SamplingParams(max_new_bytes=9, seed=666)
 
-    def fails_for_one(decoding, logits, state):
+    def fails_for_one(decoding, symbol, state):
         if decoding.params.seed == 666:
             raise RuntimeError("sampling failed")
-        return choose(decoding, logits, state)
+        return accept(decoding, symbol, state)
 
-    engine.choose = fails_for_one
+    engine.accept = fails_for_one
     with admitted_together(engine):  # in the same step as the failing one
         requests = [engine.submit(b"a", SamplingParams(max_new_bytes=9)), engine.submit(b"b", failing),
                     engine.submit(b"c", SamplingParams(max_new_bytes=9))]

@@ -18,6 +18,8 @@ so the ratios compare like with like on a shared machine:
 - peak resident memory and the KV-cache bytes per sequence;
 - like gpt-fast, the bytes of weights and cache the batch-1 engine reads per
   second, against the machine's copy bandwidth measured here;
+- a batch-1 decode step driven directly: its time, the operators it
+  dispatches, and their floor (operators x the measured cost of a tiny one);
 - interference: the gaps between the bytes of 8 running streams before and
   while a ``--long-prompt-bytes`` prompt is prefilled beside them (chunked
   under the scheduler's prefill budget), and that prompt's time to first byte;
@@ -42,10 +44,11 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import engines
 from engines.api import Generation, SamplingParams
-from engines.scheduler import SchedulerConfig
+from engines.scheduler import SchedulerConfig, StepBatch
 
 
 def prompts(count: int, size: int) -> list[bytes]:
@@ -102,6 +105,63 @@ def resident_bytes() -> int:
     """This process's resident memory now."""
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the operators a block of code dispatches (as the kernels see them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def small_op_seconds(repeats: int = 20000) -> float:
+    """What one tiny operator (an add of two [1, 128] tensors) costs here: the
+    price of dispatching an operator, whatever its work."""
+    x = torch.ones(1, 128)
+    for _ in range(1000):
+        torch.add(x, x)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.add(x, x)
+    return (time.perf_counter() - start) / repeats
+
+
+def step_floor(engine, prompt: bytes, steps: int) -> dict:
+    """Batch-1 greedy decode steps driven directly (no scheduler thread, its
+    thread count): seconds per step, the operators one step dispatches, and
+    their floor, operators x the cost of a tiny one (the time the step would
+    take if every operator cost only its dispatch)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(engine.scheduler.config.threads)
+    try:
+        with torch.inference_mode():
+            symbols = engine.encode(prompt)
+            caches = engine.new_caches(1, len(symbols) + 3 * steps + 16)
+            state = engine.new_state(caches, prompt, symbols, SamplingParams())
+            logits, _ = engine.step(caches, StepBatch([0], [state], [symbols]), None)
+
+            def run(count: int) -> None:
+                nonlocal logits
+                for _ in range(count):
+                    _, logits = engine.step(caches, None, StepBatch([0], [state], [logits.argmax(dim=-1).tolist()]))
+
+            run(8)
+            start = time.perf_counter()
+            run(steps)
+            seconds = (time.perf_counter() - start) / steps
+            with _OpCounter() as counter:
+                run(steps)
+            op = small_op_seconds()
+    finally:
+        torch.set_num_threads(threads)
+    ops = counter.count / steps
+    return {"seconds_per_step": seconds, "ops_per_step": ops, "small_op_s": op, "floor_s": ops * op,
+            "over_floor": seconds / (ops * op)}
 
 
 def interference(engine, texts: list[bytes], long_prompt: bytes, streams: int = 8) -> dict:
@@ -208,6 +268,8 @@ def run(args: argparse.Namespace) -> dict:
         "ttfb_s": ttfb,
     }
 
+    out["decode_step_batch1"] = step_floor(engine, texts[0], steps=min(args.new_bytes, 256))
+
     if not args.skip_reference:
         start = time.perf_counter()
         *_, reference = engine.generate_reference(texts[0], params)
@@ -298,6 +360,7 @@ def transformers_line(result: dict, name: str, measured: dict) -> str:
 
 
 def markdown(result: dict) -> str:
+    floor = result["decode_step_batch1"]
     rows = [
         ("reference (full recompute), batch 1", result.get("reference", {}).get("bytes_per_s")),
         ("incremental, batch 1", result["incremental_batch1"]["bytes_per_s"]),
@@ -315,6 +378,9 @@ def markdown(result: dict) -> str:
         f"- incremental batch 1 / reference: {result.get('speedup_batch1_over_reference', float('nan')):.1f}x",
         f"- {result['streams']} streams / batch 1: {result['streams_over_batch1']:.1f}x",
         *(transformers_line(result, name, m) for name, m in result.get("transformers", {}).items()),
+        f"- a batch-1 decode step: {1000 * floor['seconds_per_step']:.2f} ms, {floor['ops_per_step']:.0f} operators; "
+        f"a tiny operator costs {1e6 * floor['small_op_s']:.2f} us here, so their floor is "
+        f"{1000 * floor['floor_s']:.2f} ms and the step takes {floor['over_floor']:.1f}x that",
         f"- global steps per generated byte: {result['global_steps_per_byte']:.4f}; 1 / average patch length: "
         f"{result['inverse_average_patch_length']:.4f} (relative difference "
         f"{100 * result['global_steps_relative_error']:.1f}%)",

@@ -139,12 +139,14 @@ class BltEngine:
     def cache_bytes(self, caches, states) -> int:
         return sum(caches.bytes_used(state) for state in states)
 
-    def choose(self, decoding: Decoding, logits: torch.Tensor, state=None) -> tuple[int, bytes]:
-        symbol = decoding.choose(logits.masked_fill(self._banned, float("-inf")))
+    def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.masked_fill(self._banned, float("-inf"))
+
+    def accept(self, decoding: Decoding, symbol: int, state=None) -> bytes:
         if symbol == EOS_ID:
             decoding.end_of_sequence()
-            return symbol, b""
-        return symbol, decoding.accept(bytes([symbol - OFFSET]))
+            return b""
+        return decoding.accept(bytes([symbol - OFFSET]))
 
     def result(self, prompt: bytes, decoding: Decoding, state) -> Generation:
         starts = state.starts if state is not None else None

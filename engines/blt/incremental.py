@@ -19,6 +19,14 @@ have read byte by byte. The patches closed by chunks and by decoding
 sequences go through the global model in one call, so a step that also reads
 a prompt chunk reads the global weights once.
 
+Where each sequence stands (its length, newest symbols, entropies, patch
+decisions and the byte states of its open patch) lives in ``SlotTable``,
+tensors indexed by cache slot on the model's device: a decode step reads and
+updates every sequence with indexed operations, reads its patch decisions to
+the host once (which sequences close a patch decides the ragged global
+step), and the scheduler reads the chosen symbols once more. ``PatchState``
+is the host's record for the result (patch starts, global steps).
+
 A step computes everything before it changes any sequence state, so when it
 fails the states are as they were: the decoding sequences can run again
 (rewriting the same cache entries) and the prompts start over.
@@ -34,12 +42,58 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from engines.blt.model import BltModel
 from engines.blt.patching import entropies_from_logits, rule_starts, uses_entropies
-from engines.kv_cache import slot_selector
+from engines.kv_cache import ReservedTensor, slot_selector
 from engines.scheduler import StepBatch
+
+
+class SlotTable:
+    """Where each slot's sequence stands in its patches: one row per slot, in
+    tensors on the model's device. A decode step reads and updates every
+    sequence's row with a few indexed operations and builds nothing from the
+    sequences' Python state. The byte states of a slot's open patch fill its
+    row of ``open_states`` from index 0; that memory is taken page by page
+    as it is written (as the key/value caches' is), so a slot holds its
+    longest patch so far, not the longest one possible."""
+
+    def __init__(self, slots: int, context: int, dim: int, open_capacity: int, device, dtype):
+        def zeros(*shape, dtype=torch.long):
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        self.length = zeros(slots)  # symbols run so far (BOS first)
+        self.recent = zeros(slots, context)  # the last ``context`` symbols, left-padded with 0
+        self.entropy = zeros(slots, dtype=torch.float32)  # H(x_n | x_<n) of the newest symbol x_n
+        self.entropy_before = zeros(slots, dtype=torch.float32)  # H(x_{n-1} | x_<n-1)
+        self.natural_start = zeros(slots)  # last position opened by the mode's own rule
+        self.opens_next = zeros(slots, dtype=torch.bool)  # the next symbol opens a patch
+        self.closed = zeros(slots)  # patches closed (global-model positions taken)
+        self.open_length = zeros(slots)  # byte states of the open patch
+        self.slot_ids = torch.arange(slots, device=device)
+        self._open = ReservedTensor((slots, open_capacity, dim), device, dtype)
+        self.open_states = self._open.tensor  # [slots, open_capacity, dim]
+        self.opens_next.fill_(True)
+
+    def _columns(self) -> tuple[torch.Tensor, ...]:
+        return (self.length, self.recent, self.entropy, self.entropy_before, self.natural_start, self.opens_next,
+                self.closed, self.open_length)
+
+    def reset(self, slot: int) -> None:
+        """A slot with nothing run: BOS, its first symbol, opens a patch."""
+        for column in self._columns():
+            column[slot] = 0
+        self.opens_next[slot] = True
+        self._open.release(slot)
+
+    def move(self, source: int, target: int) -> None:
+        held = int(self.open_length[source])
+        self.open_states[target, :held] = self.open_states[source, :held]
+        for column in self._columns():
+            column[target] = column[source]
+        self.reset(source)
 
 
 class BltCaches:
@@ -48,7 +102,7 @@ class BltCaches:
     Local models (entropy model, encoder, decoder) keep rings of their
     attention window; the global model keeps ``max_patches`` positions; the
     decoder keeps the cross-attention keys/values of the patch each sequence
-    currently reads.
+    currently reads; ``table`` keeps where each sequence stands in its patches.
     """
 
     def __init__(self, model: BltModel, slots: int, max_patches: int):
@@ -63,6 +117,10 @@ class BltCaches:
         shape = (slots, n_cross, decoder.k, heads, decoder.dim // heads)
         self.read_keys = torch.zeros(shape, device=device, dtype=dtype)
         self.read_values = torch.zeros(shape, device=device, dtype=dtype)
+        cfg = model.cfg
+        # A patch spans at most max_patch_length symbols, and never more than a slot's positions.
+        open_capacity = min(cfg.patching.max_patch_length or max_patches, max_patches)
+        self.table = SlotTable(slots, model.local_encoder.context, cfg.local_encoder.dim, open_capacity, device, dtype)
 
     def all(self):
         return [self.entropy, self.encoder, self.global_, self.decoder]
@@ -72,56 +130,56 @@ class BltCaches:
         return 2 * self.read_keys[0].numel() * self.read_keys.element_size()
 
     @property
+    def _open_bytes_per_state(self) -> int:
+        return self.table.open_states.shape[-1] * self.table.open_states.element_size()
+
+    @property
     def max_bytes_per_slot(self) -> int:
         """The most cache memory one sequence can take (set by the config)."""
-        return sum(cache.max_bytes_per_slot for cache in self.all()) + self._read_bytes_per_slot
+        open_states = self.table.open_states.shape[1] * self._open_bytes_per_state
+        return sum(cache.max_bytes_per_slot for cache in self.all()) + self._read_bytes_per_slot + open_states
 
     def bytes_used(self, state: "PatchState") -> int:
         """Cache memory one sequence's entries take now."""
-        symbols = len(state.tokens)
-        rings = sum(min(symbols, c.size) * c.bytes_per_position() for c in (self.entropy, self.encoder, self.decoder))
-        return rings + state.closed_patches * self.global_.bytes_per_position() + self._read_bytes_per_slot
+        rings = sum(min(state.length, c.size) * c.bytes_per_position() for c in (self.entropy, self.encoder, self.decoder))
+        return (rings + state.closed_patches * self.global_.bytes_per_position() + self._read_bytes_per_slot
+                + state.longest_open * self._open_bytes_per_state)
 
     def release(self, slot: int) -> None:
         """Empties a slot and gives its memory back."""
         for cache in self.all():
             cache.release(slot)
+        self.table.reset(slot)
 
     def move(self, source: int, target: int) -> None:
         for cache in self.all():
             cache.move(source, target)
         self.read_keys[target] = self.read_keys[source]
         self.read_values[target] = self.read_values[source]
+        self.table.move(source, target)
 
 
 @dataclass
 class PatchState:
-    """Where one sequence stands in its patches (all it needs for the next step)."""
+    """The host's record of one sequence; what the steps compute with is its
+    slot's row of ``SlotTable``."""
 
     # Symbols run through the models so far (BOS first).
-    tokens: list[int]
-    # starts[p]: symbol p opens a patch; known up to the next symbol (len(tokens) + 1 entries).
+    length: int
+    # starts[p]: symbol p opens a patch; known up to the next symbol (length + 1 entries).
     starts: list[bool]
-    # Last position opened by the mode's own rule (max_patch_length counts from it).
-    natural_start: int
-    # H(x_n | x_<n) and H(x_{n-1} | x_<n-1) of the two latest symbols.
-    entropy: float
-    entropy_before: float
-    # Encoder byte states of the open patch [L, dim] and the closed-patch count.
-    open_states: torch.Tensor
-    closed_patches: int
     # Symbols of the prompt (BOS included): the local decoder skips prompt
     # positions no later position can see (``decoder_start``).
     prompt_length: int
+    closed_patches: int = 0
     global_steps: int = 0
+    # The most byte states its open patch has held in the slot table.
+    longest_open: int = 0
 
 
 def new_state(model: BltModel, caches: BltCaches, prompt_length: int) -> PatchState:
     """A sequence with nothing run yet: BOS, its first symbol, opens a patch."""
-    dim = model.cfg.local_encoder.dim
-    empty = caches.read_keys.new_zeros(0, dim)
-    return PatchState(tokens=[], starts=[True], natural_start=0, entropy=0.0, entropy_before=0.0,
-                      open_states=empty, closed_patches=0, prompt_length=prompt_length)
+    return PatchState(length=0, starts=[True], prompt_length=prompt_length)
 
 
 def decoder_start(model: BltModel, prompt_length: int) -> int:
@@ -142,14 +200,23 @@ class _Read:
     """What a batch's new symbols decide, before any state changes."""
 
     decode: bool  # one symbol each, after the prompt (decode views and the one-position hash)
+    rows: slice | torch.Tensor  # the batch's rows of the slot table
+    symbols: torch.Tensor  # [B, T] the new symbols, right-padded with 0
     positions: torch.Tensor  # [B, T] of the new symbols; -1 pads
+    last: torch.Tensor  # [B] column of each sequence's newest symbol
     byte_states: torch.Tensor  # [B, T, dim]
-    decisions: list[list[bool]]  # does the symbol after each new one open a patch
-    natural_start: list[int]
-    entropies: list[list[float]]  # H(next | prefix) after each new symbol
-    segments: list[torch.Tensor]  # byte states of the open patch before the new symbols, then of the new ones
-    flags: list[list[bool]]  # patch starts over each segment
+    entropy: torch.Tensor  # [B, T] H(next | prefix) after each new symbol
+    natural_start: torch.Tensor  # [B, T]
+    opens: torch.Tensor  # bool [B, T]: does the symbol after each new one open a patch
+    decisions: list[list[bool]]  # the same on the host, without padding
     closed: list[int]  # patches the new symbols close
+    # Chunks: byte states of the open patch before the new symbols, then of the
+    # new ones, and the patch starts over them. Decodes: each new byte's index
+    # in its open patch [B] (also on the host).
+    segments: list[torch.Tensor] | None = None
+    flags: list[list[bool]] | None = None
+    open_index: torch.Tensor | None = None
+    open_index_host: list[int] | None = None
 
 
 @torch.inference_mode()
@@ -161,7 +228,8 @@ def step(
     [B1, V] and after each decoded symbol [B2, V] (None for an absent part),
     and updates the states. A state with no symbols yet starts its slot afresh."""
     parts = [(work, decode) for work, decode in ((chunks, False), (decodes, True)) if work is not None and work.slots]
-    reads = [_read(model, caches, work, decode) for work, decode in parts]
+    reads = [_read_decodes(model, caches, work) if decode else _read_chunks(model, caches, work)
+             for work, decode in parts]
     tables = _close_patches(model, caches, [work for work, _ in parts], reads)
     logits = [_decoder_logits(model, caches, work, read, table) for (work, _), read, table in zip(parts, reads, tables)]
     for (work, _), read, table in zip(parts, reads, tables):
@@ -170,69 +238,92 @@ def step(
     return out.get(False), out.get(True)
 
 
-def _read(model: BltModel, caches: BltCaches, work: StepBatch, decode: bool) -> _Read:
-    """Entropy model, patch decisions and local encoder for the new symbols."""
-    cfg = model.cfg
-    device = caches.read_keys.device
-    states = work.states
-    if not decode:
-        for slot, state in zip(work.slots, states):
-            if not state.tokens:
-                caches.release(slot)
+def _decide(model: BltModel, caches: BltCaches, rows, symbols: torch.Tensor, positions: torch.Tensor,
+            entropy: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whether the symbol after each new one opens a patch [B, T], and the
+    last position opened by the mode's own rule as of each [B, T]."""
+    patching = model.cfg.patching
+    table = caches.table
+    entropy_before = torch.cat([table.entropy[rows][:, None], entropy[:, :-1]], dim=1)
+    symbol_before = torch.cat([table.recent[rows][:, -1:], symbols[:, :-1]], dim=1)
+    decided = positions + 1  # the position each decision is for
+    natural = rule_starts(patching, decided, entropy, entropy_before, symbols, symbol_before) | (decided == 1)
+    natural_start = torch.maximum(torch.where(natural, decided, -1).cummax(dim=1).values,
+                                  table.natural_start[rows][:, None])
+    opens = natural
+    if patching.max_patch_length is not None:
+        opens = natural | ((decided - natural_start) % patching.max_patch_length == 0)
+    return (opens if valid is None else opens & valid), natural_start
+
+
+def _entropies(model: BltModel, caches: BltCaches, symbols: torch.Tensor, view) -> torch.Tensor:
+    """H(x_{p+1} | x_<=p) after every new symbol p [B, T] (zeros when the mode needs none)."""
+    if not uses_entropies(model.cfg.patching):
+        return torch.zeros(symbols.shape, device=symbols.device)
+    return entropies_from_logits(model.entropy_model.step(symbols, view(model.entropy_model.stack, caches.entropy)))
+
+
+def _read_decodes(model: BltModel, caches: BltCaches, work: StepBatch) -> _Read:
+    """Entropy model, patch decisions and local encoder for one new symbol
+    per sequence, from the slot table; the step's one read to the host is
+    the decisions (and where each byte sits in its patch)."""
+    table = caches.table
+    device = table.length.device
+    rows = slot_selector(work.slots, device)
+    symbols = torch.tensor(work.symbols, device=device)  # [B, 1]
+    positions = table.length[rows][:, None]
+    entropy = _entropies(model, caches, symbols, lambda stack, cache: stack.decode_view(cache, work.slots, positions[:, 0]))
+    opens, natural_start = _decide(model, caches, rows, symbols, positions, entropy, None)
+    encoder = model.local_encoder
+    window = torch.cat([table.recent[rows][:, 1:], symbols], dim=1)  # [B, context]: the newest n-grams
+    byte_states = encoder.decode(window, encoder.stack.decode_view(caches.encoder, work.slots, positions[:, 0]))
+    # The new byte joins its open patch, or opens one.
+    index = torch.where(table.opens_next[rows], 0, table.open_length[rows])  # [B]
+    table.open_states[table.slot_ids[rows], index] = byte_states[:, 0]
+    closes, index_host = torch.stack([opens[:, 0].long(), index]).tolist()
+    return _Read(
+        decode=True, rows=rows, symbols=symbols, positions=positions,
+        last=torch.zeros(len(work.slots), dtype=torch.long, device=device), byte_states=byte_states,
+        entropy=entropy, natural_start=natural_start, opens=opens, decisions=[[bool(c)] for c in closes],
+        closed=closes, open_index=index, open_index_host=index_host,
+    )
+
+
+def _read_chunks(model: BltModel, caches: BltCaches, work: StepBatch) -> _Read:
+    """Entropy model, patch decisions and local encoder for prompt chunks."""
+    table = caches.table
+    device = table.length.device
+    for slot, state in zip(work.slots, work.states):
+        if not state.length:
+            caches.release(slot)
+    rows = slot_selector(work.slots, device)
     lengths = [len(symbols) for symbols in work.symbols]
     width = max(lengths)
-    x = torch.tensor([symbols + [0] * (width - len(symbols)) for symbols in work.symbols], device=device)  # [B, T]
+    symbols = torch.tensor([s + [0] * (width - len(s)) for s in work.symbols], device=device)  # [B, T]
     offsets = torch.arange(width, device=device)
-    valid = offsets[None] < torch.tensor(lengths, device=device)[:, None]
-    first = torch.tensor([len(s.tokens) for s in states], device=device)
-    positions = torch.where(valid, first[:, None] + offsets, -1)
-
-    def view(stack, cache):
-        if decode:
-            return stack.decode_view(cache, work.slots, positions[:, 0])
-        return stack.extend_view(cache, work.slots, positions)
-
-    # 1. entropy model -> H(x_{p+1} | x_<=p) for every new symbol p
-    entropy = torch.zeros(x.shape, device=device)
-    if uses_entropies(cfg.patching):
-        entropy = entropies_from_logits(model.entropy_model.step(x, view(model.entropy_model.stack, caches.entropy)))
-
-    # 2. does the symbol after each new one open a patch?
-    entropy_before = torch.cat([torch.tensor([[s.entropy] for s in states], device=device), entropy[:, :-1]], dim=1)
-    last_tokens = torch.tensor([[s.tokens[-1] if s.tokens else 0] for s in states], device=device)
-    token_before = torch.cat([last_tokens, x[:, :-1]], dim=1)
-    decided = positions + 1  # the position each decision is for
-    natural = rule_starts(cfg.patching, decided, entropy, entropy_before, x, token_before) | (decided == 1)
-    known_natural = torch.tensor([[s.natural_start] for s in states], device=device)
-    natural_start = torch.maximum(torch.where(natural, decided, -1).cummax(dim=1).values, known_natural)
-    opens = natural
-    if cfg.patching.max_patch_length is not None:
-        opens = natural | ((decided - natural_start) % cfg.patching.max_patch_length == 0)
-    opens &= valid
-
-    # 3. local encoder -> byte states of the new symbols
+    last = torch.tensor(lengths, device=device) - 1
+    valid = offsets[None] <= last[:, None]
+    positions = torch.where(valid, table.length[rows][:, None] + offsets, -1)
+    entropy = _entropies(model, caches, symbols, lambda stack, cache: stack.extend_view(cache, work.slots, positions))
+    opens, natural_start = _decide(model, caches, rows, symbols, positions, entropy, valid)
     encoder = model.local_encoder
-    if decode:  # only the newest position's n-grams
-        recent = torch.tensor([_recent(s.tokens, encoder.context - 1) + symbols
-                               for s, symbols in zip(states, work.symbols)], device=device)
-        byte_states = encoder.decode(recent, view(encoder.stack, caches.encoder))
-    else:
-        history = torch.tensor([_recent(s.tokens, encoder.context - 1) for s in states], dtype=x.dtype, device=device)
-        history = history.reshape(len(states), encoder.context - 1)  # [B, context - 1] even when empty
-        byte_states = encoder.extend(torch.cat([history, x], dim=1), view(encoder.stack, caches.encoder))
+    history = table.recent[rows][:, 1:]  # [B, context - 1]
+    byte_states = encoder.extend(torch.cat([history, symbols], dim=1),
+                                 encoder.stack.extend_view(caches.encoder, work.slots, positions))
 
     decisions = [row[:length] for row, length in zip(opens.tolist(), lengths)]
+    began_patch = table.opens_next[rows].tolist()
+    held = table.open_length[rows].tolist()
     segments, flags = [], []
-    for i, state in enumerate(states):
+    for i, slot in enumerate(work.slots):
         own = byte_states[i, : lengths[i]]
-        began = state.starts[-1]  # the first new symbol opens a patch
-        segments.append(own if began else torch.cat([state.open_states, own]))
-        flags.append(([] if began else [True] + [False] * (len(state.open_states) - 1)) + [began] + decisions[i][:-1])
+        began = began_patch[i]  # the first new symbol opens a patch
+        segments.append(own if began else torch.cat([table.open_states[slot, : held[i]], own]))
+        flags.append(([] if began else [True] + [False] * (held[i] - 1)) + [began] + decisions[i][:-1])
     return _Read(
-        decode=decode, positions=positions, byte_states=byte_states, decisions=decisions,
-        natural_start=[row[length - 1] for row, length in zip(natural_start.tolist(), lengths)],
-        entropies=[row[:length] for row, length in zip(entropy.tolist(), lengths)],
-        segments=segments, flags=flags, closed=[sum(row) for row in decisions],
+        decode=False, rows=rows, symbols=symbols, positions=positions, last=last, byte_states=byte_states,
+        entropy=entropy, natural_start=natural_start, opens=opens, decisions=decisions,
+        closed=[sum(row) for row in decisions], segments=segments, flags=flags,
     )
 
 
@@ -244,34 +335,56 @@ def _close_patches(
     [B, 1 + closed, n_cross, k, H, hd] each sequence can read: the patch it
     read before, then the patches it closed."""
     device = caches.read_keys.device
-    rows = [(p, i) for p, read in enumerate(reads) for i, count in enumerate(read.closed) if count]
-    tables = []
+    tables, vectors, counts, slots, places = [], [], [], [], []
     for work, read in zip(works, reads):
-        before = slot_selector(work.slots, device)
         width = 1 + max(read.closed)
-        tables.append((caches.read_keys[before][:, None].repeat(1, width, 1, 1, 1, 1),
-                       caches.read_values[before][:, None].repeat(1, width, 1, 1, 1, 1)))
-    if not rows:
+        tables.append((caches.read_keys[read.rows][:, None].repeat(1, width, 1, 1, 1, 1),
+                       caches.read_values[read.rows][:, None].repeat(1, width, 1, 1, 1, 1)))
+        closing = [i for i, count in enumerate(read.closed) if count]
+        if not closing:
+            vectors.append(None)
+            continue
+        if read.decode:
+            vectors.append(_pool_open_patches(model, caches, [work.slots[i] for i in closing],
+                                              [read.open_index_host[i] + 1 for i in closing]))
+        else:
+            vectors.append(_pool_segments(model, [read.segments[i] for i in closing],
+                                          [read.flags[i] for i in closing], [read.closed[i] for i in closing]))
+        counts += [read.closed[i] for i in closing]
+        slots += [work.slots[i] for i in closing]
+        places.append(closing)
+    if not slots:
         return tables
-    counts = [reads[p].closed[i] for p, i in rows]
     most = max(counts)
-    vectors = _pool_segments(model, [reads[p].segments[i] for p, i in rows], [reads[p].flags[i] for p, i in rows],
-                             counts)  # [b, most, k * dim]
-    first = torch.tensor([works[p].states[i].closed_patches for p, i in rows], device=device)
+    patch_vectors = torch.cat([F.pad(v, (0, 0, 0, most - v.shape[1])) for v in vectors if v is not None])
+    first = caches.table.closed[torch.tensor(slots, device=device)]
     offsets = torch.arange(most, device=device)
     positions = torch.where(offsets[None] < torch.tensor(counts, device=device)[:, None], first[:, None] + offsets, -1)
-    slots = [works[p].slots[i] for p, i in rows]
     stack = model.global_model.stack
     if most == 1:
         view = stack.decode_view(caches.global_, slots, positions[:, 0])
     else:
         view = stack.extend_view(caches.global_, slots, positions)
     decoder = model.local_decoder
-    keys, values = decoder.slot_keys_values(decoder.patch_slots(model.global_model.step(vectors, view)))
-    for row, ((p, i), count) in enumerate(zip(rows, counts)):
-        tables[p][0][i, 1 : 1 + count] = keys[row, :count]
-        tables[p][1][i, 1 : 1 + count] = values[row, :count]
+    keys, values = decoder.slot_keys_values(decoder.patch_slots(model.global_model.step(patch_vectors, view)))
+    row = 0
+    for (part_keys, part_values), closing in zip([t for t, v in zip(tables, vectors) if v is not None], places):
+        for i in closing:
+            count = counts[row]
+            part_keys[i, 1 : 1 + count] = keys[row, :count]
+            part_values[i, 1 : 1 + count] = values[row, :count]
+            row += 1
     return tables
+
+
+def _pool_open_patches(model: BltModel, caches: BltCaches, slots: list[int], lengths: list[int]) -> torch.Tensor:
+    """Patch vectors [b, 1, k * dim] of the patches open in ``slots`` (of
+    ``lengths`` byte states each, in the slot table), which their newest byte closes."""
+    device = caches.table.length.device
+    longest = max(lengths)
+    byte_states = caches.table.open_states[torch.tensor(slots, device=device), :longest]  # [b, L, dim]
+    valid = torch.arange(longest, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
+    return model.local_encoder.pool_one_patch(byte_states, valid)
 
 
 def _pool_segments(model: BltModel, segments: list[torch.Tensor], flags: list[list[bool]], counts: list[int]):
@@ -296,9 +409,7 @@ def _decoder_logits(model: BltModel, caches: BltCaches, work: StepBatch, read: _
     device = read.positions.device
     batch = len(work.states)
     keys, values = table
-    group = read.positions.new_zeros(read.positions.shape)  # [B, T]: 0 = the patch read before these symbols
-    for i, decisions in enumerate(read.decisions):
-        group[i, : len(decisions)] = torch.tensor(decisions, device=device).long().cumsum(dim=0)
+    group = read.opens.long().cumsum(dim=1)  # [B, T]: 0 = the patch read before these symbols
     rows = torch.arange(batch, device=device)[:, None]
     if read.decode:
         view = decoder.stack.decode_view(caches.decoder, work.slots, read.positions[:, 0])
@@ -306,7 +417,7 @@ def _decoder_logits(model: BltModel, caches: BltCaches, work: StepBatch, read: _
         return decoder.logits(hidden[:, 0]).float()
     # Prompt chunks: only the positions from decoder_start on.
     lengths = [len(symbols) for symbols in work.symbols]
-    skip = [min(length, max(0, decoder_start(model, s.prompt_length) - len(s.tokens)))
+    skip = [min(length, max(0, decoder_start(model, s.prompt_length) - s.length))
             for s, length in zip(work.states, lengths)]
     needed = [i for i in range(batch) if skip[i] < lengths[i]]
     logits = torch.zeros(batch, decoder.lm_head.out_features, device=device)
@@ -328,28 +439,42 @@ def _decoder_logits(model: BltModel, caches: BltCaches, work: StepBatch, read: _
 
 
 def _commit(caches: BltCaches, work: StepBatch, read: _Read, table) -> None:
+    """Writes what the step decided into the slot table (indexed operations
+    over the whole batch) and the sequences' host records."""
+    slots, rows = caches.table, read.rows
     keys, values = table
+    batch = torch.arange(len(work.slots), device=read.last.device)
+    last = read.last
+    group = read.opens.long().cumsum(dim=1)[batch, last]  # the patch read after each newest symbol
+    caches.read_keys[rows], caches.read_values[rows] = keys[batch, group], values[batch, group]
+    newest_entropy = read.entropy[batch, last]
+    before = torch.where(last > 0, read.entropy[batch, (last - 1).clamp(min=0)], slots.entropy[rows])
+    context = slots.recent.shape[1]
+    recent = torch.cat([slots.recent[rows], read.symbols], dim=1).gather(
+        1, (last + 1)[:, None] + torch.arange(context, device=last.device))
+    opens_last = read.opens[batch, last]
+    slots.entropy_before[rows], slots.entropy[rows] = before, newest_entropy
+    slots.recent[rows] = recent
+    slots.natural_start[rows] = read.natural_start[batch, last]
+    slots.opens_next[rows] = opens_last
+    slots.length[rows] = slots.length[rows] + last + 1
+    slots.closed[rows] = slots.closed[rows] + read.opens.sum(dim=1)
+    if read.decode:
+        slots.open_length[rows] = torch.where(opens_last, 0, read.open_index + 1)
     for i, (slot, state, symbols) in enumerate(zip(work.slots, work.states, work.symbols)):
         count = read.closed[i]
-        state.tokens.extend(symbols)
+        state.length += len(symbols)
         state.starts.extend(read.decisions[i])
-        state.natural_start = read.natural_start[i]
-        entropies = read.entropies[i]
-        state.entropy_before = entropies[-2] if len(entropies) > 1 else state.entropy
-        state.entropy = entropies[-1]
+        state.closed_patches += count
+        state.global_steps += 1 if count else 0
+        if read.decode:
+            state.longest_open = max(state.longest_open, read.open_index_host[i] + 1)
+            continue
         segment, flags = read.segments[i], read.flags[i]
         open_length = 0 if read.decisions[i][-1] else len(flags) - max(j for j, flag in enumerate(flags) if flag)
-        state.open_states = segment[len(segment) - open_length :]
-        state.closed_patches += count
-        if count:
-            state.global_steps += 1
-            caches.read_keys[slot], caches.read_values[slot] = keys[i, count], values[i, count]
-
-
-def _recent(tokens: list[int], context: int) -> list[int]:
-    """The last ``context`` symbols, left-padded with 0 (the n-gram windows' padding)."""
-    window = tokens[-context:] if context else []
-    return [0] * (context - len(window)) + window
+        slots.open_states[slot, :open_length] = segment[len(segment) - open_length :]
+        slots.open_length[slot] = open_length
+        state.longest_open = max(state.longest_open, open_length)
 
 
 def prefill(model: BltModel, caches: BltCaches, slot: int, tokens: list[int]) -> tuple[torch.Tensor, PatchState]:

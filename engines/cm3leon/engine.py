@@ -258,9 +258,11 @@ class Cm3LeonEngine:
     def _scores(self, state: Cm3State, cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
         return scores(cond, uncond, state.params, self.allowed[state.task])
 
-    def choose(self, decoding: Decoding, logits: torch.Tensor, state: Cm3State) -> tuple[int, bytes]:
-        symbol = decoding.choose(logits)
-        return symbol, record(state, decoding, symbol, self.tokenizer, self.config.image_tokens)
+    def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits  # the step's guidance has already put what a task may not emit at -inf
+
+    def accept(self, decoding: Decoding, symbol: int, state: Cm3State) -> bytes:
+        return record(state, decoding, symbol, self.tokenizer, self.config.image_tokens)
 
     def result(self, prompt: Cm3Prompt, decoding: Decoding, state: Cm3State | None) -> Generation:
         tokens = list(state.generated) if state is not None else []
