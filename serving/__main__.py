@@ -43,7 +43,10 @@ def load_config(args: argparse.Namespace) -> ServingConfig:
     overrides = {key: getattr(args, key) for key in ("checkpoints", "grpc_port", "direct_grpc_port", "ingress",
                                                       "device", "metrics_port")
                  if getattr(args, key, None) is not None}
-    return config.model_copy(update=overrides)
+    if getattr(args, "gateway_models", None) is not None:
+        named = args.gateway_models
+        overrides["gateway_models"] = named if named == "auto" else [m for m in named.split(",") if m and m != "none"]
+    return ServingConfig.model_validate({**config.model_dump(), **overrides})
 
 
 def up(args: argparse.Namespace) -> int:
@@ -59,7 +62,8 @@ def up(args: argparse.Namespace) -> int:
     try:
         models = discover_checkpoints(config.checkpoints, config.families)
         default = default_model(models, config)
-    except CheckpointError as e:
+        config.gateway_for(list(models))  # the models the gateway runs are served and scale alike
+    except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cluster.start(config, num_cpus=args.num_cpus or cluster.local_cpus(config, list(models)), detach=args.detach)
@@ -151,6 +155,9 @@ def _setup_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ingress", choices=["direct", "proxy"],
                         help="direct (default): the gateway also answers gRPC itself, one hop less; proxy: only the proxy")
     parser.add_argument("--direct-grpc-port", type=int, help="the first gateway replica's own gRPC port (direct ingress)")
+    parser.add_argument("--gateway-models",
+                        help="models the gateway runs itself, no hop: auto (default: the model, when only one is "
+                             "served), none, or names separated by commas")
     parser.add_argument("--metrics-port", type=int)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
 

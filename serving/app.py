@@ -3,8 +3,11 @@
 Every checkpoint directory directly under ``ServingConfig.checkpoints`` is a
 model, named after its directory, served by its own deployment
 (``model-<name>``) of its family's deployment class, with the replicas and
-resources of ``ServingConfig.models`` (or of ``model_overrides[name]``). The
-gateway answers the services of every known family. ``build`` is the
+resources of ``ServingConfig.models`` (or of ``model_overrides[name]``),
+unless the gateway runs it itself (``ServingConfig.gateway_models``; by
+default the model, when only one is served): then the gateway's replicas
+load it and answer its RPCs with no hop. The gateway answers the services of
+every known family. ``build`` is the
 application builder that Ray Serve config files name
 (``import_path: serving.app:build``).
 """
@@ -64,22 +67,30 @@ def default_model(models: dict[str, Path], config: ServingConfig) -> str:
     return sorted(models)[0]
 
 
+def model_args(config: ServingConfig, name: str, path: Path) -> list:
+    """What a model's server is built with: checkpoint, device, threads, engine settings, families."""
+    threads = max(1, int(config.options_for(name).ray_actor_options.num_cpus))
+    return [str(path), config.device, threads, config.engine_for(name).model_dump(), config.families]
+
+
 def build_app(config: ServingConfig):
     models = discover_checkpoints(config.checkpoints, config.families)
-    handles, served = {}, {}
+    in_gateway = config.in_gateway(list(models))
+    handles, served, local = {}, {}, {}
     for name, path in models.items():
-        options = config.options_for(name)
-        threads = max(1, int(options.ray_actor_options.num_cpus))
-        entry = deployment_entry(model_deployment(name), options, config.drain_grace_s)
         family = get_family(read_header(path)[0].family)
-        handles[name] = serve.deployment(load_object(family.deployment)).options(**entry).bind(
-            str(path), config.device, threads, config.engine_for(name).model_dump(), config.families
-        )
         served[name] = ServedModel(family=family.name, rpcs=sorted(family.rpcs))
+        if name in in_gateway:
+            local[name] = {"deployment": family.deployment, "args": model_args(config, name, path)}
+            continue
+        entry = deployment_entry(model_deployment(name), config.options_for(name), config.drain_grace_s)
+        handles[name] = serve.deployment(load_object(family.deployment)).options(**entry).bind(
+            *model_args(config, name, path))
     gateway = gateway_deployment(known_services())
-    return gateway.options(**deployment_entry(GATEWAY, config.gateway, config.drain_grace_s)).bind(
+    entry = deployment_entry(GATEWAY, config.gateway_for(list(models)), config.drain_grace_s)
+    return gateway.options(**entry).bind(
         handles, served, default_model(models, config), config.limits.model_dump(),
-        config.auth.model_dump(mode="json"),
+        config.auth.model_dump(mode="json"), local,
     )
 
 

@@ -94,7 +94,8 @@ def cpus_needed(config: ServingConfig, models: list[str]) -> int:
         scaling = options.autoscaling_config
         return options.num_replicas if scaling is None else max(1, scaling.min_replicas)
 
-    deployments = [config.gateway, *(config.options_for(model) for model in models)]
+    remote = sorted(set(models) - set(config.in_gateway(models)))
+    deployments = [config.gateway_for(models), *(config.options_for(model) for model in remote)]
     return math.ceil(sum(options.ray_actor_options.num_cpus * replicas(options) for options in deployments))
 
 

@@ -187,6 +187,12 @@ class ServingConfig(BaseModel):
             max_ongoing_requests=256, max_queued_requests=-1, ray_actor_options=ActorOptions(num_cpus=0.0)
         )
     )
+    # Models the gateway's replicas run themselves, with no hop to a model
+    # deployment; "auto": the model, when only one is served. Such a model
+    # has no deployment of its own: it scales with the gateway, whose
+    # replicas take its Ray resources (`models`/`model_overrides`) on top of
+    # their own, and Ray Serve's bounds on the gateway are its bounds.
+    gateway_models: list[str] | Literal["auto"] = "auto"
     # Options of every model deployment, unless `model_overrides` names the model.
     models: DeploymentOptions = Field(default_factory=DeploymentOptions)
     model_overrides: dict[str, DeploymentOptions] = Field(default_factory=dict)
@@ -218,3 +224,30 @@ class ServingConfig(BaseModel):
 
     def engine_for(self, model: str) -> SchedulerConfig:
         return self.engine_overrides.get(model, self.engine)
+
+    def in_gateway(self, models: list[str]) -> list[str]:
+        """Which of the served ``models`` the gateway runs itself."""
+        if self.gateway_models == "auto":
+            return list(models) if len(models) == 1 else []
+        unknown = sorted(set(self.gateway_models) - set(models))
+        if unknown:
+            raise ValueError(f"gateway_models names {unknown}, which are not among the served models {sorted(models)}")
+        return sorted(self.gateway_models)
+
+    def gateway_for(self, models: list[str]) -> DeploymentOptions:
+        """The gateway's options when it serves ``models``: its own, except
+        that the models it runs itself lend it their scaling (a fixed
+        ``num_replicas`` or an ``autoscaling_config``, which must agree
+        between them) and add their Ray resources to each replica's."""
+        local = [self.options_for(model) for model in self.in_gateway(models)]
+        if not local:
+            return self.gateway
+        if any((o.num_replicas, o.autoscaling_config) != (local[0].num_replicas, local[0].autoscaling_config)
+               for o in local):
+            raise ValueError(f"the models the gateway runs ({self.in_gateway(models)}) must scale alike; "
+                             "give them the same num_replicas or autoscaling_config")
+        own = self.gateway.ray_actor_options
+        resources = ActorOptions(num_cpus=own.num_cpus + sum(o.ray_actor_options.num_cpus for o in local),
+                                 num_gpus=own.num_gpus + sum(o.ray_actor_options.num_gpus for o in local))
+        return self.gateway.model_copy(update={"ray_actor_options": resources, "num_replicas": local[0].num_replicas,
+                                               "autoscaling_config": local[0].autoscaling_config})

@@ -87,9 +87,9 @@ def deploy_config(config: ServingConfig, models: list[str]) -> dict:
                 "route_prefix": ROUTE_PREFIX,
                 "import_path": "serving.app:build",
                 "args": {"config": config.model_dump(mode="json")},
-                "deployments": [deployment_entry(GATEWAY, config.gateway, config.drain_grace_s)]
+                "deployments": [deployment_entry(GATEWAY, config.gateway_for(models), config.drain_grace_s)]
                 + [deployment_entry(model_deployment(m), config.options_for(m), config.drain_grace_s)
-                   for m in sorted(models)],
+                   for m in sorted(set(models) - set(config.in_gateway(models)))],
             }
         ],
     }

@@ -1,5 +1,7 @@
 """The ingress deployment: answers the gRPC services and forwards each call
-through a deployment handle to the model's deployment.
+through a deployment handle to the model's deployment, or, for a model the
+gateway runs itself (``ServingConfig.gateway_models``), straight to the
+model's server in this process (``serving.local_model``).
 
 Ray Serve's gRPC proxy routes an RPC to the ingress method of the same name.
 ``gateway_deployment`` builds the ingress class from ``GatewayCore`` (the
@@ -23,9 +25,10 @@ the gateway's log.
 
 Health (grpc.health.v1.Health/Check) answers from the model deployments'
 replica states, which the gateway reads from Ray Serve's controller in the
-background once a second; a check never waits on the controller and never
-calls a model: SERVING when every model deployment has a running replica and the
-gateway is not draining. A model replica whose scheduler stops or stalls fails
+background once a second, and from the scheduler heartbeat of each model it
+runs itself; a check never waits on the controller and never calls a model:
+SERVING when every model deployment has a running replica, every model here
+can serve, and the gateway is not draining. A model replica whose scheduler stops or stalls fails
 Ray Serve's own health check (``ModelServer.check_health``), leaves the running
 state and is replaced.
 """
@@ -51,9 +54,10 @@ from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 
 from engines.api import AdmissionError, DeadlineExceeded, EngineUnavailable, InvalidRequest, RequestCancelled
-from serving.config import APP_NAME, AuthConfig, Limits, model_deployment
+from serving.config import APP_NAME, GATEWAY, AuthConfig, Limits, model_deployment
 from serving.edge import DEADLINE_KEY
 from serving.grpc_services import GrpcService
+from serving.local_model import LocalModel, start_local_model
 from serving.validation import InvalidArgument, resolve_model
 
 logger = logging.getLogger("ray.serve")
@@ -117,23 +121,27 @@ def load_token(auth: AuthConfig) -> str | None:
 
 class ModelHealth:
     """Whether every model deployment has a running replica, as Ray Serve's
-    controller sees it. A task on the gateway's event loop reads the
-    controller every ``HEALTH_REFRESH_S``; a check answers from the last
-    reading and never waits on the controller, however busy it is. Before the
-    first reading, or when the last one is older than ``HEALTH_STALE_S``
-    (the controller stopped answering), the answer is not serving.
+    controller sees it, and every model this replica runs itself can serve
+    (its scheduler's heartbeat, ``ModelServer.problem``). A task on the
+    gateway's event loop reads the controller every ``HEALTH_REFRESH_S``; a
+    check answers from the last reading and never waits on the controller,
+    however busy it is. Before the first reading, or when the last one is
+    older than ``HEALTH_STALE_S`` (the controller stopped answering), the
+    answer is not serving.
 
     Made on a running event loop (Ray Serve runs a replica's constructor on
     its event loop)."""
 
-    def __init__(self, deployments: list[str]):
+    def __init__(self, deployments: list[str], local: list | None = None):
         self.deployments = deployments
+        self.local = local or []
         self.serving = False
         self.read_at = float("-inf")
         self._reader = asyncio.get_running_loop().create_task(self._read_forever())
 
     def current(self) -> bool:
-        return self.serving and time.monotonic() - self.read_at < HEALTH_STALE_S
+        fresh = self.serving and time.monotonic() - self.read_at < HEALTH_STALE_S
+        return fresh and all(server.problem() is None for server in self.local)
 
     async def _read_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -174,18 +182,34 @@ class GatewayCore:
     services: tuple[str, ...] = ("patchwork.v1.Models",)
 
     def __init__(self, models: dict[str, DeploymentHandle], served: dict[str, ServedModel], default_model: str,
-                 limits: dict, auth: dict):
-        self.models = models
+                 limits: dict, auth: dict, local: dict[str, dict] | None = None):
+        self.local = {name: start_local_model(spec) for name, spec in (local or {}).items()}
+        self.models: dict[str, DeploymentHandle | LocalModel] = {**models, **self.local}
         self.served = served
         self.default_model = default_model
         self.limits = Limits(**limits)
         self.token = load_token(AuthConfig(**auth))
-        self.health = ModelHealth([model_deployment(name) for name in models])
+        self.health = ModelHealth([model_deployment(name) for name in models],
+                                  [model.server for model in self.local.values()])
         self.draining_until: float | None = None
 
-    def reconfigure(self, config: dict) -> None:
-        """Ray Serve's user_config: ``draining_until`` (a Unix time) starts a drain."""
+    async def reconfigure(self, config: dict) -> None:
+        """Ray Serve's user_config: ``draining_until`` (a Unix time) starts a
+        drain, here and in the models this replica runs itself."""
         self.draining_until = config.get("draining_until")
+        for model in self.local.values():
+            await model.server.reconfigure(config)
+
+    def check_health(self) -> None:
+        """Ray Serve's replica check: fails when a model this replica runs
+        itself cannot serve (Ray Serve then replaces the replica)."""
+        for model in self.local.values():
+            model.server.check_health()
+
+    def model_stats(self, name: str) -> dict:
+        """The engine stats of a model this replica runs itself (what a model
+        deployment's ``stats`` gives), for operators and tests."""
+        return self.local[name].server.stats()
 
     # -- for every service's handlers --------------------------------------
 
@@ -257,7 +281,7 @@ class GatewayCore:
                 models_pb2.ModelInfo(
                     name=name,
                     family=info.family,
-                    deployment=model_deployment(name),
+                    deployment=GATEWAY if name in self.local else model_deployment(name),
                     is_default=name == self.default_model,
                     config_json=json.dumps(info.config, sort_keys=True),
                     metrics=info.metrics,

@@ -68,9 +68,14 @@ class ModelServer:
 
     # -- Ray Serve hooks --------------------------------------------------
 
+    def problem(self) -> str | None:
+        """Why the engine cannot serve now (None when it can), from its
+        scheduler's heartbeat; never calls the model."""
+        return self.engine.stats().health
+
     def check_health(self) -> None:
         """Raises when the scheduler cannot serve (Ray Serve replaces the replica)."""
-        reason = self.engine.stats().health
+        reason = self.problem()
         if reason is not None:
             raise RuntimeError(reason)
 

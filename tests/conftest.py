@@ -170,6 +170,7 @@ ECHO_MODEL = "echo"
 CM3LEON_MODEL = "cm3leon"
 MOT_MODEL = "mot"
 MAVIL_MODEL = "mavil"
+IN_GATEWAY_MODEL = "local"
 
 
 @pytest.fixture(scope="session")
@@ -183,7 +184,8 @@ def serving_config(tiny_checkpoint, cm3leon_checkpoint, mot_checkpoint, mavil_ch
     ``tests/echo_family.py``; ``cm3leon``, CM3Leon's tiny preset; ``mot``,
     its mot-tiny preset (Mixture-of-Transformers, with sound); and
     ``mavil``, MAViL's tiny preset after stage 2 (8 clips a batch, 32
-    requests in flight)."""
+    requests in flight); ``local``, the tiny checkpoint once more, run by the
+    gateway's replica itself (no hop to a model deployment)."""
     import shutil
 
     from engines.scheduler import SchedulerConfig
@@ -191,7 +193,7 @@ def serving_config(tiny_checkpoint, cm3leon_checkpoint, mot_checkpoint, mavil_ch
 
     from tests.echo_family import write_checkpoint
 
-    for name in (WIDE_MODEL, BOUNDED_MODEL):
+    for name in (WIDE_MODEL, BOUNDED_MODEL, IN_GATEWAY_MODEL):
         shutil.copytree(tiny_checkpoint, tiny_checkpoint.parent / name, dirs_exist_ok=True)
     write_checkpoint(tiny_checkpoint.parent / ECHO_MODEL, shift=1)
     shutil.copytree(cm3leon_checkpoint[0], tiny_checkpoint.parent / CM3LEON_MODEL, dirs_exist_ok=True)
@@ -206,6 +208,7 @@ def serving_config(tiny_checkpoint, cm3leon_checkpoint, mot_checkpoint, mavil_ch
         metrics_port=free_port(),
         default_model="tiny",
         families={"echo": "tests.echo_family"},
+        gateway_models=[IN_GATEWAY_MODEL],
         limits=Limits(max_new_bytes=1900, default_new_bytes=16, max_prompt_bytes=1536, max_stop_sequences=4,
                       max_samples=4, max_image_side=256, max_clip_pixels=16 * 256 * 256),
         models=DeploymentOptions(max_ongoing_requests=4, max_queued_requests=4, ray_actor_options=half_cpu),
@@ -215,6 +218,7 @@ def serving_config(tiny_checkpoint, cm3leon_checkpoint, mot_checkpoint, mavil_ch
                          BOUNDED_MODEL: DeploymentOptions(max_ongoing_requests=32, max_queued_requests=-1,
                                                           ray_actor_options=half_cpu),
                          ECHO_MODEL: DeploymentOptions(ray_actor_options=ActorOptions(num_cpus=0.0)),
+                         IN_GATEWAY_MODEL: DeploymentOptions(ray_actor_options=ActorOptions(num_cpus=0.0)),
                          CM3LEON_MODEL: DeploymentOptions(ray_actor_options=ActorOptions(num_cpus=0.0)),
                          MOT_MODEL: DeploymentOptions(ray_actor_options=ActorOptions(num_cpus=0.0)),
                          MAVIL_MODEL: DeploymentOptions(max_ongoing_requests=32, max_queued_requests=32,
@@ -305,6 +309,13 @@ def wide_handle(grpc_target):
     from ray import serve
 
     return serve.get_deployment_handle(f"model-{WIDE_MODEL}", app_name="patchwork")
+
+
+@pytest.fixture(scope="session")
+def gateway_handle(grpc_target):
+    from ray import serve
+
+    return serve.get_deployment_handle("gateway", app_name="patchwork")
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tests.conftest import (
-    AUTH_TOKEN, BOUNDED_MODEL, CM3LEON_MODEL, ECHO_MODEL, MAVIL_MODEL, MOT_MODEL, REPO, WIDE_MODEL,
+    AUTH_TOKEN, BOUNDED_MODEL, CM3LEON_MODEL, ECHO_MODEL, IN_GATEWAY_MODEL, MAVIL_MODEL, MOT_MODEL, REPO, WIDE_MODEL,
 )
 from tests.helpers import scrape, wait_until
 
@@ -33,11 +33,13 @@ def test_committed_config_files_are_what_the_config_generates(setup):
     assert committed.read_text() == generated.stdout, f"{committed} is stale: regenerate it with `serving config`"
     schema = ServeDeploySchema.model_validate(yaml.safe_load(committed.read_text()))
     deployments = {d.name: d for d in schema.applications[0].deployments}
-    model = deployments["model-blt-default"]
+    assert set(deployments) == {"gateway"}  # one model (blt-default): the gateway runs it, with its resources
+    gateway = deployments["gateway"]
+    assert gateway.ray_actor_options.num_cpus == 1.0
     if setup == "gpu":
-        assert model.ray_actor_options.num_gpus == 1.0
+        assert gateway.ray_actor_options.num_gpus == 1.0
     if setup == "autoscale":
-        assert model.autoscaling_config["max_replicas"] == 4 and "num_replicas" not in model.model_fields_set
+        assert gateway.autoscaling_config["max_replicas"] == 4 and "num_replicas" not in gateway.model_fields_set
     assert schema.grpc_options.port == 9000 and len(schema.grpc_options.grpc_servicer_functions) == 5
 
 
@@ -90,8 +92,8 @@ def test_models_service_and_command(channel, grpc_target, tiny_checkpoint):
     from patchwork.v1 import models_pb2, models_pb2_grpc
 
     listed = models_pb2_grpc.ModelsStub(channel).ListModels(models_pb2.ListModelsRequest(), timeout=30).models
-    assert [m.name for m in listed] == sorted([BOUNDED_MODEL, CM3LEON_MODEL, ECHO_MODEL, MAVIL_MODEL, MOT_MODEL, "tiny",
-                                               WIDE_MODEL])
+    assert [m.name for m in listed] == sorted([BOUNDED_MODEL, CM3LEON_MODEL, ECHO_MODEL, IN_GATEWAY_MODEL, MAVIL_MODEL,
+                                               MOT_MODEL, "tiny", WIDE_MODEL])
     assert next(m for m in listed if m.name == ECHO_MODEL).family == "echo"
     assert next(m for m in listed if m.name == CM3LEON_MODEL).family == "cm3leon"
     mot = json.loads(next(m for m in listed if m.name == MOT_MODEL).config_json)

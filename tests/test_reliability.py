@@ -20,7 +20,7 @@ import pytest
 import engines
 from engines.api import SamplingParams
 from engines.api import EngineUnavailable
-from tests.conftest import AUTH_TOKEN, WIDE_MODEL, wait_serving
+from tests.conftest import AUTH_TOKEN, IN_GATEWAY_MODEL, WIDE_MODEL, wait_serving
 from tests.helpers import idle, metric, scrape, stats, wait_until
 
 
@@ -463,7 +463,8 @@ def test_a_drain_lets_requests_in_flight_finish_and_refuses_new_ones(stub, pb2, 
     wait_until(lambda: idle(model_handle) and idle(wide_handle))
     pids = (stats(model_handle)["pid"], stats(wide_handle)["pid"])
     calls = {i: stub.GenerateStream(pb2.GenerateRequest(prompt=b"drain %d" % i, max_new_bytes=150, model=name),
-                                    timeout=600) for i, name in enumerate(["tiny", WIDE_MODEL, WIDE_MODEL])}
+                                    timeout=600)
+             for i, name in enumerate(["tiny", WIDE_MODEL, WIDE_MODEL, IN_GATEWAY_MODEL])}
     outcomes, readers = read_in_background(calls)
     try:
         ops.drain(grace_s=300.0)  # far longer than the streams need, on any machine
@@ -474,7 +475,7 @@ def test_a_drain_lets_requests_in_flight_finish_and_refuses_new_ones(stub, pb2, 
         for reader in readers:
             reader.join(timeout=300)
         assert {code for code, _ in outcomes.values()} == {grpc.StatusCode.OK}
-        assert [len(text) for _, text in outcomes.values()] == [150] * 3
+        assert [len(text) for _, text in outcomes.values()] == [150] * 4
     finally:
         ops.resume()
     wait_serving(grpc_target, timeout_s=120)
@@ -489,6 +490,10 @@ def test_what_runs_past_the_drains_grace_period_ends_with_unavailable(stub, pb2,
     # 16 streams of 1900 bytes share a batch: they run far longer than the drain takes to start.
     calls = {i: stub.GenerateStream(pb2.GenerateRequest(prompt=b"past %d" % i, max_new_bytes=1900, model=WIDE_MODEL),
                                     timeout=600) for i in range(16)}
+    # ... and two on the model the gateway runs itself, which its replica drains too.
+    calls.update({16 + i: stub.GenerateStream(pb2.GenerateRequest(prompt=b"past %d" % i, max_new_bytes=1900,
+                                                                  model=IN_GATEWAY_MODEL), timeout=600)
+                  for i in range(2)})
     outcomes, readers = read_in_background(calls)
     try:
         ops.drain(grace_s=0.0)

@@ -1,0 +1,162 @@
+"""A model the gateway runs itself (``ServingConfig.gateway_models``): no hop
+to a model deployment, and the same answers, streaming, deadlines,
+cancellation, auth, metrics and health as through one."""
+
+import asyncio
+from types import SimpleNamespace
+
+import grpc
+import pytest
+
+import engines
+from serving.config import ActorOptions, DeploymentOptions, ServingConfig
+from serving.deploy import deploy_config
+from tests.conftest import IN_GATEWAY_MODEL
+from tests.helpers import scrape, wait_until
+
+
+@pytest.fixture(scope="module")
+def local_engine(tiny_checkpoint):
+    return engines.load(tiny_checkpoint)
+
+
+def local_stats(gateway_handle) -> dict:
+    return gateway_handle.model_stats.remote(IN_GATEWAY_MODEL).result(timeout_s=120)
+
+
+def local_idle(gateway_handle) -> bool:
+    current = local_stats(gateway_handle)
+    return current["running"] == 0 and current["waiting"] == 0
+
+
+def test_it_answers_as_the_engine_does_unary_and_streaming(stub, pb2, local_engine):
+    for params in ({"max_new_bytes": 30}, {"max_new_bytes": 30, "temperature": 0.9, "seed": 4}):
+        request = pb2.GenerateRequest(prompt="naïve ".encode(), model=IN_GATEWAY_MODEL, **params)
+        expected = local_engine.generate([request.prompt], **params)[0]
+        unary = stub.Generate(request, timeout=120)
+        chunks = list(stub.GenerateStream(request, timeout=120))
+        assert unary.text == expected.text == b"".join(c.text for c in chunks)
+        assert list(unary.patch_lengths) == expected.details.patch_lengths == list(chunks[-1].patch_lengths)
+        assert unary.model == chunks[-1].model == IN_GATEWAY_MODEL
+    score = stub.Score(pb2.ScoreRequest(text=b"def f():", model=IN_GATEWAY_MODEL), timeout=120)
+    assert score.bits_per_byte == pytest.approx(local_engine.score(b"def f():").bits_per_byte, rel=1e-5)
+
+
+def test_it_is_listed_as_run_by_the_gateway(channel):
+    from patchwork.v1 import models_pb2, models_pb2_grpc
+
+    listed = models_pb2_grpc.ModelsStub(channel).ListModels(models_pb2.ListModelsRequest(), timeout=30).models
+    model = next(m for m in listed if m.name == IN_GATEWAY_MODEL)
+    assert (model.family, model.deployment) == ("blt", "gateway")
+
+
+def test_concurrent_requests_of_different_lengths_are_batched_and_each_is_its_own(stub, pb2, local_engine,
+                                                                                   gateway_handle):
+    from concurrent.futures import ThreadPoolExecutor
+
+    lengths = [5, 60, 17, 90]
+    requests = [pb2.GenerateRequest(prompt=b"x" * (3 + 40 * i), max_new_bytes=n, model=IN_GATEWAY_MODEL,
+                                    temperature=0.7, seed=i) for i, n in enumerate(lengths)]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        responses = list(pool.map(lambda r: stub.Generate(r, timeout=300), requests))
+    for i, (request, response) in enumerate(zip(requests, responses)):
+        alone = local_engine.generate([request.prompt], max_new_bytes=lengths[i], temperature=0.7, seed=i)[0]
+        assert response.text == alone.text
+    wait_until(lambda: local_idle(gateway_handle), what="every request to leave")
+
+
+def test_a_cancelled_stream_frees_its_slot(stub, pb2, gateway_handle):
+    wait_until(lambda: local_idle(gateway_handle))
+    call = stub.GenerateStream(pb2.GenerateRequest(prompt=b"x", max_new_bytes=1500, model=IN_GATEWAY_MODEL),
+                               timeout=120)
+    next(call)
+    assert local_stats(gateway_handle)["running"] == 1
+    call.cancel()
+    wait_until(lambda: local_idle(gateway_handle), timeout_s=30, interval_s=0.05,
+               what="the cancelled stream's slot to be freed")
+
+
+def test_a_deadline_ends_the_work(stub, pb2, gateway_handle):
+    for method in ("Generate", "GenerateStream"):
+        with pytest.raises(grpc.RpcError) as error:
+            call = getattr(stub, method)(pb2.GenerateRequest(prompt=b"slow", max_new_bytes=1500,
+                                                             model=IN_GATEWAY_MODEL), timeout=0.4)
+            if method == "GenerateStream":
+                list(call)
+        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_until(lambda: local_idle(gateway_handle), what="the expired request to leave its batch slot")
+
+
+def test_it_needs_the_token(grpc_target, pb2):
+    from patchwork.v1 import bytelm_pb2_grpc
+
+    with grpc.insecure_channel(grpc_target) as bare:
+        with pytest.raises(grpc.RpcError) as error:
+            bytelm_pb2_grpc.ByteLMStub(bare).Generate(pb2.GenerateRequest(prompt=b"x", model=IN_GATEWAY_MODEL),
+                                                      timeout=30)
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_its_metrics_are_exported(stub, pb2, ray_cluster):
+    list(stub.GenerateStream(pb2.GenerateRequest(prompt=b"metrics", max_new_bytes=40, model=IN_GATEWAY_MODEL),
+                             timeout=120))
+
+    def exported() -> bool:
+        samples = scrape(ray_cluster)
+        return all(any(name == wanted and labels.get("model") == IN_GATEWAY_MODEL and value > 0
+                       for name, labels, value in samples)
+                   for wanted in ("ray_patchwork_time_to_first_byte_seconds_count",
+                                  "ray_patchwork_generated_bytes_total"))
+
+    wait_until(exported, timeout_s=90, interval_s=1, what="the local model's metrics to be exported")
+
+
+def test_health_reads_the_heartbeat_of_the_models_the_gateway_runs(monkeypatch):
+    from serving import gateway
+
+    monkeypatch.setattr(gateway, "HEALTH_REFRESH_S", 0.01)
+    deployment = SimpleNamespace(replica_states={"RUNNING": 1})
+    status = SimpleNamespace(applications={gateway.APP_NAME: SimpleNamespace(deployments={"m": deployment})})
+    monkeypatch.setattr(gateway.serve, "status", lambda: status)
+    server = SimpleNamespace(problem=lambda: None)
+
+    async def checks():
+        health = gateway.ModelHealth(["m"], [server])
+        wait = 0
+        while not health.current() and wait < 2000:
+            await asyncio.sleep(0.01)
+            wait += 1
+        assert health.current()
+        server.problem = lambda: "the scheduler stopped: RuntimeError: boom"
+        assert not health.current()  # at once: the heartbeat is read at each check
+        health._reader.cancel()
+
+    asyncio.run(checks())
+
+
+def test_which_models_the_gateway_runs_and_the_resources_it_takes(tiny_checkpoint):
+    half = DeploymentOptions(ray_actor_options=ActorOptions(num_cpus=0.5, num_gpus=0.25))
+    config = ServingConfig(checkpoints=tiny_checkpoint, models=half)
+    assert config.in_gateway(["a"]) == ["a"] and config.in_gateway(["a", "b"]) == []  # "auto"
+    assert config.gateway_for(["a"]).ray_actor_options == ActorOptions(num_cpus=0.5, num_gpus=0.25)
+    assert config.gateway_for(["a", "b"]).ray_actor_options == config.gateway.ray_actor_options
+    chosen = config.model_copy(update={"gateway_models": ["b"]})
+    assert chosen.in_gateway(["a", "b"]) == ["b"]
+    with pytest.raises(ValueError, match=r"gateway_models names \['b'\], which are not among the served models"):
+        chosen.in_gateway(["a"])
+    document = deploy_config(config, ["tiny"])
+    names = [entry["name"] for entry in document["applications"][0]["deployments"]]
+    assert names == ["gateway"]  # one model: the gateway runs it, no hop
+    assert document["applications"][0]["deployments"][0]["ray_actor_options"]["num_cpus"] == 0.5
+
+
+def test_up_refuses_a_gateway_model_that_is_not_served(tiny_checkpoint):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    refused = subprocess.run([sys.executable, "-m", "serving", "up", "--checkpoints", str(tiny_checkpoint),
+                              "--gateway-models", "nope"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2
+    assert "gateway_models names ['nope'], which are not among the served models" in refused.stderr
