@@ -153,13 +153,27 @@ def wait_gateway_port(timeout_s: float) -> int | None:
     return None
 
 
+# While nothing listens, gRPC waits longer and longer between attempts to
+# connect (up to two minutes); a channel that polls a server still starting
+# tries again every second instead.
+POLLING_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+                           ("grpc.max_reconnect_backoff_ms", 1000)]
+
+
+def polling_channel(target: str):
+    """An insecure channel to ``target`` for polling a server that may still be starting."""
+    import grpc
+
+    return grpc.insecure_channel(target, options=POLLING_CHANNEL_OPTIONS)
+
+
 def wait_healthy(port: int, timeout_s: float) -> bool:
     """Polls the standard health check on 127.0.0.1:``port`` until SERVING (True) or ``timeout_s`` passes (False)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with polling_channel(f"127.0.0.1:{port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             try:

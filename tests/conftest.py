@@ -261,8 +261,10 @@ def wait_serving(target: str, timeout_s: float) -> float:
 
     from tests.helpers import wait_until
 
+    from serving.ops import polling_channel
+
     start = time.monotonic()
-    with grpc.insecure_channel(target) as channel:
+    with polling_channel(target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
 
         def serving() -> bool:

@@ -345,15 +345,19 @@ def test_metrics_count_each_request_with_the_code_its_client_saw(stub, pb2, ray_
             call.cancel()
             return grpc.StatusCode.CANCELLED
         try:
+            # Long enough for the call to reach the server on a busy machine (one
+            # whose deadline passes before any server code runs is counted by
+            # nobody), far shorter than 1900 bytes among a dozen streams.
             list(stub.GenerateStream(pb2.GenerateRequest(prompt=prompt, max_new_bytes=1900, model=WIDE_MODEL),
-                                     timeout=1.0))
+                                     timeout=4.0))
+            return grpc.StatusCode.OK
         except grpc.RpcError as error:
             return error.code()
 
     with ThreadPoolExecutor(12) as pool:
         seen = list(pool.map(run, range(36)))
     expected = {code.name: seen.count(code) for code in set(seen)}
-    assert expected == {"OK": 12, "CANCELLED": 12, "DEADLINE_EXCEEDED": 12}
+    assert set(expected) == {"OK", "CANCELLED", "DEADLINE_EXCEEDED"} and expected["CANCELLED"] == 12
 
     counted = {}
 

@@ -69,13 +69,12 @@ class SlotTable:
         self.entropy = zeros(slots, dtype=torch.float32)  # H(x_n | x_<n) of the newest symbol x_n
         self.entropy_before = zeros(slots, dtype=torch.float32)  # H(x_{n-1} | x_<n-1)
         self.natural_start = zeros(slots)  # last position opened by the mode's own rule
-        self.opens_next = zeros(slots, dtype=torch.bool)  # the next symbol opens a patch
+        self.opens_next = torch.ones(slots, dtype=torch.bool, device=device)  # the next symbol opens a patch
         self.closed = zeros(slots)  # patches closed (global-model positions taken)
         self.open_length = zeros(slots)  # byte states of the open patch
         self.slot_ids = torch.arange(slots, device=device)
         self._open = ReservedTensor((slots, open_capacity, dim), device, dtype)
         self.open_states = self._open.tensor  # [slots, open_capacity, dim]
-        self.opens_next.fill_(True)
 
     def _columns(self) -> tuple[torch.Tensor, ...]:
         return (self.length, self.recent, self.entropy, self.entropy_before, self.natural_start, self.opens_next,
