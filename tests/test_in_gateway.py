@@ -50,7 +50,7 @@ def test_it_is_listed_as_run_by_the_gateway(channel):
     assert (model.family, model.deployment) == ("blt", "gateway")
 
 
-def test_concurrent_requests_of_different_lengths_are_batched_and_each_is_its_own(stub, pb2, local_engine,
+def test_concurrent_requests_of_different_lengths_each_get_what_they_get_alone(stub, pb2, local_engine,
                                                                                    gateway_handle):
     from concurrent.futures import ThreadPoolExecutor
 
