@@ -438,17 +438,16 @@ class Scheduler:
             self.prefill_sizes.append(sum(len(chunk) for _, chunk in reading))
         if decoding:
             self.batch_sizes.append(len(decoding))
-        choosing, rows = [], []
-        for (request, chunk), row in zip(reading, chunk_logits if reading else []):
+        ended = []  # prompts read to their end in this step: they choose their first symbol
+        for index, (request, chunk) in enumerate(reading):
             request.prefilled += len(chunk)
             if not request.reading_prompt:
-                choosing.append(request)
-                rows.append(row)
-        if decoding:
-            choosing += decoding
-            rows.append(decode_logits)
-        if choosing:
-            self._choose(choosing, torch.cat([row if row.dim() == 2 else row[None] for row in rows]))
+                ended.append(index)
+        choosing = [reading[i][0] for i in ended] + decoding
+        if not choosing:
+            return
+        parts = ([chunk_logits[ended]] if ended else []) + ([decode_logits] if decoding else [])
+        self._choose(choosing, parts[0] if len(parts) == 1 else torch.cat(parts))
 
     def _prompt_chunks(self, budget: int) -> list[tuple[Request, list[int]]]:
         """The prompt symbols to read in this step: short new prompts whole,

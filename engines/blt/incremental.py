@@ -208,6 +208,7 @@ class _Read:
     natural_start: torch.Tensor  # [B, T]
     opens: torch.Tensor  # bool [B, T]: does the symbol after each new one open a patch
     decisions: list[list[bool]]  # the same on the host, without padding
+    group: torch.Tensor  # [B, T] the patch each new symbol reads: 0 the one read before, k the k-th it closed
     closed: list[int]  # patches the new symbols close
     # Chunks: byte states of the open patch before the new symbols, then of the
     # new ones, and the patch starts over them. Decodes: each new byte's index
@@ -284,7 +285,7 @@ def _read_decodes(model: BltModel, caches: BltCaches, work: StepBatch) -> _Read:
         decode=True, rows=rows, symbols=symbols, positions=positions,
         last=torch.zeros(len(work.slots), dtype=torch.long, device=device), byte_states=byte_states,
         entropy=entropy, natural_start=natural_start, opens=opens, decisions=[[bool(c)] for c in closes],
-        closed=closes, open_index=index, open_index_host=index_host,
+        group=opens.long(), closed=closes, open_index=index, open_index_host=index_host,
     )
 
 
@@ -322,7 +323,7 @@ def _read_chunks(model: BltModel, caches: BltCaches, work: StepBatch) -> _Read:
     return _Read(
         decode=False, rows=rows, symbols=symbols, positions=positions, last=last, byte_states=byte_states,
         entropy=entropy, natural_start=natural_start, opens=opens, decisions=decisions,
-        closed=[sum(row) for row in decisions], segments=segments, flags=flags,
+        group=opens.long().cumsum(dim=1), closed=[sum(row) for row in decisions], segments=segments, flags=flags,
     )
 
 
@@ -408,7 +409,7 @@ def _decoder_logits(model: BltModel, caches: BltCaches, work: StepBatch, read: _
     device = read.positions.device
     batch = len(work.states)
     keys, values = table
-    group = read.opens.long().cumsum(dim=1)  # [B, T]: 0 = the patch read before these symbols
+    group = read.group
     rows = torch.arange(batch, device=device)[:, None]
     if read.decode:
         view = decoder.stack.decode_view(caches.decoder, work.slots, read.positions[:, 0])
@@ -444,7 +445,7 @@ def _commit(caches: BltCaches, work: StepBatch, read: _Read, table) -> None:
     keys, values = table
     batch = torch.arange(len(work.slots), device=read.last.device)
     last = read.last
-    group = read.opens.long().cumsum(dim=1)[batch, last]  # the patch read after each newest symbol
+    group = read.group[batch, last]  # the patch read after each newest symbol
     caches.read_keys[rows], caches.read_values[rows] = keys[batch, group], values[batch, group]
     newest_entropy = read.entropy[batch, last]
     before = torch.where(last > 0, read.entropy[batch, (last - 1).clamp(min=0)], slots.entropy[rows])
