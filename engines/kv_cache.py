@@ -117,13 +117,20 @@ class KVCache:
         self.positions[target] = self.positions[source]
         self.release(source)
 
-    def decode_view(self, slots: list[int], positions: torch.Tensor, window: int | None) -> "CacheView":
-        """One new token per sequence of ``slots``, at ``positions`` [B]."""
-        return CacheView(self, slots, positions[:, None], window, extend=False)
+    def decode_view(
+        self, slots: list[int], positions: torch.Tensor, window: int | None, ends: list[int] | None = None
+    ) -> "CacheView":
+        """One new token per sequence of ``slots``, at ``positions`` [B]. A
+        caller that knows them passes the positions on the host too
+        (``ends``), and a linear cache then reads nothing from the device."""
+        return CacheView(self, slots, positions[:, None], window, extend=False, ends=ends)
 
-    def extend_view(self, slots: list[int], positions: torch.Tensor, window: int | None) -> "CacheView":
-        """A chunk of new tokens per sequence at ``positions`` [B, T] (-1 marks padding)."""
-        return CacheView(self, slots, positions, window, extend=True)
+    def extend_view(
+        self, slots: list[int], positions: torch.Tensor, window: int | None, ends: list[int] | None = None
+    ) -> "CacheView":
+        """A chunk of new tokens per sequence at ``positions`` [B, T] (-1 marks
+        padding); ``ends``, when given, is each sequence's last new position."""
+        return CacheView(self, slots, positions, window, extend=True, ends=ends)
 
 
 class CacheView:
@@ -132,8 +139,10 @@ class CacheView:
     [B, 1, T, L] over what each new token may attend to (built once for all
     layers of the stack)."""
 
-    def __init__(self, cache: KVCache, slots: list[int], positions: torch.Tensor, window: int | None, extend: bool):
+    def __init__(self, cache: KVCache, slots: list[int], positions: torch.Tensor, window: int | None, extend: bool,
+                 ends: list[int] | None = None):
         self.cache, self.positions, self.extend = cache, positions, extend
+        self.host_ends = ends  # each sequence's last new position, when the caller knows it
         self.slots = slot_selector(slots, positions.device)
         self.slot_list = slots
         self.row_lengths: list[int] | None = None  # set when rows attend one by one
@@ -149,7 +158,7 @@ class CacheView:
         if cache.ring:
             self.length, self.index = cache.size, self.positions % cache.size
         else:
-            ends = self.positions[:, 0].tolist()  # one host sync per stack
+            ends = self.positions[:, 0].tolist() if self.host_ends is None else self.host_ends
             self.length, self.index = max(ends) + 1, self.positions
             _check_capacity(cache, self.length)
             if not isinstance(self.slots, slice):
@@ -183,7 +192,7 @@ class CacheView:
         else:
             # Positions never collide in a linear cache: write first, then attend in place.
             self.cached = None
-            row_ends = ends.tolist()
+            row_ends = ends.tolist() if self.host_ends is None else self.host_ends
             self.length = max(row_ends) + 1
             _check_capacity(cache, self.length)
             if not isinstance(self.slots, slice):

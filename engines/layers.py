@@ -227,13 +227,19 @@ class StackPositions(nn.Module):
         size = self.cfg.window if ring else capacity
         return KVCache(len(self.layers), slots, self.cfg.kv_heads, self.cfg.head_dim, size, ring, device, dtype)
 
-    def decode_view(self, cache: KVCache, slots: list[int], positions: torch.Tensor) -> CacheView:
-        """One new token per sequence of ``slots``, at ``positions`` [B]."""
-        return cache.decode_view(slots, positions, self.cfg.window)
+    def decode_view(
+        self, cache: KVCache, slots: list[int], positions: torch.Tensor, ends: list[int] | None = None
+    ) -> CacheView:
+        """One new token per sequence of ``slots``, at ``positions`` [B] (also
+        on the host as ``ends`` when the caller knows them)."""
+        return cache.decode_view(slots, positions, self.cfg.window, ends)
 
-    def extend_view(self, cache: KVCache, slots: list[int], positions: torch.Tensor) -> CacheView:
-        """A chunk of new tokens per sequence of ``slots`` at ``positions`` [B, T] (-1: padding)."""
-        return cache.extend_view(slots, positions, self.cfg.window)
+    def extend_view(
+        self, cache: KVCache, slots: list[int], positions: torch.Tensor, ends: list[int] | None = None
+    ) -> CacheView:
+        """A chunk of new tokens per sequence of ``slots`` at ``positions`` [B, T]
+        (-1: padding); ``ends``, when given, each one's last new position."""
+        return cache.extend_view(slots, positions, self.cfg.window, ends)
 
 
 class TransformerStack(StackPositions):

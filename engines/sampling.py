@@ -19,16 +19,17 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     return int(sample_on_device(logits, params, generator))
 
 
-def choose_rows(logits: torch.Tensor, decodings: list) -> list[int | Exception]:
+def choose_rows(logits: torch.Tensor, decodings: list) -> tuple[torch.Tensor, dict[int, Exception]]:
     """The next symbol of every row of ``logits`` [B, V], each row under its
-    own ``Decoding``'s parameters and generator, read to the host once: the
-    greedy rows take one argmax together, the sampling rows their own draws.
-    Each row's symbol is the one ``sample_next`` gives for it alone; a row
-    that cannot be sampled gets its error in its place, and the others are
-    chosen as if it were not there."""
+    own ``Decoding``'s parameters and generator, on the device (nothing is
+    read to the host): the greedy rows take one argmax together, the sampling
+    rows their own draws. Each row's symbol is the one ``sample_next`` gives
+    for it alone. A row that cannot be sampled gets its error in the returned
+    map (and symbol 0 in its place), and the others are chosen as if it were
+    not there."""
     greedy = [i for i, decoding in enumerate(decodings) if decoding.params.temperature == 0.0]
     if len(greedy) == len(decodings):
-        return torch.argmax(logits, dim=-1).tolist()
+        return torch.argmax(logits, dim=-1), {}
     chosen = torch.zeros(len(decodings), dtype=torch.long, device=logits.device)
     if greedy:
         rows = torch.tensor(greedy, device=logits.device)
@@ -40,7 +41,7 @@ def choose_rows(logits: torch.Tensor, decodings: list) -> list[int | Exception]:
                 chosen[i] = sample_on_device(logits[i], decoding.params, decoding.generator)
             except Exception as error:  # this row's own failure (e.g. NaN logits)
                 errors[i] = error
-    return [errors.get(i, symbol) for i, symbol in enumerate(chosen.tolist())]
+    return chosen, errors
 
 
 def sample_on_device(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:

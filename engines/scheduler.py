@@ -142,8 +142,19 @@ class StepModel(Protocol):
         """Next-symbol logits [B, V] with the symbols a generation may not
         emit at -inf (the scheduler then chooses every row in one call)."""
 
-    def accept(self, decoding: Decoding, symbol: int, state: Any) -> bytes:
-        """Records the symbol chosen for the sequence in ``state``; returns the released bytes."""
+    def run_ahead(self, caches: Any, slots: list[int], states: list[Any], symbols: torch.Tensor) -> torch.Tensor | None:
+        """Called with the symbols just chosen [B] (on the device, not yet
+        read) for the sequences in ``slots``: runs what the next step must
+        know before it starts and returns one integer per row [B] that the
+        scheduler reads to the host together with the symbols (its one read
+        per step) and hands to ``accept``; None when the family needs nothing
+        ahead. If it fails, the next step runs without it (``step`` then
+        does that work itself), so it must leave no state a step could not
+        start from."""
+
+    def accept(self, decoding: Decoding, symbol: int, state: Any, ahead: int | None) -> bytes:
+        """Records the symbol chosen for the sequence in ``state`` (and what
+        ``run_ahead`` gave for it); returns the released bytes."""
 
     def result(self, prompt: Any, decoding: Decoding, state: Any) -> Generation: ...
 
@@ -478,19 +489,27 @@ class Scheduler:
                 self._retire(request, failure)
 
     def _choose(self, requests: list[Request], logits: torch.Tensor) -> None:
-        """Chooses the next symbol of every request in one call (logits [B, V]);
+        """Chooses the next symbol of every request in one call (logits [B, V]),
+        runs them ahead for the next step and reads both to the host at once;
         a request whose row or record fails fails alone."""
+        errors: dict[int, Exception] = {}
         try:
-            symbols = choose_rows(self.model.mask_logits(logits), [r.decoding for r in requests])
+            chosen, errors = choose_rows(self.model.mask_logits(logits), [r.decoding for r in requests])
+            ahead = self._run_ahead(requests, chosen)
+            if ahead is None:
+                symbols, aheads = chosen.tolist(), [None] * len(requests)
+            else:
+                symbols, aheads = torch.stack([chosen, ahead.long()]).tolist()
         except Exception as error:
             logger.exception("choosing the next symbols failed; failing their %d requests", len(requests))
-            symbols = [error] * len(requests)
-        for request, symbol in zip(requests, symbols):
-            if isinstance(symbol, Exception):
-                self._retire(request, symbol)
+            symbols = aheads = [None] * len(requests)
+            errors = dict.fromkeys(range(len(requests)), error)
+        for index, (request, symbol, ahead) in enumerate(zip(requests, symbols, aheads)):
+            if index in errors:
+                self._retire(request, errors[index])
                 continue
             try:
-                delta = self.model.accept(request.decoding, symbol, request.state)
+                delta = self.model.accept(request.decoding, symbol, request.state, ahead)
             except Exception as error:
                 self._retire(request, error)
                 continue
@@ -499,6 +518,13 @@ class Scheduler:
                 self._deliver(request, delta)
             if request.decoding.finished:
                 self._finish(request)
+
+    def _run_ahead(self, requests: list[Request], chosen: torch.Tensor) -> torch.Tensor | None:
+        try:
+            return self.model.run_ahead(self.caches, [r.slot for r in requests], [r.state for r in requests], chosen)
+        except Exception:
+            logger.exception("running the chosen symbols ahead failed; the next step runs them itself")
+            return None
 
     def _finish(self, request: Request) -> None:
         try:

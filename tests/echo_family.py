@@ -101,7 +101,10 @@ class EchoEngine:
     def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits
 
-    def accept(self, decoding, symbol: int, state=None) -> bytes:
+    def run_ahead(self, caches, slots, states, symbols):
+        return None
+
+    def accept(self, decoding, symbol: int, state=None, ahead=None) -> bytes:
         return decoding.accept(bytes([symbol]))
 
     def result(self, prompt: bytes, decoding, state) -> Generation:

@@ -49,21 +49,28 @@ def test_extreme_temperatures_stay_finite():
     assert set(huge) == {0, 1, 2, 3, 4}  # as good as uniform over the allowed symbols
 
 
+def chosen(logits, decodings) -> list:
+    """``choose_rows`` read to the host: each row's symbol, or its error."""
+    symbols, errors = choose_rows(logits, decodings)
+    assert symbols.device == logits.device and symbols.shape == (len(decodings),)
+    return [errors.get(i, symbol) for i, symbol in enumerate(symbols.tolist())]
+
+
 def test_choosing_a_batch_at_once_gives_each_row_what_it_gets_alone():
     logits = torch.randn(6, 260, generator=torch.Generator().manual_seed(3))
     params = [SamplingParams(), SamplingParams(temperature=0.8, seed=1), SamplingParams(temperature=1.3, top_p=0.9, seed=2),
               SamplingParams(), SamplingParams(temperature=0.5, top_k=5, seed=1), SamplingParams(temperature=1.0, seed=9)]
     batched, alone = [Decoding(p, "cpu") for p in params], [Decoding(p, "cpu") for p in params]
     for _ in range(5):  # the generators advance as they would one row at a time
-        assert choose_rows(logits, batched) == [d.choose(row) for d, row in zip(alone, logits)]
+        assert chosen(logits, batched) == [d.choose(row) for d, row in zip(alone, logits)]
     greedy = [Decoding(SamplingParams(), "cpu") for _ in range(6)]
-    assert choose_rows(logits, greedy) == logits.argmax(dim=-1).tolist()
+    assert chosen(logits, greedy) == logits.argmax(dim=-1).tolist()
 
 
 def test_a_row_that_cannot_be_sampled_fails_alone():
     logits = torch.randn(3, 260, generator=torch.Generator().manual_seed(4))
     logits[1] = float("nan")
     params = [SamplingParams(temperature=1.0, seed=5), SamplingParams(temperature=1.0, seed=6), SamplingParams()]
-    chosen = choose_rows(logits, [Decoding(p, "cpu") for p in params])
-    assert isinstance(chosen[1], RuntimeError)
-    assert chosen[0] == Decoding(params[0], "cpu").choose(logits[0]) and chosen[2] == int(logits[2].argmax())
+    rows = chosen(logits, [Decoding(p, "cpu") for p in params])
+    assert isinstance(rows[1], RuntimeError)
+    assert rows[0] == Decoding(params[0], "cpu").choose(logits[0]) and rows[2] == int(logits[2].argmax())

@@ -43,10 +43,10 @@ def test_a_failing_choice_during_admission_fails_only_its_request_and_leaks_no_s
     accept = engine.accept
     failing = SamplingParams(max_new_bytes=9, seed=666)
 
-    def fails_for_one(decoding, symbol, state):
+    def fails_for_one(decoding, symbol, state, ahead):
         if decoding.params.seed == 666:
             raise RuntimeError("sampling failed")
-        return accept(decoding, symbol, state)
+        return accept(decoding, symbol, state, ahead)
 
     engine.accept = fails_for_one
     with admitted_together(engine):  # in the same step as the failing one

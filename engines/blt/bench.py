@@ -48,6 +48,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import engines
 from engines.api import Generation, SamplingParams
+from engines.blt.incremental import record_ahead
 from engines.scheduler import SchedulerConfig, StepBatch
 
 
@@ -132,10 +133,11 @@ def small_op_seconds(repeats: int = 20000) -> float:
 
 
 def step_floor(engine, prompt: bytes, steps: int) -> dict:
-    """Batch-1 greedy decode steps driven directly (no scheduler thread, its
-    thread count): seconds per step, the operators one step dispatches, and
-    their floor, operators x the cost of a tiny one (the time the step would
-    take if every operator cost only its dispatch)."""
+    """Batch-1 greedy decode steps driven directly as the scheduler drives
+    them (model step, choice on the device, run ahead, one read; no scheduler
+    thread, its thread count): seconds per step, the operators one step
+    dispatches, and their floor, operators x the cost of a tiny one (the time
+    the step would take if every operator cost only its dispatch)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(engine.scheduler.config.threads)
     try:
@@ -148,7 +150,11 @@ def step_floor(engine, prompt: bytes, steps: int) -> dict:
             def run(count: int) -> None:
                 nonlocal logits
                 for _ in range(count):
-                    _, logits = engine.step(caches, None, StepBatch([0], [state], [logits.argmax(dim=-1).tolist()]))
+                    chosen = logits.argmax(dim=-1)  # [1]
+                    ahead = engine.run_ahead(caches, [0], [state], chosen)
+                    (symbol,), (opens_after,) = torch.stack([chosen, ahead.long()]).tolist()
+                    record_ahead(state, symbol, bool(opens_after))
+                    _, logits = engine.step(caches, None, StepBatch([0], [state], [[symbol]]))
 
             run(8)
             start = time.perf_counter()

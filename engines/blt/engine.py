@@ -142,7 +142,14 @@ class BltEngine:
     def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.masked_fill(self._banned, float("-inf"))
 
-    def accept(self, decoding: Decoding, symbol: int, state=None) -> bytes:
+    def run_ahead(self, caches, slots: list[int], states: list[incremental.PatchState],
+                  symbols: torch.Tensor) -> torch.Tensor:
+        # Whether each chosen byte closes its patch, known before its own step.
+        return incremental.run_ahead(self.model, caches, slots, states, symbols)
+
+    def accept(self, decoding: Decoding, symbol: int, state=None, ahead: int | None = None) -> bytes:
+        if ahead is not None:
+            incremental.record_ahead(state, symbol, bool(ahead))
         if symbol == EOS_ID:
             decoding.end_of_sequence()
             return b""

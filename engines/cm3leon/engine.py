@@ -261,7 +261,10 @@ class Cm3LeonEngine:
     def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits  # the step's guidance has already put what a task may not emit at -inf
 
-    def accept(self, decoding: Decoding, symbol: int, state: Cm3State) -> bytes:
+    def run_ahead(self, caches: KVCache, slots: list[int], states: list[Cm3State], symbols: torch.Tensor) -> None:
+        return None  # a step needs nothing from the device before it starts
+
+    def accept(self, decoding: Decoding, symbol: int, state: Cm3State, ahead: int | None = None) -> bytes:
         return record(state, decoding, symbol, self.tokenizer, self.config.image_tokens)
 
     def result(self, prompt: Cm3Prompt, decoding: Decoding, state: Cm3State | None) -> Generation:
