@@ -12,6 +12,7 @@ matter of prefixes.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from torch import nn
 
 from engines.kv_cache import CacheView, KVCache
 from kernels import rms_norm
+from kernels.add_rmsnorm import add_rms_norm
 
 
 class TransformerConfig(BaseModel):
@@ -101,12 +103,18 @@ def fuse_linears(*linears: nn.Linear) -> torch.Tensor:
     matmul with no second copy of the weights. The parameters keep their names
     and shapes; writing to one (``load_state_dict``) writes the stacked matrix."""
     fused = torch.cat([linear.weight.detach() for linear in linears])
+    point_weights_into(fused, linears)
+    return fused
+
+
+def point_weights_into(matrix: torch.Tensor, linears: Sequence[nn.Linear]) -> None:
+    """Makes each of ``linears``' weights a view of its rows of ``matrix``
+    (their weights one above the other), keeping whether it requires grad."""
     offset = 0
     for linear in linears:
         rows = linear.weight.shape[0]
-        linear.weight = nn.Parameter(fused[offset : offset + rows], requires_grad=linear.weight.requires_grad)
+        linear.weight = nn.Parameter(matrix[offset : offset + rows], requires_grad=linear.weight.requires_grad)
         offset += rows
-    return fused
 
 
 def stacked_weight(fused: torch.Tensor | None, *linears: nn.Linear) -> torch.Tensor:
@@ -200,8 +208,10 @@ class TransformerBlock(nn.Module):
         self.mlp = FeedForward(cfg.dim, cfg.hidden_dim)
 
     def forward(self, x, rotations, mask, cache: CacheView | None = None, layer: int = 0):
-        x = x + self.self_attn(self.input_layernorm(x), rotations, mask, cache, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attended = self.self_attn(self.input_layernorm(x), rotations, mask, cache, layer)
+        norm = self.post_attention_layernorm  # x + attended, and its norm: one fused kernel on a GPU
+        normed, x = add_rms_norm(x, attended, norm.weight, norm.eps)
+        return x + self.mlp(normed)
 
 
 class StackPositions(nn.Module):

@@ -1,25 +1,26 @@
 """Hot-path kernels, each beside the plain PyTorch reference it must match.
 
-The dispatch functions here pick the Triton kernel for CUDA tensors when no
-gradient is needed (the kernels are forward-only) and the reference
-everywhere else, so the same model code runs on CPU and GPU replicas.
+One module per kernel: ``rmsnorm``, ``add_rmsnorm`` (with its backward),
+``entropy`` (BLT's entropy and patch boundary), ``hash_embedding`` (BLT's
+hash n-gram embedding), ``grouped_linear`` (MoT's modality-grouped linear),
+``guidance`` (CM3Leon's guidance combine). Each module's dispatch function
+runs the Triton kernel or the reference as ``kernels.dispatch`` decides (by
+default: Triton for CUDA tensors, the reference elsewhere), so the same
+model code runs on CPU and GPU replicas; ``kernels.bench`` measures them.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kernels import dispatch
 from kernels.rmsnorm import rms_norm_reference, rms_norm_triton
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda and not torch.is_grad_enabled()
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if _use_triton(x):
+    if dispatch.use_triton(x, weight):
         return rms_norm_triton(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 
 
-__all__ = ["rms_norm", "rms_norm_reference", "rms_norm_triton"]
+__all__ = ["dispatch", "rms_norm", "rms_norm_reference", "rms_norm_triton"]

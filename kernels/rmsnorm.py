@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from kernels.benchcase import BenchCase, sets_beyond_cache
+from kernels.dispatch import launched
+
+# (atol, rtol) of the kernel against the reference, by input dtype.
+TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
+
 try:
     import triton
     import triton.language as tl
@@ -46,8 +52,23 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    launched("rms_norm")
     _rms_norm_kernel[(rows.shape[0],)](
         rows, weight, out, rows.stride(0), weight.stride(0), out.stride(0), n_cols, eps,
         BLOCK=triton.next_power_of_2(n_cols),
     )
     return out.view(*x.shape[:-1], n_cols)
+
+
+def bench_case(scale: int, device, dtype: torch.dtype) -> BenchCase:
+    """``64 * scale`` rows of width 4096 (a large model's hidden size) per input set."""
+    rows, width = 64 * scale, 4096
+    sets = sets_beyond_cache(rows * width * dtype.itemsize, device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    inputs = [(torch.randn(rows, width, device=device, generator=generator).to(dtype),
+               torch.randn(width, device=device, generator=generator).to(dtype), 1e-5) for _ in range(sets)]
+    return BenchCase(
+        name=f"rms_norm[{rows}x{width}]", inputs=inputs, triton=rms_norm_triton, baseline=rms_norm_reference,
+        bytes_moved=2 * rows * width * dtype.itemsize + width * dtype.itemsize,
+        tolerance=TOLERANCE[dtype],
+    )

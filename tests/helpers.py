@@ -13,6 +13,7 @@ from typing import TypeVar
 from engines.api import Generation, SamplingParams
 from engines.blt.engine import BltEngine
 from engines.scheduler import SchedulerConfig
+from kernels import dispatch
 from tests.conftest import random_blt
 
 T = TypeVar("T")
@@ -34,6 +35,22 @@ def make_engine(patching: dict | None = None, window: int = 6, **scheduler) -> B
     model = random_blt(seed=4, window=window, patching=patching or PATCHINGS["entropy"])
     config = SchedulerConfig(**{"max_batch_size": 4, "max_sequence_bytes": 400, **scheduler})
     return BltEngine(model, model.cfg, name="random", scheduler=config)
+
+
+def generate_on_kernels(engine: BltEngine, prompt: bytes, params: SamplingParams,
+                        kernel: str) -> tuple[Generation, Generation, int]:
+    """The engine's result with every kernel's reference, then with Triton
+    forced (the interpreter, on CPU), and how often ``kernel`` launched in
+    the second run. Closes the engine."""
+    try:
+        with dispatch.forced("reference"):
+            expected = engine.generate_one(prompt, params)
+        before = dispatch.launches[kernel]
+        with dispatch.forced("triton"):
+            actual = engine.generate_one(prompt, params)
+    finally:
+        engine.close()
+    return expected, actual, dispatch.launches[kernel] - before
 
 
 def random_prompts(seed: int, count: int) -> list[bytes]:

@@ -11,11 +11,13 @@ def test_the_benchmark_runs_and_reports_every_measurement(tiny_checkpoint, tmp_p
     out = tmp_path / "bench.json"
     run = subprocess.run(
         [sys.executable, "-m", "engines.blt.bench", "--checkpoint", str(tiny_checkpoint), "--new-bytes", "24",
-         "--streams", "3", "--prompt-bytes", "16", "--long-prompt-bytes", "300", "--json", str(out)],
+         "--streams", "3", "--prompt-bytes", "16", "--long-prompt-bytes", "300", "--device", "cpu", "--dtype", "float32",
+         "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stderr
     result = json.loads(out.read_text())
+    assert result["machine"]["device"] == "cpu"
     assert result["reference"]["same_output_as_incremental"]
     assert result["incremental_streams"]["bytes"] == 3 * 24
     assert result["weights"]["held_bytes"] == result["weights"]["parameter_bytes"]

@@ -4,10 +4,9 @@ interpreter on CPU tensors (TRITON_INTERPRET=1, set in conftest)."""
 import pytest
 import torch
 
-import kernels
-from kernels import rmsnorm, rms_norm, rms_norm_reference, rms_norm_triton
+from kernels import dispatch, rmsnorm, rms_norm, rms_norm_reference, rms_norm_triton
+from kernels.rmsnorm import TOLERANCE
 
-TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
 
 
 @pytest.fixture
@@ -65,16 +64,46 @@ def test_rms_norm_kernel_reads_strided_inputs(dtype, launches):
 
 def test_dispatch_picks_the_kernel_only_for_gpu_inference(launches):
     x, weight = torch.randn(4, 16, requires_grad=True), torch.randn(16)
-    assert not kernels._use_triton(x)  # CPU: the reference, with autograd for training
+    assert not dispatch.use_triton(x)  # CPU: the reference, with autograd for training
     rms_norm(x, weight, 1e-6).sum().backward()
     assert x.grad is not None and launches == []
     if torch.cuda.is_available():
         on_gpu = x.detach().cuda()
         with torch.no_grad():
-            assert kernels._use_triton(on_gpu)
+            assert dispatch.use_triton(on_gpu)
             torch.testing.assert_close(rms_norm(on_gpu, weight.cuda(), 1e-6).cpu(),
                                        rms_norm_reference(x.detach(), weight, 1e-6))
-        assert not kernels._use_triton(on_gpu.requires_grad_())  # forward-only kernels: training uses the reference
+        assert not dispatch.use_triton(on_gpu.requires_grad_())  # forward-only kernels: training uses the reference
+
+
+def test_the_mode_switch_forces_either_path(launches):
+    x, weight = torch.randn(3, 40), torch.randn(40)
+    before = dispatch.launches["rms_norm"]
+    with dispatch.forced("triton"):  # CPU tensors, through the interpreter
+        torch.testing.assert_close(rms_norm(x, weight, 1e-6), rms_norm_reference(x, weight, 1e-6))
+    assert launches == [(3,)] and dispatch.launches["rms_norm"] == before + 1
+    assert dispatch.mode() is dispatch.KernelMode.AUTO  # restored after the block
+    with dispatch.forced("reference"):
+        assert not dispatch.use_triton(x)
+    with pytest.raises(ValueError):
+        dispatch.configure("fastest")
+
+
+def test_forcing_triton_never_drops_gradients(launches):
+    x, weight = torch.randn(3, 16, requires_grad=True), torch.randn(16, requires_grad=True)
+    with dispatch.forced("triton"):
+        rms_norm(x, weight, 1e-6).sum().backward()  # the forward-only kernel leaves it to the reference
+        with torch.no_grad():
+            rms_norm(x, weight, 1e-6)
+    assert x.grad is not None and weight.grad is not None and launches == [(3,)]
+
+
+def test_the_environment_names_the_mode(monkeypatch):
+    monkeypatch.setenv(dispatch.ENVIRONMENT_VARIABLE, "reference")
+    assert dispatch.settings_from_environment().mode is dispatch.KernelMode.REFERENCE
+    monkeypatch.setenv(dispatch.ENVIRONMENT_VARIABLE, "gpu")
+    with pytest.raises(ValueError, match="PATCHWORK_KERNELS='gpu': expected one of auto, triton, reference"):
+        dispatch.settings_from_environment()
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 128), (16, 1, 128), (3, 57, 256), (2, 700, 341)])

@@ -1,6 +1,6 @@
 """Benchmark of BLT generation: reference path, incremental engine, continuous batching.
 
-    python -m engines.blt.bench --checkpoint DIR [--new-bytes 1024] [--streams 16] [--json OUT]
+    python -m engines.blt.bench --checkpoint DIR [--new-bytes 1024] [--streams 16] [--device cuda] [--json OUT]
 
 Everything runs in one process on the same checkpoint, one after the other,
 so the ratios compare like with like on a shared machine:
@@ -52,6 +52,9 @@ from engines.blt.incremental import record_ahead
 from engines.scheduler import SchedulerConfig, StepBatch
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def prompts(count: int, size: int) -> list[bytes]:
     from pydoc_data.topics import topics
 
@@ -59,14 +62,22 @@ def prompts(count: int, size: int) -> list[bytes]:
     return [texts[i % len(texts)][:size] for i in range(count)]
 
 
-def memory_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
-    """Copy bandwidth in bytes/s (bytes read + written), best of ``repeats``."""
-    source = torch.ones(megabytes * 2**20 // 4)
+def synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work (so host clocks time it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_bandwidth(device: torch.device, megabytes: int = 256, repeats: int = 5) -> float:
+    """Copy bandwidth of ``device``'s memory in bytes/s (bytes read + written), best of ``repeats``."""
+    source = torch.ones(megabytes * 2**20 // 4, device=device)
     target = torch.empty_like(source)
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         target.copy_(source)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * source.numel() * 4 / best
 
@@ -120,15 +131,17 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def small_op_seconds(repeats: int = 20000) -> float:
+def small_op_seconds(device: torch.device, repeats: int = 20000) -> float:
     """What one tiny operator (an add of two [1, 128] tensors) costs here: the
-    price of dispatching an operator, whatever its work."""
-    x = torch.ones(1, 128)
+    price of dispatching (on a GPU, launching) an operator, whatever its work."""
+    x = torch.ones(1, 128, device=device)
     for _ in range(1000):
         torch.add(x, x)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         torch.add(x, x)
+    synchronize(device)
     return (time.perf_counter() - start) / repeats
 
 
@@ -162,7 +175,7 @@ def step_floor(engine, prompt: bytes, steps: int) -> dict:
             seconds = (time.perf_counter() - start) / steps
             with _OpCounter() as counter:
                 run(steps)
-            op = small_op_seconds()
+            op = small_op_seconds(engine.device)
     finally:
         torch.set_num_threads(threads)
     ops = counter.count / steps
@@ -246,7 +259,7 @@ def run(args: argparse.Namespace) -> dict:
     texts = prompts(args.streams, args.prompt_bytes)
     loaded_from = resident_bytes()
     # All prompts arriving together are prefilled in one step, as before chunking.
-    engine = engines.load(args.checkpoint, scheduler=SchedulerConfig(
+    engine = engines.load(args.checkpoint, device=args.device, dtype=DTYPES.get(args.dtype), scheduler=SchedulerConfig(
         max_batch_size=max(args.streams, 9),
         # Room for the streams of the interference measurement to outlast it
         # (cache memory is taken only as it is written).
@@ -331,7 +344,7 @@ def run(args: argparse.Namespace) -> dict:
     ring_cache = sum(c.max_bytes_per_slot for c in (caches.entropy, caches.encoder, caches.decoder))
     global_read = parameter_bytes(model.global_model) + caches.global_.bytes_per_position() * len(single.details.patch_lengths)
     bytes_per_generated_byte = local + ring_cache + per_byte * global_read
-    bandwidth = memory_bandwidth()
+    bandwidth = memory_bandwidth(engine.device)
     achieved = bytes_per_generated_byte * out["incremental_batch1"]["bytes_per_s"]
     out["bandwidth"] = {"achieved_bytes_per_s": achieved, "machine_copy_bytes_per_s": bandwidth,
                         "fraction": achieved / bandwidth, "bytes_read_per_generated_byte": bytes_per_generated_byte}
@@ -417,7 +430,7 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m engines.blt.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--new-bytes", type=int, default=1024)
@@ -428,8 +441,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-reference", action="store_true", help="leave out the slow reference path")
     parser.add_argument("--skip-transformers", action="store_true",
                         help="leave out transformers' generate on the same weights")
+    parser.add_argument("--device", default="cpu", help="where the engine runs (cpu, cuda)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="the engine's weights (default: the device's)")
     parser.add_argument("--json", type=Path, help="write the results here")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     result = run(args)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

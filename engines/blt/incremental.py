@@ -51,9 +51,10 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from engines.blt.model import BltModel
-from engines.blt.patching import entropies_from_logits, rule_starts, uses_entropies
+from engines.blt.patching import rule_starts, uses_entropies
 from engines.kv_cache import ReservedTensor, slot_selector
 from engines.scheduler import StepBatch
+from kernels.entropy import entropy_boundary
 
 
 class SlotTable:
@@ -319,10 +320,14 @@ def _decide(model: BltModel, caches: BltCaches, rows, symbols: torch.Tensor, pos
 
 
 def _entropies(model: BltModel, caches: BltCaches, symbols: torch.Tensor, view) -> torch.Tensor:
-    """H(x_{p+1} | x_<=p) after every new symbol p [B, T] (zeros when the mode needs none)."""
-    if not uses_entropies(model.cfg.patching):
+    """H(x_{p+1} | x_<=p) after every new symbol p [B, T] (zeros when the mode needs none), by the
+    entropy kernel on a GPU. The rule itself is ``_decide``'s: a chunk's monotonic decisions need
+    the entropies this call computes."""
+    patching = model.cfg.patching
+    if not uses_entropies(patching):
         return torch.zeros(symbols.shape, device=symbols.device)
-    return entropies_from_logits(model.entropy_model.step(symbols, view(model.entropy_model.stack, caches.entropy)))
+    logits = model.entropy_model.step(symbols, view(model.entropy_model.stack, caches.entropy))
+    return entropy_boundary(logits, patching.threshold)[0]
 
 
 def _read_decodes(model: BltModel, caches: BltCaches, work: StepBatch) -> _Read:

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from engines.blt.config import BltConfig
-from engines.blt.hashing import hash_table_ids, last_hash_table_ids, last_position_coefficients
 from engines.blt.patching import entropies_from_logits, patch_starts, uses_entropies
 from engines.kv_cache import CacheView
 from engines.layers import CausalLM, CrossAttention, RMSNorm, TransformerStack
+from kernels.hash_embedding import hash_embedding, last_hash_embedding
 
 
 def doubled_residual(h: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
@@ -39,7 +39,6 @@ class LocalEncoder(nn.Module):
         self.stack = TransformerStack(local)
         self.patch_embedding_projection = nn.Linear(local.dim, local.dim * cfg.cross_attn_k, bias=False)
         self.cross_attn = CrossAttention(local.dim, local.n_heads, local.norm_eps)
-        self._coefficients: torch.Tensor | None = None  # hash coefficients of one decode step
 
     @property
     def context(self) -> int:
@@ -50,8 +49,9 @@ class LocalEncoder(nn.Module):
         """Byte embedding plus the hash n-gram embeddings: [B, history + T] ->
         [B, T, dim]. The first ``history`` symbols only feed the n-grams of the
         others (the symbols before a chunk, zero-padded like the sequence start)."""
-        ids = hash_table_ids(tokens, self.hashing.ngram_sizes, self.hashing.n_functions, self.hashing.buckets)
-        return self.embed_tokens(tokens[:, history:]) + self.hash_embeddings(ids[:, history:]).sum(dim=2)
+        hashing = self.hashing
+        return hash_embedding(tokens, self.hash_embeddings.weight, hashing.ngram_sizes, hashing.n_functions,
+                              hashing.buckets, byte_weight=self.embed_tokens.weight, history=history)
 
     def _attend_own_bytes(self, pooled: torch.Tensor, byte_states: torch.Tensor, own_bytes: torch.Tensor) -> torch.Tensor:
         """pooled: [B, P, dim] max-pooled states; own_bytes: bool [B, P * k, T].
@@ -94,12 +94,9 @@ class LocalEncoder(nn.Module):
         """recent_tokens: [B, context], the last ``context`` symbols of each
         sequence (left-padded with 0 like the hash windows), the new one last.
         Returns the new byte's states [B, 1, dim]."""
-        if self._coefficients is None or self._coefficients.device != recent_tokens.device:
-            self._coefficients = last_position_coefficients(
-                self.hashing.ngram_sizes, self.hashing.n_functions, recent_tokens.device
-            )
-        ids = last_hash_table_ids(recent_tokens, self._coefficients, self.hashing.buckets)
-        embedded = self.embed_tokens(recent_tokens[:, -1:]) + self.hash_embeddings(ids).sum(dim=1)[:, None]
+        hashing = self.hashing
+        embedded = last_hash_embedding(recent_tokens, self.hash_embeddings.weight, hashing.ngram_sizes,
+                                       hashing.n_functions, hashing.buckets, byte_weight=self.embed_tokens.weight)
         return self.stack.step(embedded, cache)
 
 

@@ -4,16 +4,17 @@ shared by the batched engine and the plain reference path."""
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from pydantic import Field
 
 from engines.api import SamplingParams
-from engines.cm3leon.guidance import classifier_free, contrastive
 from engines.cm3leon.prompts import Task
 from engines.cm3leon.tokenizer import EOS, TextTokenizer
 from engines.generation import Decoding
+from kernels.guidance import guidance
 
 
 class Guidance(str, enum.Enum):
@@ -53,17 +54,24 @@ class Cm3State:
     generated: list[int] = field(default_factory=list)
 
 
+def batch_scores(cond: Sequence[torch.Tensor], uncond: Sequence[torch.Tensor | None], params: Sequence[Cm3Params],
+                 allowed: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Next-token scores [B, V] float32 of B sequences, each from its two
+    streams' logits [V] (``uncond`` None when unguided) under its own
+    guidance, with what its task may not write (``allowed`` [V] False) at
+    -inf: one ``kernels.guidance`` call (one kernel launch on a GPU)."""
+    paired = [c if u is None else u for c, u in zip(cond, uncond)]  # an unguided row's stand-in is never read
+    guided, _ = guidance(
+        torch.stack(list(cond)), torch.stack(paired) if any(u is not None for u in uncond) else None,
+        torch.stack(list(allowed)), [p.guidance.value for p in params], [p.guidance_scale for p in params],
+        [p.contrastive_alpha for p in params], [p.contrastive_k for p in params],
+    )
+    return guided
+
+
 def scores(cond: torch.Tensor, uncond: torch.Tensor | None, params: Cm3Params, allowed: torch.Tensor) -> torch.Tensor:
-    """Next-token scores [V] from the two streams' logits [V] (``uncond`` None
-    when unguided), with what the task may not write at -inf."""
-    cond = cond.float()
-    if params.guidance is Guidance.NONE:
-        return cond.masked_fill(~allowed, float("-inf"))
-    uncond = uncond.float()
-    if params.guidance is Guidance.CLASSIFIER_FREE:
-        return classifier_free(cond, uncond, params.guidance_scale).masked_fill(~allowed, float("-inf"))
-    return contrastive(cond.masked_fill(~allowed, float("-inf")), uncond.masked_fill(~allowed, float("-inf")),
-                       params.contrastive_alpha, params.contrastive_k)
+    """One sequence's next-token scores [V] (see ``batch_scores``)."""
+    return batch_scores([cond], [uncond], [params], [allowed])[0]
 
 
 def record(state: Cm3State, decoding: Decoding, symbol: int, tokenizer: TextTokenizer, image_tokens: int) -> bytes:

@@ -21,7 +21,7 @@ from engines.api import EngineStats, Generation, InvalidRequest, ModelInfo, Usag
 from engines.checkpoint import CheckpointError, Manifest, load_state
 from engines.cm3leon.audio import SAMPLE_RATE
 from engines.cm3leon.config import FORMAT_VERSION, Cm3LeonConfig
-from engines.cm3leon.decoding import Cm3Params, Cm3State, record, scores
+from engines.cm3leon.decoding import Cm3Params, Cm3State, batch_scores, record
 from engines.cm3leon.model import Cm3LeonModel
 from engines.cm3leon.prompts import (
     AUDIO_MARKERS, Cm3Prompt, Task, allowed_tokens, caption_prompt, image_prompt, infill_prompt,
@@ -211,12 +211,10 @@ class Cm3LeonEngine:
                 if state.params.guided and state.uncond_length == 0:
                     rows.append((2 * slot + 1, 0, list(state.uncond)))
             last = self._extend(lm, caches, rows)
-            chunk_scores = []
-            for slot, state, symbols in zip(chunks.slots, chunks.states, chunks.symbols):
-                uncond = last.get(2 * slot + 1, state.uncond_logits)
-                chunk_scores.append(self._scores(state, last[2 * slot], uncond))
+            unconds = [last.get(2 * slot + 1, state.uncond_logits) for slot, state in zip(chunks.slots, chunks.states)]
+            chunk_scores = self._scores(chunks.states, [last[2 * slot] for slot in chunks.slots], unconds)
+            for slot, state, symbols, uncond in zip(chunks.slots, chunks.states, chunks.symbols, unconds):
                 updates.append((state, len(symbols), len(state.uncond) if 2 * slot + 1 in last else 0, uncond))
-            chunk_scores = torch.stack(chunk_scores)
         if decodes:
             rows = []
             for slot, state, symbols in zip(decodes.slots, decodes.states, decodes.symbols):
@@ -224,8 +222,8 @@ class Cm3LeonEngine:
                 if state.params.guided:
                     rows.append((2 * slot + 1, state.uncond_length, symbols))
             last = self._decode(lm, caches, rows)
-            decode_scores = torch.stack([self._scores(state, last[2 * slot], last.get(2 * slot + 1))
-                                         for slot, state in zip(decodes.slots, decodes.states)])
+            decode_scores = self._scores(decodes.states, [last[2 * slot] for slot in decodes.slots],
+                                         [last.get(2 * slot + 1) for slot in decodes.slots])
             updates += [(state, 1, 1 if state.params.guided else 0, None) for state in decodes.states]
         for state, cond_read, uncond_read, uncond_logits in updates:
             state.cond_length += cond_read
@@ -255,8 +253,11 @@ class Cm3LeonEngine:
         logits = lm.step(tokens, view)[:, -1]  # [R, V]
         return {row: logits[i] for i, (row, _, _) in enumerate(rows)}
 
-    def _scores(self, state: Cm3State, cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
-        return scores(cond, uncond, state.params, self.allowed[state.task])
+    def _scores(self, states: list[Cm3State], cond: list[torch.Tensor],
+                uncond: list[torch.Tensor | None]) -> torch.Tensor:
+        """The step's sequences' scores [B, V] from their logits [V] (one guidance call for them all)."""
+        return batch_scores(cond, uncond, [state.params for state in states],
+                            [self.allowed[state.task] for state in states])
 
     def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits  # the step's guidance has already put what a task may not emit at -inf
@@ -289,6 +290,7 @@ def build_engine(
     model = Cm3LeonModel(config)
     load_state(model, weights, name)
     model.to(device=device, dtype=dtype).eval()
+    model.fuse()
     return Cm3LeonEngine(model, tokenizer, device, name, manifest, scheduler)
 
 

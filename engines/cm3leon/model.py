@@ -13,7 +13,7 @@ from engines.cm3leon.audio import AudioTokenizer
 from engines.cm3leon.config import Cm3LeonConfig
 from engines.cm3leon.retrieval import DualEncoder, MemoryBank
 from engines.cm3leon.vqvae import VqVae
-from engines.layers import CausalLM
+from engines.layers import CausalLM, fuse_projections
 from engines.mot.model import MotLM
 from engines.mot.routing import ModalityRouter
 
@@ -31,6 +31,14 @@ class Cm3LeonModel(nn.Module):
         self.audio = AudioTokenizer(config.audio) if config.audio else None
         self.retriever = DualEncoder(config.retrieval, config.text_vocab, config.vq.codes, config.image_tokens)
         self.bank = MemoryBank(config.retrieval)
+
+    def fuse(self) -> None:
+        """Inference, once on its device and in its dtype: the backbone's
+        projections fused (a MoT's stacked by modality, one grouped linear each)."""
+        if isinstance(self.lm, MotLM):
+            self.lm.fuse()
+        else:
+            fuse_projections(self.lm)
 
     def image_ids(self, codes: torch.Tensor) -> torch.Tensor:
         """The image tokenizer's code ids (b, image_tokens) -> image tokens of the joint vocabulary."""

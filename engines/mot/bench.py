@@ -6,13 +6,14 @@ Mixture-of-Transformers language model against the dense one of the same shape.
 Both models have the shape of CM3Leon's default transformer (``--preset``)
 over a joint vocabulary of text, image and audio ids, random weights (the
 cost does not depend on them) and the engine's inference settings (fused
-projections, no gradients). A decode step is ``--batch`` rows, each one new
-token at ``--context`` positions of cache; the rows are (a) one modality for
-the whole batch and (b) the three modalities mixed, as the scheduler steps
-sequences writing captions, image codes and sounds together. A prefill is
-the same rows reading ``--context`` tokens of interleaved modalities. Every
-configuration runs in turn within each round (so machine noise falls on all
-alike); the median over the rounds is reported, with MoT / dense ratios.
+projections, the MoT's stacked by modality; no gradients). A decode step is
+``--batch`` rows, each one new token at ``--context`` positions of cache;
+the rows are (a) one modality for the whole batch and (b) the three
+modalities mixed, as the scheduler steps sequences writing captions, image
+codes and sounds together. A prefill is the same rows reading ``--context``
+tokens of interleaved modalities. Every configuration runs in turn within
+each round (so machine noise falls on all alike); the median over the
+rounds is reported, with MoT / dense ratios.
 """
 
 from __future__ import annotations
@@ -42,9 +43,8 @@ def _models(cfg: TransformerConfig) -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
     vocab, boundaries = TEXT + IMAGE + AUDIO, [TEXT, TEXT + IMAGE]
     models = {"dense": CausalLM(cfg, vocab), "mot-all": MotLM(cfg, vocab, boundaries, Untied.ALL)}
-    for model in models.values():
-        model.eval()
-        fuse_projections(model)
+    fuse_projections(models["dense"].eval())
+    models["mot-all"].eval().fuse()
     return models
 
 

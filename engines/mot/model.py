@@ -10,6 +10,8 @@ modality holding the same weights, it computes what the dense
 
 The residual stream stays sorted by modality through the stack
 (``engines.mot.routing``); the sequence order returns only for attention.
+Each projection runs every modality's tokens through their own weights in
+one grouped linear (one Triton launch on a GPU).
 FLOPs per token equal the dense model's; the untied parameters are
 ``modalities`` times the dense ones.
 """
@@ -19,10 +21,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engines.kv_cache import CacheView
-from engines.layers import FeedForward, RMSNorm, SelfAttention, StackPositions, TransformerConfig
+from engines.layers import FeedForward, RMSNorm, SelfAttention, StackPositions, TransformerConfig, point_weights_into
 from engines.mot.config import Untied
 from engines.mot.routing import ModalityGroups, ModalityRouter
 
@@ -31,9 +34,20 @@ def _copies(count: int, make) -> nn.ModuleList:
     return nn.ModuleList(make() for _ in range(count))
 
 
-def _of(modules: nn.ModuleList, modality: int) -> nn.Module:
-    """A modality's module, or the one every modality shares."""
-    return modules[modality if len(modules) > 1 else 0]
+def _side_by_side(linears: Sequence[nn.Linear]) -> torch.Tensor:
+    """One matrix of ``linears`` that read the same input (a concatenation
+    autograd sees through)."""
+    return linears[0].weight if len(linears) == 1 else torch.cat([linear.weight for linear in linears])
+
+
+def _stack(by_modality: Sequence[Sequence[nn.Linear]]) -> torch.Tensor:
+    """[modalities, out, in]: each modality's ``linears`` side by side, and
+    each linear's weight made a view into it (one copy of the weights; the
+    parameters keep their names and shapes, as ``fuse_linears`` leaves them)."""
+    stacked = torch.stack([torch.cat([linear.weight.detach() for linear in linears]) for linears in by_modality])
+    for matrix, linears in zip(stacked, by_modality):
+        point_weights_into(matrix, linears)
+    return stacked
 
 
 class MotBlock(nn.Module):
@@ -44,21 +58,35 @@ class MotBlock(nn.Module):
         self.self_attn = _copies(modalities if untied.attention else 1, lambda: SelfAttention(cfg))
         self.post_attention_layernorm = _copies(norms, lambda: RMSNorm(cfg.dim, cfg.norm_eps))
         self.mlp = _copies(modalities, lambda: FeedForward(cfg.dim, cfg.hidden_dim))
+        self.stacked: dict[str, torch.Tensor] = {}  # projection -> [modalities or 1, out, in], once fused
 
-    def _qkv(self, modality: int):
-        return lambda x: _of(self.self_attn, modality).qkv(_of(self.input_layernorm, modality)(x))
+    def _linears(self) -> dict[str, list[list[nn.Linear]]]:
+        """Each projection's linears by modality (one entry when tied)."""
+        return {"qkv": [[a.q_proj, a.k_proj, a.v_proj] for a in self.self_attn],
+                "o": [[a.o_proj] for a in self.self_attn],
+                "gate_up": [[f.gate_proj, f.up_proj] for f in self.mlp],
+                "down": [[f.down_proj] for f in self.mlp]}
 
-    def _ffn(self, modality: int):
-        return lambda x: self.mlp[modality](_of(self.post_attention_layernorm, modality)(x))
+    def fuse(self) -> None:
+        """Inference: each projection's weights stacked once by modality, so
+        that it runs as one grouped linear with no stacking per call."""
+        self.stacked = {name: _stack(by_modality) for name, by_modality in self._linears().items()}
+
+    def _weights(self, name: str) -> torch.Tensor | list[torch.Tensor]:
+        """A projection's weights by modality: stacked once fused, else each modality's matrix."""
+        if name in self.stacked:
+            return self.stacked[name]
+        return [_side_by_side(linears) for linears in self._linears()[name]]
 
     def forward(self, x: torch.Tensor, groups: ModalityGroups, rotations, mask, cache: CacheView | None,
                 layer: int) -> torch.Tensor:
         """x: [N, dim], the batch's tokens sorted by modality -> [N, dim]."""
-        attention_weights = max(len(self.input_layernorm), len(self.self_attn))
-        qkv = groups.apply(x, [self._qkv(i) for i in range(attention_weights)])
+        qkv = groups.linear(groups.apply(x, list(self.input_layernorm)), self._weights("qkv"))
         heads = self.self_attn[0].attend(groups.scatter(qkv), rotations, mask, cache, layer)  # [B, T, H * hd]
-        x = x + groups.apply(groups.gather(heads), [attention.o_proj for attention in self.self_attn])
-        return x + groups.apply(x, [self._ffn(i) for i in range(len(self.mlp))])
+        x = x + groups.linear(groups.gather(heads), self._weights("o"))
+        normed = groups.apply(x, list(self.post_attention_layernorm))
+        gate, up = groups.linear(normed, self._weights("gate_up")).chunk(2, dim=-1)  # [N, hidden] each
+        return x + groups.linear(F.silu(gate) * up, self._weights("down"))
 
 
 class MotStack(StackPositions):
@@ -96,6 +124,13 @@ class MotLM(nn.Module):
         self.stack = MotStack(cfg, modalities, untied)
         self.norm = _copies(modalities if untied.norms else 1, lambda: RMSNorm(cfg.dim, cfg.norm_eps))
         self.lm_head = nn.Linear(cfg.dim, vocab_size, bias=False)
+
+    def fuse(self) -> None:
+        """Inference, once the model is on its device and in its dtype (and
+        instead of ``fuse_projections``): every block's projections stacked
+        by modality, each a view of the checkpoint's own parameters."""
+        for layer in self.stack.layers:
+            layer.fuse()
 
     def _logits(self, h: torch.Tensor, groups: ModalityGroups) -> torch.Tensor:
         # h [N, dim] sorted -> logits [B, T, V] in sequence order

@@ -11,15 +11,21 @@ group's size. A Mixture-of-Transformers stack keeps its residual stream in
 that sorted order, so each modality's weights read one contiguous slice; each
 layer scatters its queries, keys and values back to sequence order for the
 global attention and gathers the attention's output again: one scatter and
-one gather per layer.
+one gather per layer. A projection whose weights are untied runs every
+modality's slice through its own weight in one grouped linear
+(``kernels.grouped_linear``: one Triton launch on a GPU).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from itertools import accumulate
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from kernels.grouped_linear import Weights, grouped_linear
 
 
 class ModalityRouter(nn.Module):
@@ -51,6 +57,8 @@ class ModalityGroups:
         self.order = torch.argsort(flat, stable=True)  # [N]: sorted place -> flat index
         # One host sync per forward pass (not per layer): the groups' sizes.
         self.sizes: list[int] = torch.bincount(flat, minlength=modalities).tolist()
+        # Group g owns sorted rows offsets[g]:offsets[g + 1]; on the host, read without a sync.
+        self.offsets = torch.tensor([0, *accumulate(self.sizes)])
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, D] in sequence order -> [N, D] sorted by modality."""
@@ -67,3 +75,12 @@ class ModalityGroups:
             return functions[0](x)
         parts = [function(part) for function, part in zip(functions, x.split(self.sizes)) if part.shape[0]]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def linear(self, x: torch.Tensor, weights: Weights) -> torch.Tensor:
+        """Each modality's slice of ``x`` [N, in] (sorted) times its own weight
+        (``weights``: [modalities, out, in] stacked, or one [out, in] matrix
+        per modality) in one grouped linear; one weight is shared by every
+        modality (tied weights) -> [N, out]."""
+        if len(weights) == 1:
+            return F.linear(x, weights[0])
+        return grouped_linear(x, weights, self.offsets)
