@@ -159,8 +159,9 @@ def add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(x + residual), x + residual): Triton or the reference, as
     ``kernels.dispatch`` decides (the kernel has a backward, so training on
-    a GPU runs it too)."""
-    if dispatch.use_triton(x, differentiable=True):
+    a GPU runs it too). Inputs of different dtypes (the reference promotes
+    them) take the reference."""
+    if x.dtype == residual.dtype and dispatch.use_triton(x, residual, weight, differentiable=True):
         return add_rms_norm_triton(x, residual, weight, eps)
     return add_rms_norm_reference(x, residual, weight, eps)
 

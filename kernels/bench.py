@@ -5,9 +5,9 @@
 
 For every kernel (``KERNELS``; each module's ``bench_case`` builds its
 inputs): the Triton result is checked against the baseline's on the device,
-then each is timed, the median of ``--repeats`` calls (CUDA events on a
-GPU, the host clock elsewhere) cycling through input sets that together
-exceed twice the L2 cache. Reported: the times, the kernel's speed-up over
+then each is timed: the median of ``--repeats`` rounds (CUDA events on a
+GPU, the host clock elsewhere), a round being one call on each input set
+back to back, the sets together exceeding twice the L2 cache. Reported: the times, the kernel's speed-up over
 eager, its achieved GB/s (the least bytes a call must move / time) against
 the device's copy bandwidth measured here (a large device-to-device copy),
 and for the compute-bound grouped linear its TFLOP/s against a dense matmul
@@ -74,11 +74,18 @@ def timer(device) -> Callable[[Callable[[], Any]], float]:
 
 
 def median_seconds(function: Callable[..., Any], inputs: list[tuple], repeats: int, device) -> float:
-    """The median time of ``repeats`` calls, each on the next input set."""
+    """Seconds per call: the median over ``repeats`` rounds, each timing one
+    call on every input set back to back (so a short kernel's time is not
+    its launch and the clock's overhead), divided by the number of sets."""
     seconds = timer(device)
     for arguments in inputs[:2]:  # compilation and caches
         function(*arguments)
-    return statistics.median(seconds(lambda a=inputs[i % len(inputs)]: function(*a)) for i in range(repeats))
+
+    def round_of_calls() -> None:
+        for arguments in inputs:
+            function(*arguments)
+
+    return statistics.median(seconds(round_of_calls) for _ in range(repeats)) / len(inputs)
 
 
 def peaks(device, dtype) -> dict:

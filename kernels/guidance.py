@@ -9,7 +9,8 @@ classifier-free or CD-K (``engines.cm3leon.guidance``), with what the row
 may not write at -inf. Given a temperature, it also gets the probabilities
 the sampler draws from before its top-k and top-p: ``softmax((scores - max)
 / temperature)`` in float32, which top-p can sort (a row with a NaN score or
-no finite one is all NaN, as in the sampler).
+no finite one is all NaN, as in the sampler). The engine does not ask for
+them yet: the shared sampler (``engines.sampling``) computes its own.
 
 Every setting (mode, scale, alpha, k, temperature) is one value for all the
 rows or a sequence of one per row, so a batch of requests with different
@@ -291,7 +292,7 @@ def guidance(cond: torch.Tensor, uncond: torch.Tensor | None, allowed: torch.Ten
              scale: PerRow[float], alpha: PerRow[float], k: PerRow[int],
              temperature: PerRow[float] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``guidance_reference`` or the kernel, as ``dispatch`` decides for the logits."""
-    if dispatch.use_triton(cond):
+    if dispatch.use_triton(cond, *([] if uncond is None else [uncond])):
         return guidance_triton(cond, uncond, allowed, mode, scale, alpha, k, temperature)
     return guidance_reference(cond, uncond, allowed, mode, scale, alpha, k, temperature)
 

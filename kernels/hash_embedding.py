@@ -75,7 +75,8 @@ if triton is not None:
                                dim, buckets, N_TABLES: tl.constexpr, CONTEXT: tl.constexpr,
                                HAS_BYTES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
                                BLOCK_D: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # flattened (sequence, output position)
+        # Flattened (sequence, output position), in int64: offsets of large outputs pass 2**31.
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         in_rows, in_cols = rows < n_rows, cols < dim
         sequence = rows // n_out
@@ -129,13 +130,17 @@ def hash_embedding_triton(tokens: torch.Tensor, weight: torch.Tensor, ngram_size
     return out
 
 
+def _tables(byte_weight: torch.Tensor | None) -> list[torch.Tensor]:
+    return [] if byte_weight is None else [byte_weight]
+
+
 def hash_embedding(tokens: torch.Tensor, weight: torch.Tensor, ngram_sizes: list[int], n_functions: int,
                    buckets: int, byte_weight: torch.Tensor | None = None, history: int = 0) -> torch.Tensor:
     """``hash_embedding_reference`` or the kernel, as ``dispatch`` decides for
     the hash tables: the gather runs where they live (tokens are small int64
     that follow them), and a call that records gradients for them stays with
     the reference in ``auto``."""
-    if dispatch.use_triton(weight):
+    if dispatch.use_triton(weight, *_tables(byte_weight)):
         return hash_embedding_triton(tokens, weight, ngram_sizes, n_functions, buckets, byte_weight, history)
     return hash_embedding_reference(tokens, weight, ngram_sizes, n_functions, buckets, byte_weight, history)
 
@@ -144,7 +149,7 @@ def last_hash_embedding(recent: torch.Tensor, weight: torch.Tensor, ngram_sizes:
                         buckets: int, byte_weight: torch.Tensor | None = None) -> torch.Tensor:
     """The decode step (``last_hash_embedding_reference``); the kernel runs it
     as the sequence path's last position."""
-    if dispatch.use_triton(weight):
+    if dispatch.use_triton(weight, *_tables(byte_weight)):
         return hash_embedding_triton(recent, weight, ngram_sizes, n_functions, buckets, byte_weight,
                                      history=recent.shape[1] - 1)
     return last_hash_embedding_reference(recent, weight, ngram_sizes, n_functions, buckets, byte_weight)
