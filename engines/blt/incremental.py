@@ -234,6 +234,7 @@ class _Read:
     flags: list[list[bool]] | None = None
     open_index: torch.Tensor | None = None
     open_index_host: list[int] | None = None
+    position_host: list[int] | None = None  # decodes: each new byte's position
 
 
 @torch.inference_mode()
@@ -343,10 +344,11 @@ def _read_decodes(model: BltModel, caches: BltCaches, work: StepBatch) -> _Read:
     entropy = table.ahead_entropy[rows][:, None]
     natural_start = table.ahead_natural_start[rows][:, None]
     opens = table.ahead_opens[rows][:, None]
-    ends = [state.length for state in work.states]
+    position_host = [state.length for state in work.states]
     encoder = model.local_encoder
     window = torch.cat([table.recent[rows][:, 1:], symbols], dim=1)  # [B, context]: the newest n-grams
-    byte_states = encoder.decode(window, encoder.stack.decode_view(caches.encoder, work.slots, positions[:, 0], ends))
+    byte_states = encoder.decode(window, encoder.stack.decode_view(caches.encoder, work.slots, positions[:, 0],
+                                                                     position_host))
     # The new byte joins its open patch, or opens one.
     index = torch.where(table.opens_next[rows], 0, table.open_length[rows])  # [B]
     table.open_states[table.slot_ids[rows], index] = byte_states[:, 0]
@@ -357,6 +359,7 @@ def _read_decodes(model: BltModel, caches: BltCaches, work: StepBatch) -> _Read:
         last=torch.zeros(len(work.slots), dtype=torch.long, device=device), byte_states=byte_states,
         entropy=entropy, natural_start=natural_start, opens=opens, decisions=[[bool(c)] for c in closes],
         group=opens.long(), closed=closes, open_index=index, open_index_host=index_host,
+        position_host=position_host,
     )
 
 
@@ -485,8 +488,7 @@ def _decoder_logits(model: BltModel, caches: BltCaches, work: StepBatch, read: _
     group = read.group
     rows = torch.arange(batch, device=device)[:, None]
     if read.decode:
-        ends = [state.length for state in work.states]
-        view = decoder.stack.decode_view(caches.decoder, work.slots, read.positions[:, 0], ends)
+        view = decoder.stack.decode_view(caches.decoder, work.slots, read.positions[:, 0], read.position_host)
         hidden = decoder.step(read.byte_states, keys[rows, group], values[rows, group], view)
         return decoder.logits(hidden[:, 0]).float()
     # Prompt chunks: only the positions from decoder_start on.
