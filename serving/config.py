@@ -170,9 +170,11 @@ class ServingConfig(BaseModel):
     # address is loopback then); any other value lets Ray listen on every interface.
     metrics_port: int = Field(default=8088, ge=1, le=65535)
     metrics_host: Literal["127.0.0.1", "0.0.0.0"] = "127.0.0.1"
-    # How long `serving down` lets requests in flight finish. New requests are
-    # refused (UNAVAILABLE) from the start; what is still running at the end
-    # ends with UNAVAILABLE, so clients can retry elsewhere.
+    # How long requests in flight may finish when replicas stop: for `serving
+    # down` (new requests are refused with UNAVAILABLE from the start; what is
+    # still running at the end ends with UNAVAILABLE, so clients can retry
+    # elsewhere), and for a replica that scaling down removes (Ray Serve's
+    # graceful_shutdown_timeout_s is this plus a margin).
     drain_grace_s: float = Field(default=30.0, ge=0)
     # Server-side limit on one request, end to end (None: only client deadlines).
     request_timeout_s: float | None = Field(default=None, gt=0)

@@ -207,6 +207,9 @@ def serving_config(tiny_checkpoint, cm3leon_checkpoint, mot_checkpoint, mavil_ch
         http_port=free_port(),
         metrics_port=free_port(),
         default_model="tiny",
+        # Scaling down lets the stopped replica's streams finish for this long: a bound
+        # for a busy machine, as long as the scaling test's deadline for a stream.
+        drain_grace_s=600.0,
         families={"echo": "tests.echo_family"},
         gateway_models=[IN_GATEWAY_MODEL],
         limits=Limits(max_new_bytes=1900, default_new_bytes=16, max_prompt_bytes=1536, max_stop_sequences=4,

@@ -114,7 +114,8 @@ def test_models_service_and_command(channel, grpc_target, tiny_checkpoint):
 # -- status and scaling -------------------------------------------------------
 
 
-def test_status_and_scaling_without_dropping_requests(stub, pb2, grpc_target):
+@pytest.mark.timeout(1800)  # bounds for a busy machine: a new replica waits for CPUs, a stopped one drains
+def test_status_and_scaling_without_dropping_requests(stub, pb2, grpc_target, serving_config):
     report = serving_cli("status", "--json", timeout=120)
     assert report.returncode == 0, report.stderr
     deployments = yaml.safe_load(report.stdout)["patchwork"]["deployments"]
@@ -132,7 +133,9 @@ def test_status_and_scaling_without_dropping_requests(stub, pb2, grpc_target):
         in_flight = [threading.Thread(target=stream) for _ in range(2)]
         for thread in in_flight:
             thread.start()
-        scaled = serving_cli("scale", "model-tiny", str(replicas))
+        # Scaling down waits while the stopped replica's streams finish, for up to the drain's grace.
+        wait_s = 300 + serving_config.drain_grace_s
+        scaled = serving_cli("scale", "model-tiny", str(replicas), "--timeout", str(wait_s), timeout=wait_s + 60)
         assert scaled.returncode == 0, scaled.stderr
         for thread in in_flight:
             thread.join(timeout=600)
