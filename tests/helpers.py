@@ -37,6 +37,21 @@ def make_engine(patching: dict | None = None, window: int = 6, **scheduler) -> B
     return BltEngine(model, model.cfg, name="random", scheduler=config)
 
 
+def record_launch_grids(monkeypatch, module, kernel_name: str) -> list[tuple]:
+    """Wraps ``module.kernel_name`` (a Triton kernel) so every launch records
+    its grid; returns that list: proof that the Triton path ran, and how."""
+    grids: list[tuple] = []
+    kernel = getattr(module, kernel_name)
+
+    class Recorded:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(module, kernel_name, Recorded())
+    return grids
+
+
 def generate_on_kernels(engine: BltEngine, prompt: bytes, params: SamplingParams,
                         kernel: str) -> tuple[Generation, Generation, int]:
     """The engine's result with every kernel's reference, then with Triton

@@ -10,7 +10,7 @@ from kernels import dispatch, entropy
 from kernels.entropy import (
     MAX_BLOCK, TOLERANCE, entropy_boundary, entropy_boundary_reference, entropy_boundary_triton,
 )
-from tests.helpers import PATCHINGS, generate_on_kernels, make_engine
+from tests.helpers import PATCHINGS, generate_on_kernels, make_engine, record_launch_grids
 
 NAN, INF = float("nan"), float("inf")
 # The interpreter runs the kernel in numpy, which warns of the -inf and NaN arithmetic
@@ -21,16 +21,7 @@ numpy_warnings = pytest.mark.filterwarnings("ignore:invalid value encountered", 
 @pytest.fixture
 def grids(monkeypatch):
     """The grids the kernel was launched with: proof that the Triton path ran."""
-    launched = []
-    kernel = entropy._entropy_boundary_kernel
-
-    class Counted:
-        def __getitem__(self, grid):
-            launched.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(entropy, "_entropy_boundary_kernel", Counted())
-    return launched
+    return record_launch_grids(monkeypatch, entropy, "_entropy_boundary_kernel")
 
 
 def logits_like(shape, dtype=torch.float32, seed=0) -> torch.Tensor:

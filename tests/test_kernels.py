@@ -6,22 +6,13 @@ import torch
 
 from kernels import dispatch, rmsnorm, rms_norm, rms_norm_reference, rms_norm_triton
 from kernels.rmsnorm import TOLERANCE
-
+from tests.helpers import record_launch_grids
 
 
 @pytest.fixture
 def launches(monkeypatch):
     """The grids the RMSNorm kernel was launched with: proof that the Triton path ran."""
-    grids = []
-    kernel = rmsnorm._rms_norm_kernel
-
-    class Counted:
-        def __getitem__(self, grid):
-            grids.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(rmsnorm, "_rms_norm_kernel", Counted())
-    return grids
+    return record_launch_grids(monkeypatch, rmsnorm, "_rms_norm_kernel")
 
 
 def inputs(shape, dtype, weight_dtype, seed=0):
