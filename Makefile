@@ -5,6 +5,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+PATCHWORK := $(VENV)/bin/patchwork
 CHECKPOINTS ?= checkpoints
 DEFAULT_CHECKPOINT := $(CHECKPOINTS)/blt-default
 CM3LEON_CHECKPOINT := $(CHECKPOINTS)/cm3leon-default
@@ -18,65 +19,95 @@ USERS ?= 16
 DURATION ?= 60s
 TARGET ?= 127.0.0.1:$(DIRECT_GRPC_PORT)
 
-.PHONY: setup protos serve train test loadtest bench clean
+# Every install takes its versions from the committed locks (locks/*.txt, written by
+# `make lock`); Patchwork itself goes in editable, without dependencies of its own.
+LOCK_VENV := .venv-lock
+PIP_TOOLS := pip-tools==7.7.0
+# `make lock UPGRADE=name[,name]` moves those packages to their newest allowed
+# versions, `make lock UPGRADE=all` every package; plain `make lock` keeps every pin
+# that pyproject.toml still allows and adds only what is new.
+UPGRADE ?=
+comma := ,
+LOCK_FLAGS := --quiet --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
+	$(if $(filter all,$(UPGRADE)),--upgrade,$(addprefix --upgrade-package ,$(subst $(comma), ,$(UPGRADE))))
+
+.PHONY: setup protos serve train test test-fast loadtest bench lock clean
 
 # What serving, training and the benchmarks need; `make test` adds the test tools.
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml locks/serve.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -e .
+	$(PY) -m pip install -r locks/serve.txt
+	$(PY) -m pip install --no-deps --no-build-isolation -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install -e '.[test]'
+$(VENV)/.installed-test: $(VENV)/.installed locks/test.txt
+	$(PY) -m pip install -r locks/test.txt
 	touch $@
 
-$(VENV)/.installed-bench: $(VENV)/.installed
-	$(PY) -m pip install -e '.[bench]'
+$(VENV)/.installed-bench: $(VENV)/.installed locks/bench.txt
+	$(PY) -m pip install -r locks/bench.txt
 	touch $@
+
+# Rewrites the locks from pyproject.toml's ranges, each install set from the one
+# before it so that a package has one version in all three. torch is written
+# without a local version label: pip takes the CPU build where one lies on disk
+# (machines without a GPU) and PyPI's CUDA build elsewhere.
+lock:
+	test -x $(LOCK_VENV)/bin/pip-compile || ($(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install $(PIP_TOOLS))
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile $(LOCK_FLAGS) -o locks/serve.txt pyproject.toml
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile $(LOCK_FLAGS) --extra test -c locks/serve.txt \
+		-o locks/test.txt pyproject.toml
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile $(LOCK_FLAGS) --extra bench -c locks/test.txt \
+		-o locks/bench.txt pyproject.toml
+	sed -i 's/^torch==\(.*\)+cpu$$/torch==\1/' locks/*.txt
 
 # Regenerates the committed gRPC stubs after a .proto changes.
 protos: setup
 	$(PY) protos/generate.py
 
 $(DEFAULT_CHECKPOINT)/manifest.json: | setup
-	$(PY) -m training blt --preset default --out $(DEFAULT_CHECKPOINT)
+	$(PATCHWORK) train blt --preset default --out $(DEFAULT_CHECKPOINT)
 
 $(CM3LEON_CHECKPOINT)/manifest.json: | setup
-	$(PY) -m training cm3leon --preset default --out $(CM3LEON_CHECKPOINT)
+	$(PATCHWORK) train cm3leon --preset default --out $(CM3LEON_CHECKPOINT)
 
 $(MAVIL_TEACHER)/manifest.json: | setup
-	$(PY) -m training mavil --stage 1 --preset default --out $(MAVIL_TEACHER)
+	$(PATCHWORK) train mavil --stage 1 --preset default --out $(MAVIL_TEACHER)
 
 $(MAVIL_CHECKPOINT)/manifest.json: | $(MAVIL_TEACHER)/manifest.json
-	$(PY) -m training mavil --stage 2 --preset default --teacher $(MAVIL_TEACHER) --out $(MAVIL_CHECKPOINT)
+	$(PATCHWORK) train mavil --stage 2 --preset default --teacher $(MAVIL_TEACHER) --out $(MAVIL_CHECKPOINT)
 
 train: $(DEFAULT_CHECKPOINT)/manifest.json $(CM3LEON_CHECKPOINT)/manifest.json $(MAVIL_CHECKPOINT)/manifest.json
 
 serve: setup train
-	$(PY) -m serving up --checkpoints $(CHECKPOINTS) --grpc-port $(GRPC_PORT) --direct-grpc-port $(DIRECT_GRPC_PORT)
+	$(PATCHWORK) serve up --checkpoints $(CHECKPOINTS) --grpc-port $(GRPC_PORT) --direct-grpc-port $(DIRECT_GRPC_PORT)
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest
 
+# The inner loop: every test that needs neither a trained checkpoint nor the test server.
+test-fast: $(VENV)/.installed-test
+	$(PY) -m pytest -m "not checkpoints and not server"
+
 # Locust against a running server (one is started on $(CHECKPOINTS) if none answers).
 loadtest: setup train
-	$(PY) -m loadtests run --target $(TARGET) --users $(USERS) --duration $(DURATION) \
+	$(PATCHWORK) loadtest run --target $(TARGET) --users $(USERS) --duration $(DURATION) \
 		--start-if-down $(CHECKPOINTS) --out results/loadtest/users_$(USERS)
 
 # The BLT generation benchmark (docs/benchmarks.md), CM3Leon's evaluation
 # (docs/cm3leon.md), MAViL's evaluation and speed (docs/mavil.md), and the
 # dense-versus-MoT study with the MoT step benchmark (docs/mot.md).
 bench: $(VENV)/.installed-bench train
-	$(PY) -m engines.blt.bench --checkpoint $(DEFAULT_CHECKPOINT) --json results/bench.json
-	$(PY) -m training.cm3leon.evaluate --checkpoint $(CM3LEON_CHECKPOINT) --json results/cm3leon.json \
+	$(PATCHWORK) bench blt --checkpoint $(DEFAULT_CHECKPOINT) --json results/bench.json
+	$(PATCHWORK) eval cm3leon --checkpoint $(CM3LEON_CHECKPOINT) --json results/cm3leon.json \
 		--markdown results/cm3leon.md --grid results/cm3leon-grid.png
-	$(PY) -m training.mavil.evaluate --model stage-1=$(MAVIL_TEACHER) --model stage-2=$(MAVIL_CHECKPOINT) \
+	$(PATCHWORK) eval mavil --model stage-1=$(MAVIL_TEACHER) --model stage-2=$(MAVIL_CHECKPOINT) \
 		--json results/mavil.json --markdown results/mavil.md
-	$(PY) -m engines.mavil.bench --checkpoint $(MAVIL_CHECKPOINT) --serve --json results/mavil-bench.json
-	$(PY) -m training mot-study --preset default --out results/mot-study
-	$(PY) -m engines.mot.bench --json results/mot-bench.json
+	$(PATCHWORK) bench mavil --checkpoint $(MAVIL_CHECKPOINT) --serve --json results/mavil-bench.json
+	$(PATCHWORK) train mot-study --preset default --out results/mot-study
+	$(PATCHWORK) bench mot --json results/mot-bench.json
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(LOCK_VENV) .pytest_cache

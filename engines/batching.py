@@ -21,7 +21,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from engines.api import AdmissionError, DeadlineExceeded, EngineUnavailable
+from patchwork.engines.api import AdmissionError, DeadlineExceeded, EngineUnavailable
 
 logger = logging.getLogger(__name__)
 

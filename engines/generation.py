@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from engines.api import FinishReason, SamplingParams
+from patchwork.engines.api import FinishReason, SamplingParams
 
 
 class Decoding:
@@ -17,7 +17,7 @@ class Decoding:
     ``finish_reason`` is set once the sequence is done."""
 
     def __init__(self, params: SamplingParams, device):
-        from engines.sampling import make_generator
+        from patchwork.engines.sampling import make_generator
 
         self.params = params
         self.generator = make_generator(params.seed, device)
@@ -26,7 +26,7 @@ class Decoding:
         self.finish_reason: FinishReason | None = FinishReason.LENGTH if params.max_new_bytes == 0 else None
 
     def choose(self, logits: torch.Tensor) -> int:
-        from engines.sampling import sample_next
+        from patchwork.engines.sampling import sample_next
 
         return sample_next(logits, self.params, self.generator)
 

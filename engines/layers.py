@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, model_validator
 from torch import nn
 
-from engines.kv_cache import CacheView, KVCache
-from kernels import rms_norm
-from kernels.add_rmsnorm import add_rms_norm
+from patchwork.engines.kv_cache import CacheView, KVCache
+from patchwork.kernels.add_rmsnorm import add_rms_norm
+from patchwork.kernels.rmsnorm import rms_norm
 
 
 class TransformerConfig(BaseModel):

@@ -1,17 +1,21 @@
-"""Model families: the config type of each, how to build its engine, the
-gRPC services and RPCs it answers, the deployment it is served by, and its
-trainer.
+"""Model families: the config type of each, its checkpoint format version and
+how to build its engine.
 
-A family lives in one module that defines ``FAMILY`` (a ``Family``).
-Patchwork's own families are listed here; ``register`` adds one defined
-elsewhere (serving registers ``ServingConfig.families`` in every replica).
-Modules are imported on first use.
+A family is the sub-package ``patchwork.engines.<name>`` whose ``engine``
+module defines ``FAMILY`` (a ``Family``): every such sub-package is one of
+Patchwork's own families, found by looking, so adding one edits no list
+here. ``register`` adds a family defined elsewhere (serving registers
+``ServingConfig.families`` in every replica). Modules are imported on first
+use. What serving and training do with a family (its gRPC services and
+deployment class, its trainer) is theirs to say: ``patchwork.serving.families``
+and ``patchwork.training.__main__``.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel
@@ -19,16 +23,12 @@ from pydantic import BaseModel
 if TYPE_CHECKING:
     import torch
 
-    from engines.api import Engine
-    from engines.checkpoint import Manifest
+    from patchwork.engines.api import Engine
+    from patchwork.engines.checkpoint import Manifest
 
-# family name -> module that defines FAMILY
-_FAMILY_MODULES = {"blt": "engines.blt.engine", "cm3leon": "engines.cm3leon.engine", "mavil": "engines.mavil.engine"}
-
-# The generation RPCs of patchwork.v1.ByteLM that every GenerativeEngine answers.
-GENERATION_RPCS = frozenset({"Generate", "GenerateStream"})
-BYTELM_SERVICE = "serving.bytelm:SERVICE"
-MODEL_SERVER = "serving.model_server:ModelServer"
+# family name -> module that defines FAMILY: every engines/<name>/engine.py
+_FAMILY_MODULES = {path.parent.name: f"patchwork.engines.{path.parent.name}.engine"
+                   for path in sorted(Path(__file__).parent.glob("*/engine.py"))}
 
 
 class EngineBuilder(Protocol):
@@ -48,20 +48,6 @@ class Family:
     config_type: type[BaseModel]
     format_version: int
     build_engine: EngineBuilder
-    # The gRPC services its models answer ("module:attribute" of each
-    # ``serving.grpc_services.GrpcService``; the gateway answers every RPC of
-    # every served family's services) ...
-    services: tuple[str, ...] = (BYTELM_SERVICE,)
-    # ... and which of their RPCs; the gateway refuses the others with
-    # INVALID_ARGUMENT naming the model and its family.
-    rpcs: frozenset[str] = GENERATION_RPCS
-    # The class ("module:attribute") its models' replicas run: a
-    # ``serving.model_server.ModelServer``, or a subclass with the methods
-    # its services' handlers call.
-    deployment: str = MODEL_SERVER
-    # The module behind `python -m training <name>` (``add_arguments(parser)``
-    # and ``run(args, argv) -> exit code``), if the family trains here.
-    trainer: str | None = None
 
 
 def register(families: dict[str, str]) -> None:
@@ -76,6 +62,11 @@ def register(families: dict[str, str]) -> None:
 
 def known_families() -> list[str]:
     return sorted(_FAMILY_MODULES)
+
+
+def family_module(name: str) -> str | None:
+    """The module that defines family ``name``'s ``FAMILY``, if it is known."""
+    return _FAMILY_MODULES.get(name)
 
 
 def get_family(name: str) -> Family | None:

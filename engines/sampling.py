@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engines.api import SamplingParams
+from patchwork.engines.api import SamplingParams
 
 
 def make_generator(seed: int, device) -> torch.Generator:

@@ -54,12 +54,18 @@ from typing import Any, Protocol
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from engines.api import (
-    AdmissionError, DeadlineExceeded, EngineStats, EngineUnavailable, Generation, RequestCancelled, RequestTooLarge,
+from patchwork.engines.api import (
+    AdmissionError,
+    DeadlineExceeded,
+    EngineStats,
+    EngineUnavailable,
+    Generation,
+    RequestCancelled,
+    RequestTooLarge,
     SamplingParams,
 )
-from engines.generation import Decoding
-from engines.sampling import choose_rows
+from patchwork.engines.generation import Decoding
+from patchwork.engines.sampling import choose_rows
 
 logger = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ import math
 
 import torch
 
-from kernels import dispatch
-from kernels.benchcase import BenchCase, sets_beyond_cache
-from kernels.dispatch import launched
-from kernels.rmsnorm import rms_norm_reference
+from patchwork.kernels import dispatch
+from patchwork.kernels.benchcase import BenchCase, sets_beyond_cache
+from patchwork.kernels.dispatch import launched
+from patchwork.kernels.rmsnorm import rms_norm_reference
 
 try:
     import triton

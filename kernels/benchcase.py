@@ -1,4 +1,4 @@
-"""What ``kernels.bench`` needs from each kernel module: ``bench_case``
+"""What ``benchmarks.kernels`` needs from each kernel module: ``bench_case``
 builds a ``BenchCase``, the kernel's measurement at one size."""
 
 from __future__ import annotations
@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+# BLT's byte vocabulary (256 bytes and 4 special symbols): the size the byte-level kernels run at.
+BYTE_VOCAB = 260
 
 
 @dataclass

@@ -14,12 +14,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
-from engines.blt.config import VOCAB_SIZE
-from engines.blt.patching import entropies_from_logits
-from kernels import dispatch
-from kernels.benchcase import BenchCase, sets_beyond_cache
-from kernels.dispatch import launched
+from patchwork.kernels import dispatch
+from patchwork.kernels.benchcase import BYTE_VOCAB, BenchCase, sets_beyond_cache
+from patchwork.kernels.dispatch import launched
 
 try:
     import triton
@@ -33,6 +32,13 @@ except ImportError:  # pragma: no cover - triton is a declared dependency
 TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-5, 1e-5), torch.bfloat16: (1e-5, 1e-5)}
 # The most vocabulary one loop iteration of the kernel reads.
 MAX_BLOCK = 4096
+
+
+def entropies_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of each next-symbol distribution: [..., V] -> [...].
+    Masked symbols (-inf logits) add 0 (p log p -> 0); a NaN logit gives NaN."""
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    return -(log_probs.exp() * log_probs.clamp(min=torch.finfo(torch.float32).min)).sum(dim=-1)
 
 
 def entropy_boundary_reference(logits: torch.Tensor, threshold: float,
@@ -116,7 +122,7 @@ def entropy_boundary(logits: torch.Tensor, threshold: float,
     return entropy_boundary_reference(logits, threshold, entropy_before)
 
 
-def bench_case(scale: int, device, dtype: torch.dtype, vocab: int = VOCAB_SIZE) -> BenchCase:
+def bench_case(scale: int, device, dtype: torch.dtype, vocab: int = BYTE_VOCAB) -> BenchCase:
     """Entropy patching of ``64 * scale`` rows of logits over ``vocab``
     symbols (BLT's 260; 50,257 for a GPT-2-sized entropy model) per input set.
     Rows alternate between nearly flat and peaked distributions with the

@@ -10,9 +10,9 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 
-from kernels import dispatch
-from kernels.benchcase import BenchCase, sets_beyond_cache
-from kernels.dispatch import launched
+from patchwork.kernels import dispatch
+from patchwork.kernels.benchcase import BenchCase, sets_beyond_cache
+from patchwork.kernels.dispatch import launched
 
 try:
     import triton

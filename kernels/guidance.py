@@ -1,21 +1,32 @@
 """CM3Leon's guided next-token scores: the plain PyTorch reference and the
 Triton kernel that must match it.
 
-A call takes a decode step's paired logits, one row per sequence (its
-conditional and unconditional streams over the joint vocabulary), and the
-mask of what each row may write. Each row gets the next-token scores CM3Leon
-samples from (``engines.cm3leon.decoding``) under its own guidance: none,
-classifier-free or CD-K (``engines.cm3leon.guidance``), with what the row
-may not write at -inf. Given a temperature, it also gets the probabilities
-the sampler draws from before its top-k and top-p: ``softmax((scores - max)
-/ temperature)`` in float32, which top-p can sort (a row with a NaN score or
-no finite one is all NaN, as in the sampler). The engine does not ask for
-them yet: the shared sampler (``engines.sampling``) computes its own.
+The conditional stream reads the request's prompt; the unconditional one
+reads the same sequence with the prompt's text replaced by ``<mask>``. Both
+run in one batch, each with its own cache rows, and give logits over the
+joint vocabulary at every step; guidance turns the pair into the scores the
+sampler draws from (papers.md section 3):
+
+- classifier-free guidance (``classifier_free``): uncond + scale * (cond - uncond);
+- CD-K, self-contained contrastive decoding (``contrastive``): log p_cond(t)
+  - log p_uncond(t) over the plausible tokens, p_cond(t) >= alpha * (k-th
+  largest p_cond), and -inf elsewhere.
+
+A call of ``guidance`` takes a decode step's paired logits, one row per
+sequence, and the mask of what each row may write (text tokens inside an
+image, image codes inside text are at -inf in both streams before either is
+applied). Each row gets the next-token scores CM3Leon samples from
+(``engines.cm3leon.decoding``) under its own guidance: none, classifier-free
+or CD-K, with what the row may not write at -inf. Given a temperature, it
+also gets the probabilities the sampler draws from before its top-k and
+top-p: ``softmax((scores - max) / temperature)`` in float32, which top-p can
+sort (a row with a NaN score or no finite one is all NaN, as in the
+sampler). The engine does not ask for them yet: the shared sampler
+(``engines.sampling``) computes its own.
 
 Every setting (mode, scale, alpha, k, temperature) is one value for all the
 rows or a sequence of one per row, so a batch of requests with different
-guidance is one call: one kernel launch on a GPU.
-"""
+guidance is one call: one kernel launch on a GPU."""
 
 from __future__ import annotations
 
@@ -24,10 +35,9 @@ from typing import TypeVar
 
 import torch
 
-from engines.cm3leon.guidance import classifier_free, contrastive
-from kernels import dispatch
-from kernels.benchcase import BenchCase, sets_beyond_cache
-from kernels.dispatch import launched
+from patchwork.kernels import dispatch
+from patchwork.kernels.benchcase import BenchCase, sets_beyond_cache
+from patchwork.kernels.dispatch import launched
 
 try:
     import triton
@@ -75,6 +85,21 @@ def _temperatures(temperature: PerRow[float], rows: int) -> list[float]:
     if not all(t > 0 for t in temperatures):
         raise ValueError(f"temperatures must be positive, not {temperatures}")
     return temperatures
+
+
+def classifier_free(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """cond, uncond: logits [..., V] -> guided logits [..., V]; scale 1 is the conditional stream."""
+    return uncond + scale * (cond - uncond)
+
+
+def contrastive(cond: torch.Tensor, uncond: torch.Tensor, alpha: float, k: int) -> torch.Tensor:
+    """cond, uncond: logits [..., V] -> CD-K scores [..., V] (-inf outside the plausible set)."""
+    log_cond = torch.log_softmax(cond.float(), dim=-1)
+    log_uncond = torch.log_softmax(uncond.float(), dim=-1)
+    kth = torch.topk(log_cond, min(k, log_cond.shape[-1]), dim=-1).values[..., -1:]
+    plausible = log_cond >= kth + torch.log(torch.tensor(alpha))  # p >= alpha * p_k, in logs
+    # Guard tokens masked in both streams (-inf - -inf) from turning into NaN.
+    return torch.where(plausible, log_cond - log_uncond.clamp(min=torch.finfo(log_uncond.dtype).min), float("-inf"))
 
 
 def _guided(cond: torch.Tensor, uncond: torch.Tensor | None, allowed: torch.Tensor, mode: str, scale: float,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels.benchcase import BenchCase, sets_beyond_cache
-from kernels.dispatch import launched
+from patchwork.kernels import dispatch
+from patchwork.kernels.benchcase import BenchCase, sets_beyond_cache
+from patchwork.kernels.dispatch import launched
 
 # (atol, rtol) of the kernel against the reference, by input dtype.
 TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
@@ -24,6 +25,13 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
         return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
     normed = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps)
     return weight * normed.to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The Triton kernel or the reference, as ``kernels.dispatch`` decides."""
+    if dispatch.use_triton(x, weight):
+        return rms_norm_triton(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)
 
 
 if triton is not None:

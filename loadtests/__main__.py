@@ -1,9 +1,9 @@
 """Load tests of a Patchwork server with Locust (headless, bounded in time, loopback only).
 
-    python -m loadtests run     [--target 127.0.0.1:9010] [--users 16] [--duration 60s] [--out DIR] [--slo-p99-ms MS]
-    python -m loadtests sweep   [--users-list 1,2,4,8,16,32] [--duration 30s] ...
-    python -m loadtests compare [--replicas 1,2] [--deployment model-blt-default] [--users 16] ...
-    python -m loadtests overhead --checkpoint DIR [--target ...] [--requests 200]
+    patchwork loadtest run     [--target 127.0.0.1:9010] [--users 16] [--duration 60s] [--out DIR] [--slo-p99-ms MS]
+    patchwork loadtest sweep   [--users-list 1,2,4,8,16,32] [--duration 30s] ...
+    patchwork loadtest compare [--replicas 1,2] [--deployment model-blt-default] [--users 16] ...
+    patchwork loadtest overhead --checkpoint DIR [--target ...] [--requests 200]
 
 Each run writes Locust's CSV files, a markdown summary (time to first byte,
 time per output byte, inter-byte and end-to-end latency: mean, p50, p90,
@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from loadtests import report
+from patchwork.loadtests import report
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 
@@ -59,12 +59,12 @@ def healthy(target: str, timeout_s: float = 10.0) -> bool:
     """Whether the server at ``target`` answers SERVING; ``timeout_s`` is patient,
     since a busy machine can take seconds to read the deployments' status."""
     import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(target) as channel:
+    from patchwork.client import Client
+
+    with Client(target) as client:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
-            return reply.status == health_pb2.HealthCheckResponse.SERVING
+            return client.health(timeout=timeout_s) == "SERVING"
         except grpc.RpcError:
             return False
 
@@ -118,7 +118,7 @@ def run_sweep(args: argparse.Namespace) -> int:
 def run_compare(args: argparse.Namespace) -> int:
     summaries = []
     for replicas in [int(r) for r in args.replicas.split(",")]:
-        scaled = subprocess.run([sys.executable, "-m", "serving", "scale", args.deployment, str(replicas)],
+        scaled = subprocess.run([sys.executable, "-m", "patchwork.serving", "scale", args.deployment, str(replicas)],
                                 capture_output=True, text=True, timeout=600)
         if scaled.returncode != 0:
             raise UsageError(f"scaling {args.deployment} to {replicas}: {scaled.stderr.strip()}")
@@ -135,13 +135,11 @@ def run_compare(args: argparse.Namespace) -> int:
 def run_overhead(args: argparse.Namespace) -> int:
     """p50 of a 1-byte Generate through gRPC and Ray Serve minus the same call
     on the engine in this process (same checkpoint, sequential calls)."""
-    import grpc
+    from patchwork.client import NO_RETRY, Client
+    from patchwork.engines.api import SamplingParams
+    from patchwork.engines.loading import load
 
-    import engines
-    from engines.api import SamplingParams
-    from patchwork.v1 import bytelm_pb2, bytelm_pb2_grpc
-
-    engine = engines.load(args.checkpoint)
+    engine = load(args.checkpoint)
     params = SamplingParams(max_new_bytes=1)
     prompt = b"def "
     in_process = []
@@ -149,16 +147,13 @@ def run_overhead(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         engine.generate_one(prompt, params)
         in_process.append(time.perf_counter() - start)
-    metadata = [("authorization", f"Bearer {os.environ['PATCHWORK_AUTH_TOKEN']}")] \
-        if os.environ.get("PATCHWORK_AUTH_TOKEN") else []
     served = []
-    with grpc.insecure_channel(args.target) as channel:
-        stub = bytelm_pb2_grpc.ByteLMStub(channel)
-        request = bytelm_pb2.GenerateRequest(prompt=prompt, max_new_bytes=1, model=args.model)
-        stub.Generate(request, timeout=60, metadata=metadata)
+    with Client(args.target, token=os.environ.get("PATCHWORK_AUTH_TOKEN") or None, timeout=60,
+                retry=NO_RETRY) as client:
+        client.generate(prompt, max_new_bytes=1, model=args.model)
         for _ in range(args.requests):
             start = time.perf_counter()
-            stub.Generate(request, timeout=60, metadata=metadata)
+            client.generate(prompt, max_new_bytes=1, model=args.model)
             served.append(time.perf_counter() - start)
     p50_local, p50_served = statistics.median(in_process), statistics.median(served)
     text = (
@@ -175,7 +170,7 @@ def run_overhead(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtests", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="patchwork loadtest", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for name in ("run", "sweep", "compare", "overhead"):
         command = commands.add_parser(name)
@@ -206,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         if not healthy(args.target):
             if args.start_if_down is None:
                 raise UsageError(f"no healthy server at {args.target}; start one or pass --start-if-down CHECKPOINTS")
-            subprocess.run([sys.executable, "-m", "serving", "up", "--detach", "--checkpoints",
+            subprocess.run([sys.executable, "-m", "patchwork.serving", "up", "--detach", "--checkpoints",
                             str(args.start_if_down), "--direct-grpc-port", str(port)], check=True, timeout=900)
             started = True
         try:
@@ -214,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             return handler[args.command](args)
         finally:
             if started:
-                subprocess.run([sys.executable, "-m", "serving", "down"], timeout=120)
+                subprocess.run([sys.executable, "-m", "patchwork.serving", "down"], timeout=120)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

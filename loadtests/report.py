@@ -6,7 +6,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from loadtests.grpc_user import INTER_BYTE, TIME_PER_BYTE, TTFB
+from patchwork.loadtests.grpc_user import INTER_BYTE, TIME_PER_BYTE, TTFB
 
 STREAM = "/patchwork.v1.ByteLM/GenerateStream"
 UNARY = "/patchwork.v1.ByteLM/Generate"

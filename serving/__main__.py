@@ -1,10 +1,10 @@
-"""python -m serving up | down | config | status | scale | models | client ...
+"""patchwork serve up | down | config | status | scale | models ...
 
 ``up`` starts a local Ray cluster, Ray Serve's gRPC proxy and the Patchwork
 application serving every checkpoint under --checkpoints, by deploying the
 Ray Serve config file of the chosen setup. Without --detach it stays in the
 foreground and stops everything on Ctrl-C; with --detach the cluster keeps
-running until ``python -m serving down``.
+running until ``patchwork serve down``.
 """
 
 from __future__ import annotations
@@ -18,23 +18,23 @@ from pathlib import Path
 
 import yaml
 
-from serving import client
-from serving.config import ServingConfig
+from patchwork.serving import client
+from patchwork.serving.config import ServingConfig
 
 EXAMPLES = """\
 Patchwork is serving {models} on 127.0.0.1:{port} (default model: {default}).
 Metrics: http://{metrics}/metrics
 Try:
-  python -m serving client --target 127.0.0.1:{port} generate "def " --max-new-bytes 64
-  python -m serving client --target 127.0.0.1:{port} generate "import " --stream --temperature 0.8 --seed 1
-  python -m serving client --target 127.0.0.1:{port} score "def main():"
-  python -m serving models --target 127.0.0.1:{port}
+  patchwork client --target 127.0.0.1:{port} generate "def " --max-new-bytes 64
+  patchwork client --target 127.0.0.1:{port} generate "import " --stream --temperature 0.8 --seed 1
+  patchwork client --target 127.0.0.1:{port} score "def main():"
+  patchwork serve models --target 127.0.0.1:{port}
 """
 
 
 def load_config(args: argparse.Namespace) -> ServingConfig:
     """--config FILE (a ServingConfig as YAML) or --setup, then the command-line overrides."""
-    from serving.deploy import setup
+    from patchwork.serving.deploy import setup
 
     if args.config is not None:
         config = ServingConfig.model_validate(yaml.safe_load(args.config.read_text()) or {})
@@ -52,10 +52,10 @@ def load_config(args: argparse.Namespace) -> ServingConfig:
 def up(args: argparse.Namespace) -> int:
     import ray
 
-    from engines.checkpoint import CheckpointError
-    from serving import cluster, ops
-    from serving.app import default_model, discover_checkpoints
-    from serving.deploy import apply, deploy_config
+    from patchwork.engines.checkpoint import CheckpointError
+    from patchwork.serving import cluster, ops
+    from patchwork.serving.app import default_model, discover_checkpoints
+    from patchwork.serving.deploy import apply, deploy_config
 
     config = load_config(args)
     config = config.model_copy(update={"checkpoints": config.checkpoints.resolve()})
@@ -73,7 +73,7 @@ def up(args: argparse.Namespace) -> int:
         # The first free port from direct_grpc_port up: another server may hold the configured one.
         port = ops.wait_gateway_port(timeout_s=300)
     if port is None or not ops.wait_healthy(port, timeout_s=300):
-        print("error: the application did not become healthy; see `python -m serving status`", file=sys.stderr)
+        print("error: the application did not become healthy; see `patchwork serve status`", file=sys.stderr)
         return 1
     print(EXAMPLES.format(models=", ".join(sorted(models)), port=port, default=default,
                           metrics=f"{config.metrics_host}:{config.metrics_port}"), flush=True)
@@ -82,7 +82,7 @@ def up(args: argparse.Namespace) -> int:
         print(f"The gateway answers on 127.0.0.1:{port} itself (direct ingress{busy}) and through "
               f"Ray Serve's gRPC proxy on 127.0.0.1:{config.grpc_port}.", flush=True)
     if args.detach:
-        print("Running in the background; stop it with `python -m serving down`.")
+        print("Running in the background; stop it with `patchwork serve down`.")
         return 0
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -99,7 +99,7 @@ def down(args: argparse.Namespace) -> int:
     with UNAVAILABLE after the grace period), new ones are refused."""
     import ray
 
-    from serving import cluster, ops
+    from patchwork.serving import cluster, ops
 
     try:
         cluster.connect()
@@ -114,8 +114,8 @@ def down(args: argparse.Namespace) -> int:
 
 
 def config_file(args: argparse.Namespace) -> int:
-    from serving.app import discover_checkpoints
-    from serving.deploy import deploy_config, to_yaml
+    from patchwork.serving.app import discover_checkpoints
+    from patchwork.serving.deploy import deploy_config, to_yaml
 
     config = load_config(args)
     models = list(discover_checkpoints(config.checkpoints, config.families)) if args.discover else ["blt-default"]
@@ -128,7 +128,7 @@ def config_file(args: argparse.Namespace) -> int:
 
 
 def status_command(args: argparse.Namespace) -> int:
-    from serving import ops
+    from patchwork.serving import ops
 
     report = ops.status()
     print(json.dumps(report, indent=2) if args.json else ops.format_status(report))
@@ -136,7 +136,7 @@ def status_command(args: argparse.Namespace) -> int:
 
 
 def scale_command(args: argparse.Namespace) -> int:
-    from serving import ops
+    from patchwork.serving import ops
 
     try:
         ops.scale(args.deployment, args.replicas, timeout_s=args.timeout)
@@ -163,7 +163,7 @@ def _setup_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving", description="Serve Patchwork models over gRPC.")
+    parser = argparse.ArgumentParser(prog="patchwork serve", description="Serve Patchwork models over gRPC.")
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("up", help="start serving every checkpoint under --checkpoints")
     _setup_arguments(start)
@@ -184,10 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     scale.add_argument("--timeout", type=float, default=300.0)
     models = commands.add_parser("models", help="the models being served, with their config and metrics")
     client.add_connection_arguments(models)
-    client.add_arguments(commands.add_parser("client", help="call a running server"))
     args = parser.parse_args(argv)
     handlers = {"up": up, "down": down, "config": config_file, "status": status_command, "scale": scale_command,
-                "models": client.list_models, "client": client.run}
+                "models": client.list_models}
     return handlers[args.command](args)
 
 

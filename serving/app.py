@@ -19,12 +19,13 @@ from pathlib import Path
 
 from ray import serve
 
-from engines.checkpoint import CONFIG_FILE, CheckpointError, read_header, read_manifest
-from engines.registry import get_family, register
-from serving.config import GATEWAY, ServingConfig, model_deployment
-from serving.deploy import deployment_entry
-from serving.gateway import ServedModel, gateway_deployment
-from serving.grpc_services import known_services, load_object
+from patchwork.engines.checkpoint import CONFIG_FILE, CheckpointError, read_header, read_manifest
+from patchwork.engines.registry import get_family, register
+from patchwork.serving.config import GATEWAY, ServingConfig, model_deployment
+from patchwork.serving.deploy import deployment_entry
+from patchwork.serving.families import served_family
+from patchwork.serving.gateway import ServedModel, gateway_deployment
+from patchwork.serving.grpc_services import known_services, load_object
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -54,7 +55,7 @@ def discover_checkpoints(root: Path, families: dict[str, str] | None = None) -> 
     if not models:
         raise CheckpointError(
             f"{root}: no checkpoints found; train one with "
-            f"`python -m training blt --preset default --out {root / 'blt-default'}`"
+            f"`patchwork train blt --preset default --out {root / 'blt-default'}`"
         )
     return models
 
@@ -78,13 +79,14 @@ def build_app(config: ServingConfig):
     in_gateway = config.in_gateway(list(models))
     handles, served, local = {}, {}, {}
     for name, path in models.items():
-        family = get_family(read_header(path)[0].family)
-        served[name] = ServedModel(family=family.name, rpcs=sorted(family.rpcs))
+        family = read_header(path)[0].family
+        serving = served_family(family)
+        served[name] = ServedModel(family=family, rpcs=sorted(serving.rpcs))
         if name in in_gateway:
-            local[name] = {"deployment": family.deployment, "args": model_args(config, name, path)}
+            local[name] = {"deployment": serving.deployment, "args": model_args(config, name, path)}
             continue
         entry = deployment_entry(model_deployment(name), config.options_for(name), config.drain_grace_s)
-        handles[name] = serve.deployment(load_object(family.deployment)).options(**entry).bind(
+        handles[name] = serve.deployment(load_object(serving.deployment)).options(**entry).bind(
             *model_args(config, name, path))
     gateway = gateway_deployment(known_services())
     entry = deployment_entry(GATEWAY, config.gateway_for(list(models)), config.drain_grace_s)

@@ -16,14 +16,14 @@ import grpc
 import numpy as np
 from ray.serve.grpc_util import RayServegRPCContext
 
-from engines.mavil.engine import Clip
-from serving.config import Limits
-from serving.gateway import abort, model_errors, parse
-from serving.grpc_services import GrpcService
-from serving.images import read_image
-from serving.model_server import ModelServer, monotonic_deadline
-from serving.sounds import checked_sound, read_sound
-from serving.validation import InvalidArgument
+from patchwork.engines.mavil.engine import Clip
+from patchwork.serving.config import Limits
+from patchwork.serving.gateway import abort, model_errors, parse
+from patchwork.serving.grpc_services import GrpcService
+from patchwork.serving.images import read_image
+from patchwork.serving.model_server import ModelServer, monotonic_deadline
+from patchwork.serving.sounds import checked_sound, read_sound
+from patchwork.serving.validation import InvalidArgument
 
 DEFAULT_TOP_K = 5
 _AUDIO_DTYPES = {"float32": np.float32, "float64": np.float64, "int16": np.int16}
@@ -194,5 +194,5 @@ SERVICE = GrpcService(
     name="patchwork.v1.AudioVideo",
     rpcs=frozenset({"Embed", "Classify", "Retrieve"}),
     handlers=AudioVideoHandlers,
-    add_to_server="serving.grpc_services.add_AudioVideo_to_server",
+    add_to_server="patchwork.serving.grpc_services.add_AudioVideo_to_server",
 )

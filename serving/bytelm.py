@@ -12,11 +12,11 @@ from __future__ import annotations
 import grpc
 from ray.serve.grpc_util import RayServegRPCContext
 
-from engines.api import FinishReason, Generation, PatchedOutput
-from engines.utf8 import Utf8Chunker
-from serving.gateway import abort, model_errors, parse
-from serving.grpc_services import GrpcService
-from serving.validation import InvalidArgument, generate_params, score_text
+from patchwork.engines.api import FinishReason, Generation, PatchedOutput
+from patchwork.engines.utf8 import Utf8Chunker
+from patchwork.serving.gateway import abort, model_errors, parse
+from patchwork.serving.grpc_services import GrpcService
+from patchwork.serving.validation import InvalidArgument, generate_params, score_text
 
 
 def _patch_lengths(result: Generation) -> list[int]:
@@ -114,5 +114,5 @@ SERVICE = GrpcService(
     name="patchwork.v1.ByteLM",
     rpcs=frozenset({"Generate", "GenerateStream", "Score"}),
     handlers=ByteLMHandlers,
-    add_to_server="serving.grpc_services.add_ByteLM_to_server",
+    add_to_server="patchwork.serving.grpc_services.add_ByteLM_to_server",
 )

@@ -38,7 +38,7 @@ import os
 import subprocess
 import sys
 
-from serving.config import DIRECT_PORTS, ServingConfig
+from patchwork.serving.config import DIRECT_PORTS, ServingConfig
 
 LOOPBACK = "127.0.0.1"
 PROXY_READY_TIMEOUT_S = 60.0

@@ -1,7 +1,7 @@
 """Serving configuration: one pydantic model for the whole application.
 
 ``serving.deploy`` turns it into the Ray Serve config file that Ray's own
-``serve run`` / ``serve deploy`` accept; ``python -m serving up`` deploys the
+``serve run`` / ``serve deploy`` accept; ``patchwork serve up`` deploys the
 same file.
 """
 
@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from engines.scheduler import SchedulerConfig
+from patchwork.engines.scheduler import SchedulerConfig
 
 APP_NAME = "patchwork"
 ROUTE_PREFIX = "/patchwork"

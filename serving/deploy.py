@@ -5,13 +5,13 @@ config that Ray's ``serve run FILE`` and ``serve deploy FILE`` accept: the
 proxies' options, one application whose builder (``serving.app:build``)
 receives the whole ServingConfig as its args, and a ``deployments`` entry
 per deployment with its replicas, autoscaling, admission bounds and Ray
-resources, which operators may edit in place. ``python -m serving up``
+resources, which operators may edit in place. ``patchwork serve up``
 deploys the same file through the same controller call that ``serve run``
-makes, so a running setup is always one such file (``python -m serving
+makes, so a running setup is always one such file (``patchwork serve
 scale`` changes a replica count by re-applying it, which Ray Serve does
 without restarting running replicas).
 
-    python -m serving config [--setup cpu|gpu|autoscale] [--checkpoints DIR] [--out FILE]
+    patchwork serve config [--setup cpu|gpu|autoscale] [--checkpoints DIR] [--out FILE]
 """
 
 from __future__ import annotations
@@ -21,12 +21,18 @@ from pathlib import Path
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from engines.registry import register
-from serving.config import (
-    APP_NAME, GATEWAY, ROUTE_PREFIX, ActorOptions, AutoscalingConfig, DeploymentOptions, ServingConfig,
+from patchwork.engines.registry import register
+from patchwork.serving.config import (
+    APP_NAME,
+    GATEWAY,
+    ROUTE_PREFIX,
+    ActorOptions,
+    AutoscalingConfig,
+    DeploymentOptions,
+    ServingConfig,
     model_deployment,
 )
-from serving.grpc_services import known_services, servicer_functions
+from patchwork.serving.grpc_services import known_services, servicer_functions
 
 # Seconds a replica being stopped waits beyond the drain grace period before
 # Ray Serve stops it anyway (the engine has ended its requests by then).
@@ -85,7 +91,7 @@ def deploy_config(config: ServingConfig, models: list[str]) -> dict:
             {
                 "name": APP_NAME,
                 "route_prefix": ROUTE_PREFIX,
-                "import_path": "serving.app:build",
+                "import_path": "patchwork.serving.app:build",
                 "args": {"config": config.model_dump(mode="json")},
                 "deployments": [deployment_entry(GATEWAY, config.gateway_for(models), config.drain_grace_s)]
                 + [deployment_entry(model_deployment(m), config.options_for(m), config.drain_grace_s)

@@ -210,7 +210,7 @@ def install(server) -> None:
 
 
 def _record(method: str, code: str, seconds: float) -> None:
-    from serving.metrics import edge_metrics
+    from patchwork.serving.metrics import edge_metrics
 
     recorded, tags = edge_metrics(), {"method": method, "code": code}
     recorded["requests"].inc(tags=tags)

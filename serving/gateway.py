@@ -53,12 +53,12 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 
-from engines.api import AdmissionError, DeadlineExceeded, EngineUnavailable, InvalidRequest, RequestCancelled
-from serving.config import APP_NAME, GATEWAY, AuthConfig, Limits, model_deployment
-from serving.edge import DEADLINE_KEY
-from serving.grpc_services import GrpcService
-from serving.local_model import LocalModel, start_local_model
-from serving.validation import InvalidArgument, resolve_model
+from patchwork.engines.api import AdmissionError, DeadlineExceeded, EngineUnavailable, InvalidRequest, RequestCancelled
+from patchwork.serving.config import APP_NAME, GATEWAY, AuthConfig, Limits, model_deployment
+from patchwork.serving.edge import DEADLINE_KEY
+from patchwork.serving.grpc_services import GrpcService
+from patchwork.serving.local_model import LocalModel, start_local_model
+from patchwork.serving.validation import InvalidArgument, resolve_model
 
 logger = logging.getLogger("ray.serve")
 

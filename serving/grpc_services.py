@@ -3,7 +3,7 @@
 A ``GrpcService`` names a service, the RPCs it has, the gateway methods that
 answer them (a mixin class; Ray Serve's proxy routes an RPC to the ingress
 method of the same name) and the function the proxy calls to register it.
-Every family names the services its models answer (``Family.services``);
+Every family names the services its models answer (``serving.families``);
 ``serving.app`` builds the gateway from the mixins of all of them, and
 ``serving.deploy`` lists their functions in the Ray Serve config file's
 ``grpc_servicer_functions``. ``Models`` and ``Health`` belong to the gateway
@@ -22,17 +22,21 @@ rather than an opaque failure inside the proxy.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 
-from serving import edge
+from patchwork.serving import edge
+
+if TYPE_CHECKING:
+    from patchwork.serving.families import ServedFamily
 
 # The gateway's own services, registered whatever the families.
 GATEWAY_SERVICERS = (
-    "serving.grpc_services.add_Models_to_server",
-    "serving.grpc_services.add_Health_to_server",
+    "patchwork.serving.grpc_services.add_Models_to_server",
+    "patchwork.serving.grpc_services.add_Health_to_server",
 )
 
 
@@ -55,17 +59,18 @@ def load_object(path: str):
     return getattr(importlib.import_module(module), attribute)
 
 
-def services_of(families: Iterable) -> list[GrpcService]:
-    """The services the families' models answer, each once, in a stable order."""
+def services_of(families: Mapping[str, ServedFamily]) -> list[GrpcService]:
+    """The services the families' models answer (family name -> how it is
+    served), each once, in a stable order."""
     found: dict[str, GrpcService] = {}
-    for family in families:
+    for name, family in families.items():
         for path in family.services:
             service = load_object(path)
             if found.setdefault(service.name, service) is not service:
                 raise ValueError(f"two services are named {service.name}")
         undefined = family.rpcs - {rpc for path in family.services for rpc in load_object(path).rpcs}
         if undefined:
-            raise ValueError(f"family {family.name} serves {sorted(undefined)}, which none of its services has")
+            raise ValueError(f"family {name} serves {sorted(undefined)}, which none of its services has")
     services = sorted(found.values(), key=lambda service: service.name)
     rpcs = [rpc for service in services for rpc in service.rpcs]
     clashes = sorted({rpc for rpc in rpcs if rpcs.count(rpc) > 1})
@@ -77,9 +82,10 @@ def services_of(families: Iterable) -> list[GrpcService]:
 def known_services() -> list[GrpcService]:
     """The services of every known family: what the gateway answers and the
     proxy registers (both from this one list, so they always agree)."""
-    from engines.registry import get_family, known_families
+    from patchwork.engines.registry import known_families
+    from patchwork.serving.families import served_family
 
-    return services_of(get_family(name) for name in known_families())
+    return services_of({name: served_family(name) for name in known_families()})
 
 
 def servicer_functions(services: Iterable[GrpcService]) -> list[str]:

@@ -14,8 +14,8 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from serving.config import Limits
-from serving.validation import InvalidArgument
+from patchwork.serving.config import Limits
+from patchwork.serving.validation import InvalidArgument
 
 FORMATS = ("PNG", "JPEG")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from serving.grpc_services import load_object
+from patchwork.serving.grpc_services import load_object
 
 
 class LocalModel:

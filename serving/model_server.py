@@ -30,9 +30,9 @@ from dataclasses import asdict
 
 import torch
 
-import engines
-from engines.api import EngineUnavailable, Generation, ModelInfo, PatchedOutput, SamplingParams
-from serving.metrics import model_metrics
+from patchwork.engines.api import EngineUnavailable, Generation, ModelInfo, PatchedOutput, SamplingParams
+from patchwork.engines.loading import load
+from patchwork.serving.metrics import model_metrics
 
 GAUGE_INTERVAL_S = 0.5
 
@@ -51,12 +51,12 @@ def monotonic_deadline(deadline: float | None) -> float | None:
 class ModelServer:
     def __init__(self, checkpoint: str, device: str = "auto", threads: int = 1, scheduler: dict | None = None,
                  families: dict[str, str] | None = None):
-        from engines.registry import register
-        from engines.scheduler import SchedulerConfig
+        from patchwork.engines.registry import register
+        from patchwork.engines.scheduler import SchedulerConfig
 
         register(families or {})
         torch.set_num_threads(max(1, threads))
-        self.engine = engines.load(
+        self.engine = load(
             checkpoint, device=pick_device(device), scheduler=SchedulerConfig(**(scheduler or {}))
         )
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")

@@ -23,14 +23,14 @@ import numpy as np
 from pydantic import ValidationError
 from ray.serve.grpc_util import RayServegRPCContext
 
-from engines.cm3leon.engine import MASK_MARKER
-from serving.config import Limits
-from serving.gateway import abort, model_errors, parse
-from serving.grpc_services import GrpcService
-from serving.images import fit, png, read_image
-from serving.model_server import ModelServer
-from serving.sounds import read_sound
-from serving.validation import InvalidArgument
+from patchwork.engines.cm3leon.engine import MASK_MARKER
+from patchwork.serving.config import Limits
+from patchwork.serving.gateway import abort, model_errors, parse
+from patchwork.serving.grpc_services import GrpcService
+from patchwork.serving.images import fit, png, read_image
+from patchwork.serving.model_server import ModelServer
+from patchwork.serving.sounds import read_sound
+from patchwork.serving.validation import InvalidArgument
 
 # patchwork.v1.Guidance -> engines.cm3leon.decoding.Guidance (values), per sample.
 _GUIDANCE = {0: "none", 1: "none", 2: "classifier_free", 3: "contrastive"}
@@ -44,7 +44,7 @@ def _check_text(field: str, text: str, limits: Limits) -> None:
 
 def sample_params(decoding, samples: int, max_new_bytes: int, limits: Limits) -> list:
     """The ``Cm3Params`` of each sample (seed + i), or InvalidArgument naming the field."""
-    from engines.cm3leon.decoding import Cm3Params
+    from patchwork.engines.cm3leon.decoding import Cm3Params
 
     if decoding.guidance not in (*_GUIDANCE, MIXED):
         raise InvalidArgument("decoding.guidance", f"unknown value {decoding.guidance}")
@@ -200,5 +200,5 @@ SERVICE = GrpcService(
     name="patchwork.v1.Multimodal",
     rpcs=frozenset({"GenerateImage", "Caption", "Infill"}),
     handlers=MultimodalHandlers,
-    add_to_server="serving.grpc_services.add_Multimodal_to_server",
+    add_to_server="patchwork.serving.grpc_services.add_Multimodal_to_server",
 )

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 
-from serving.config import APP_NAME, GATEWAY
+from patchwork.serving.config import APP_NAME, GATEWAY
 
 
 def connect() -> None:
-    from serving.cluster import connect as connect_to_cluster
+    from patchwork.serving.cluster import connect as connect_to_cluster
 
     connect_to_cluster(logging_level="ERROR", log_to_driver=False)
 
@@ -42,7 +42,7 @@ def scale(deployment: str, replicas: int, timeout_s: float = 300.0) -> int:
     """Sets a fixed replica count and waits until that many replicas run.
     Ray Serve applies it in place: running replicas keep serving, in-flight
     requests finish (scale-down drains a replica before stopping it)."""
-    from serving.deploy import apply, running_config, with_replicas
+    from patchwork.serving.deploy import apply, running_config, with_replicas
 
     connect()
     apply(with_replicas(running_config(), deployment, replicas))
@@ -87,7 +87,7 @@ def drain(grace_s: float, timeout_s: float = 60.0) -> float:
     a replica being stopped waits that long for its requests. Ray Serve
     applies it to the running replicas in place. Returns the drain's deadline
     (a Unix time)."""
-    from serving.deploy import apply, running_config, with_drain
+    from patchwork.serving.deploy import apply, running_config, with_drain
 
     connect()
     until = time.time() + grace_s
@@ -98,7 +98,7 @@ def drain(grace_s: float, timeout_s: float = 60.0) -> float:
 
 def resume(timeout_s: float = 60.0) -> None:
     """Ends a drain: the replicas serve new requests again."""
-    from serving.deploy import apply, running_config, with_drain
+    from patchwork.serving.deploy import apply, running_config, with_drain
 
     connect()
     apply(with_drain(running_config(), None, drain_grace()))
@@ -107,7 +107,7 @@ def resume(timeout_s: float = 60.0) -> None:
 
 def drain_grace() -> float:
     """The drain grace period of the running setup."""
-    from serving.deploy import running_config
+    from patchwork.serving.deploy import running_config
 
     return float(running_config()["applications"][0]["args"]["config"]["drain_grace_s"])
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from engines.wav import SAMPLE_RATE, MediaError, read_wav, resample
-from serving.config import Limits
-from serving.validation import InvalidArgument
+from patchwork.engines.wav import SAMPLE_RATE, MediaError, read_wav, resample
+from patchwork.serving.config import Limits
+from patchwork.serving.validation import InvalidArgument
 
 
 def checked_sound(samples: np.ndarray, rate: int, field: str, limits: Limits, rate_field: str | None = None) -> np.ndarray:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from engines.api import SamplingParams
-from serving.config import Limits
+from patchwork.engines.api import SamplingParams
+from patchwork.serving.config import Limits
 
 
 class InvalidArgument(Exception):

@@ -7,6 +7,7 @@ import os
 # Triton kernels run on CPU tensors through the interpreter; set before triton loads.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import random
 import socket
 import subprocess
 import sys
@@ -16,18 +17,29 @@ import grpc
 import pytest
 import torch
 
-from engines.blt.config import BltConfig, HashEmbeddingConfig
-from engines.layers import TransformerConfig
+from patchwork.engines.blt.config import BltConfig, HashEmbeddingConfig
+from patchwork.engines.layers import TransformerConfig
 
 REPO = Path(__file__).resolve().parent.parent
+# The `patchwork` command of the environment running the tests.
+PATCHWORK = [str(Path(sys.executable).with_name("patchwork"))]
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "stops_serve: stops and restarts Ray Serve; runs after every other test")
+# What a test needs, said by a marker that collection adds from the fixtures it uses:
+# `make test-fast` runs the tests that need neither.
+NEEDS = {
+    "checkpoints": {"tiny_checkpoint", "cm3leon_checkpoint", "mot_checkpoint", "mavil_checkpoints"},
+    "server": {"ray_cluster"},
+}
 
 
 def pytest_collection_modifyitems(items):
-    """Tests that stop Ray Serve run last, so no other test sees the restart."""
+    """Marks each test with what it needs; tests that stop Ray Serve run last,
+    so no other test sees the restart."""
+    for item in items:
+        for marker, fixtures in NEEDS.items():
+            if fixtures & set(getattr(item, "fixturenames", ())):
+                item.add_marker(marker)
     items.sort(key=lambda item: item.get_closest_marker("stops_serve") is not None)
 
 
@@ -48,7 +60,7 @@ def small_blt_config(window: int = 16, **updates) -> BltConfig:
 
 def random_blt(seed: int = 0, window: int = 16, **updates):
     """A randomly initialised BLT (see ``small_blt_config``)."""
-    from engines.blt.model import BltModel
+    from patchwork.engines.blt.model import BltModel
 
     torch.manual_seed(seed)
     model = BltModel(small_blt_config(window, **updates))
@@ -61,7 +73,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     """The tiny preset, trained once per session through the real CLI."""
     out = tmp_path_factory.mktemp("checkpoints") / "tiny"
     subprocess.run(
-        [sys.executable, "-m", "training", "blt", "--preset", "tiny", "--out", str(out)],
+        [*PATCHWORK, "train", "blt", "--preset", "tiny", "--out", str(out)],
         check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1200,
     )
     return out
@@ -70,8 +82,8 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def cm3leon_checkpoint(tmp_path_factory) -> tuple[Path, dict[str, float]]:
     """CM3Leon's tiny preset, trained once per session; its path and metrics."""
-    from training.cm3leon.presets import PRESETS
-    from training.cm3leon.train import train_cm3leon
+    from patchwork.training.cm3leon.presets import PRESETS
+    from patchwork.training.cm3leon.train import train_cm3leon
 
     out = tmp_path_factory.mktemp("cm3leon") / "cm3leon-tiny"
     return out, train_cm3leon(PRESETS["tiny"](), out, command="tests")
@@ -81,8 +93,8 @@ def cm3leon_checkpoint(tmp_path_factory) -> tuple[Path, dict[str, float]]:
 def mot_checkpoint(tmp_path_factory) -> tuple[Path, dict[str, float]]:
     """CM3Leon's mot-tiny preset (a Mixture-of-Transformers backbone, trained
     on text, images and sound), trained once per session; its path and metrics."""
-    from training.cm3leon.presets import PRESETS
-    from training.cm3leon.train import train_cm3leon
+    from patchwork.training.cm3leon.presets import PRESETS
+    from patchwork.training.cm3leon.train import train_cm3leon
 
     out = tmp_path_factory.mktemp("mot") / "mot-tiny"
     return out, train_cm3leon(PRESETS["mot-tiny"](), out, command="tests")
@@ -94,7 +106,7 @@ def mavil_checkpoints(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("mavil")
     stage_one, stage_two = root / "mavil-stage1", root / "mavil-stage2"
     for stage, out, teacher in ((1, stage_one, []), (2, stage_two, ["--teacher", str(stage_one)])):
-        subprocess.run([sys.executable, "-m", "training", "mavil", "--stage", str(stage), "--preset", "tiny",
+        subprocess.run([*PATCHWORK, "train", "mavil", "--stage", str(stage), "--preset", "tiny",
                         "--out", str(out), *teacher], check=True, cwd=REPO, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, timeout=1200)
     return stage_one, stage_two
@@ -103,9 +115,9 @@ def mavil_checkpoints(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def mavil_engine(mavil_checkpoints):
     """The stage-2 tiny checkpoint (the one the test server serves), loaded here."""
-    import engines
+    from patchwork.engines.loading import load
 
-    engine = engines.load(mavil_checkpoints[1])
+    engine = load(mavil_checkpoints[1])
     yield engine
     engine.close()
 
@@ -113,16 +125,27 @@ def mavil_engine(mavil_checkpoints):
 @pytest.fixture(scope="session")
 def mavil_world(mavil_engine):
     """The audio-video world at the tiny checkpoint's clip length, frame count and size."""
-    from training.avworld import AudioVideoWorld
+    from patchwork.training.avworld import AudioVideoWorld
 
     video, audio = mavil_engine.config.video, mavil_engine.config.audio
     return AudioVideoWorld(seed=0, frames=video.frames, image_size=video.image_size, seconds=audio.seconds)
 
 
+_PORTS = random.Random()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, below the kernel's ephemeral range: a process that binds
+    port 0 (Ray starts many) is never handed it before the test server binds it."""
+    ephemeral_start = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        port = _PORTS.randrange(10_000, ephemeral_start)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
 
 
 AUTH_TOKEN = "patchwork-test-token"
@@ -146,11 +169,11 @@ class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterc
 
 @pytest.fixture(scope="session")
 def ray_cluster(serving_config):
-    """One Ray cluster for the session, started as `python -m serving up`
+    """One Ray cluster for the session, started as `patchwork serve up`
     starts it; returns its Prometheus metrics port."""
     import ray
 
-    from serving import cluster
+    from patchwork.serving import cluster
 
     # Replicas inherit the environment of the cluster: the gateway finds the
     # token there, and metrics reach the exporter every second.
@@ -188,9 +211,8 @@ def serving_config(tiny_checkpoint, cm3leon_checkpoint, mot_checkpoint, mavil_ch
     gateway's replica itself (no hop to a model deployment)."""
     import shutil
 
-    from engines.scheduler import SchedulerConfig
-    from serving.config import ActorOptions, DeploymentOptions, Limits, ServingConfig
-
+    from patchwork.engines.scheduler import SchedulerConfig
+    from patchwork.serving.config import ActorOptions, DeploymentOptions, Limits, ServingConfig
     from tests.echo_family import write_checkpoint
 
     for name in (WIDE_MODEL, BOUNDED_MODEL, IN_GATEWAY_MODEL):
@@ -238,9 +260,9 @@ def serving_config(tiny_checkpoint, cm3leon_checkpoint, mot_checkpoint, mavil_ch
 @pytest.fixture(scope="session")
 def grpc_target(ray_cluster, serving_config) -> str:
     """host:port of the Patchwork application serving the tiny checkpoint,
-    deployed from its Ray Serve config file as `python -m serving up` does."""
-    from serving.app import discover_checkpoints
-    from serving.deploy import apply, deploy_config
+    deployed from its Ray Serve config file as `patchwork serve up` does."""
+    from patchwork.serving.app import discover_checkpoints
+    from patchwork.serving.deploy import apply, deploy_config
 
     apply(deploy_config(serving_config, list(discover_checkpoints(serving_config.checkpoints, serving_config.families))))
     target = f"127.0.0.1:{serving_config.direct_grpc_port}"  # the gateway replica's own port (direct ingress)
@@ -262,9 +284,8 @@ def wait_serving(target: str, timeout_s: float) -> float:
 
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from patchwork.serving.ops import polling_channel
     from tests.helpers import wait_until
-
-    from serving.ops import polling_channel
 
     start = time.monotonic()
     with polling_channel(target) as channel:

@@ -1,6 +1,6 @@
 """A throwaway model family that keeps the engine contract with nothing but
 the public pieces: it echoes its prompt back, each byte shifted by the one
-weight it has. Registered through ``engines.registry.register``, written as
+weight it has. Registered through ``patchwork.engines.registry.register``, written as
 an ordinary checkpoint, and served beside BLT by the same application: it
 answers ByteLM's generation RPCs and a service of its own,
 ``patchwork.test.Echo/Reverse`` (a ``google.protobuf.Struct`` with ``text``
@@ -13,13 +13,23 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from engines.api import EngineStats, FinishReason, Generation, ModelInfo, Prompt, SamplingParams, Usage, text_of
-from engines.checkpoint import Manifest, TrainingRecord, save_checkpoint
-from engines.registry import BYTELM_SERVICE, GENERATION_RPCS, Family
-from engines.scheduler import Scheduler, SchedulerConfig
-from serving.gateway import abort, model_errors, parse
-from serving.grpc_services import GrpcService
-from serving.model_server import ModelServer
+from patchwork.engines.api import (
+    EngineStats,
+    FinishReason,
+    Generation,
+    ModelInfo,
+    Prompt,
+    SamplingParams,
+    Usage,
+    text_of,
+)
+from patchwork.engines.checkpoint import Manifest, TrainingRecord, save_checkpoint
+from patchwork.engines.registry import Family
+from patchwork.engines.scheduler import Scheduler, SchedulerConfig
+from patchwork.serving.families import BYTELM_SERVICE, GENERATION_RPCS, ServedFamily
+from patchwork.serving.gateway import abort, model_errors, parse
+from patchwork.serving.grpc_services import GrpcService
+from patchwork.serving.model_server import ModelServer
 
 START = 256  # the symbol before every prompt
 
@@ -149,9 +159,9 @@ class EchoHandlers:
 SERVICE = GrpcService(name="patchwork.test.Echo", rpcs=frozenset({"Reverse"}), handlers=EchoHandlers,
                       add_to_server="tests.echo_service.add_Echo_to_server")
 
-FAMILY = Family(name="echo", config_type=EchoConfig, format_version=1, build_engine=build_engine,
-                services=(BYTELM_SERVICE, "tests.echo_family:SERVICE"), rpcs=GENERATION_RPCS | {"Reverse"},
-                deployment="tests.echo_family:EchoServer")
+FAMILY = Family(name="echo", config_type=EchoConfig, format_version=1, build_engine=build_engine)
+SERVING = ServedFamily(services=(BYTELM_SERVICE, "tests.echo_family:SERVICE"), rpcs=GENERATION_RPCS | {"Reverse"},
+                       deployment="tests.echo_family:EchoServer")
 
 
 def write_checkpoint(path, shift: int) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import grpc
 
-from serving.grpc_services import register
+from patchwork.serving.grpc_services import register
 
 
 def add_Echo_to_server(servicer, server) -> None:  # noqa: N802 (gRPC naming)

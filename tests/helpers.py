@@ -10,10 +10,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
-from engines.api import Generation, SamplingParams
-from engines.blt.engine import BltEngine
-from engines.scheduler import SchedulerConfig
-from kernels import dispatch
+from patchwork.engines.api import Generation, SamplingParams
+from patchwork.engines.blt.engine import BltEngine
+from patchwork.engines.scheduler import SchedulerConfig
+from patchwork.kernels import dispatch
 from tests.conftest import random_blt
 
 T = TypeVar("T")

@@ -6,7 +6,6 @@ import io
 import json
 import re
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -14,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engines.mavil.engine import Clip
-from engines.wav import resample, wav_bytes
-from tests.conftest import AUTH_TOKEN, MAVIL_MODEL, REPO
-from training.avworld import LABELS
-from training.mavil.train import HELDOUT_START
+from patchwork.engines.mavil.engine import Clip
+from patchwork.engines.wav import resample, wav_bytes
+from patchwork.training.avworld import LABELS
+from patchwork.training.mavil.train import HELDOUT_START
+from tests.conftest import AUTH_TOKEN, MAVIL_MODEL, PATCHWORK, REPO
 
 
 @pytest.fixture(scope="module")
@@ -202,13 +201,13 @@ def test_bad_requests_of_each_rpc_name_the_field(av, apb2, world, stub):
 
 
 def test_the_client_embeds_classifies_and_retrieves(grpc_target, tmp_path, world):
-    from training.avworld.files import write_clip
+    from patchwork.training.avworld.files import write_clip
 
     directory = write_clip(tmp_path, world[HELDOUT_START + 5])
     frames = sorted(str(p) for p in directory.glob("frame_*.png"))
 
     def client(*args):
-        run = subprocess.run([sys.executable, "-m", "serving", "client", "--target", grpc_target, "--token",
+        run = subprocess.run([*PATCHWORK, "client", "--target", grpc_target, "--token",
                               AUTH_TOKEN, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr
         return run
@@ -219,14 +218,14 @@ def test_the_client_embeds_classifies_and_retrieves(grpc_target, tmp_path, world
     assert len(classified.stdout.splitlines()) == 2 and "head=fused" in classified.stderr
     retrieved = client("retrieve", "--index", "heldout", "--wav", str(directory / "audio.wav"))
     assert len(retrieved.stdout.splitlines()) == 5 and "searched=video" in retrieved.stderr
-    nothing = subprocess.run([sys.executable, "-m", "serving", "client", "--target", grpc_target, "embed"],
+    nothing = subprocess.run([*PATCHWORK, "client", "--target", grpc_target, "embed"],
                              cwd=REPO, capture_output=True, text=True, timeout=300)
     assert nothing.returncode != 0 and "give the clip's --wav and/or --frames" in nothing.stderr
 
 
 def test_the_speed_benchmark_runs_against_a_server(grpc_target, mavil_checkpoints, tmp_path):
     out = tmp_path / "bench.json"
-    run = subprocess.run([sys.executable, "-m", "engines.mavil.bench", "--checkpoint", str(mavil_checkpoints[1]),
+    run = subprocess.run([*PATCHWORK, "bench", "mavil", "--checkpoint", str(mavil_checkpoints[1]),
                           "--clips", "8", "--target", grpc_target, "--model", MAVIL_MODEL, "--token", AUTH_TOKEN,
                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr

@@ -4,17 +4,17 @@ clip directories on disk."""
 
 import random
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from engines.wav import read_wav
-from training.avworld import LABELS, SAMPLE_RATE, AudioVideoWorld, Motion
-from training.avworld.files import clip_files, write_clip
-from training.avworld.world import TRAVEL, render_frames, synthesize
+from patchwork.engines.wav import read_wav
+from patchwork.training.avworld import LABELS, SAMPLE_RATE, AudioVideoWorld, Motion
+from patchwork.training.avworld.files import clip_files, write_clip
+from patchwork.training.avworld.world import TRAVEL, render_frames, synthesize
+from tests.conftest import PATCHWORK
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -96,10 +96,10 @@ def test_clip_directories_round_trip(tmp_path):
 
 
 def test_the_world_command_writes_clips_and_refuses_bad_input(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "training.avworld", "--out", str(tmp_path), "--count", "2",
+    run = subprocess.run([*PATCHWORK, "avworld", "--out", str(tmp_path), "--count", "2",
                           "--start", "7"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["000007", "000008"]
-    bad = subprocess.run([sys.executable, "-m", "training.avworld", "--out", str(tmp_path), "--count", "1",
+    bad = subprocess.run([*PATCHWORK, "avworld", "--out", str(tmp_path), "--count", "1",
                           "--start", "-1"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--start must be at least 0" in bad.stderr

@@ -2,15 +2,14 @@
 
 import json
 import subprocess
-import sys
 
-from tests.conftest import REPO
+from tests.conftest import PATCHWORK, REPO
 
 
 def test_the_benchmark_runs_and_reports_every_measurement(tiny_checkpoint, tmp_path):
     out = tmp_path / "bench.json"
     run = subprocess.run(
-        [sys.executable, "-m", "engines.blt.bench", "--checkpoint", str(tiny_checkpoint), "--new-bytes", "24",
+        [*PATCHWORK, "bench", "blt", "--checkpoint", str(tiny_checkpoint), "--new-bytes", "24",
          "--streams", "3", "--prompt-bytes", "16", "--long-prompt-bytes", "300", "--device", "cpu", "--dtype", "float32",
          "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=600,

@@ -3,10 +3,18 @@
 import pytest
 from tokenizers import Tokenizer, models
 
-from engines.cm3leon.tokenizer import (
-    BREAK, EOS, IMAGE_END, IMAGE_START, MAX_SPANS, SPECIALS, TextTokenizer, sentinel,
+from patchwork.engines.cm3leon.tokenizer import (
+    BREAK,
+    EOS,
+    IMAGE_END,
+    IMAGE_START,
+    MAX_SPANS,
+    SPECIALS,
+    TextTokenizer,
+    sentinel,
 )
-from training.imageworld import ImageWorld
+from patchwork.training.imageworld import ImageWorld
+from tests.conftest import PATCHWORK
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +58,7 @@ def test_specials_keep_their_ids_through_the_checkpoints_json(text_tokenizer):
 
 def unmask(sequence):
     """The document a CM3 sequence was made from (the inverse of ``objective.mask``)."""
-    from engines.cm3leon.tokenizer import EOS, MAX_SPANS, sentinel
+    from patchwork.engines.cm3leon.tokenizer import EOS, MAX_SPANS, sentinel
 
     assert sequence[-1] == EOS
     sentinels = {sentinel(i): i for i in range(MAX_SPANS)}
@@ -70,8 +78,8 @@ def unmask(sequence):
 def test_cm3_moves_spans_inside_one_part_to_the_end_and_back():
     import random
 
-    from engines.cm3leon.tokenizer import BREAK, IMAGE_END, IMAGE_START, sentinel
-    from training.cm3leon.objective import cm3, document, mask, pick_spans, span_count
+    from patchwork.engines.cm3leon.tokenizer import BREAK, IMAGE_END, IMAGE_START, sentinel
+    from patchwork.training.cm3leon.objective import cm3, document, mask, pick_spans, span_count
 
     caption, image = [100, 101, 102, 103], [500 + i for i in range(16)]
     tokens, parts = document(caption, image, image_first=False)
@@ -101,9 +109,9 @@ def test_cm3_moves_spans_inside_one_part_to_the_end_and_back():
 
 
 def test_a_dropped_condition_is_what_the_unconditional_stream_reads():
-    from engines.cm3leon.prompts import caption_prompt, image_prompt
-    from engines.cm3leon.tokenizer import IMAGE_END
-    from training.cm3leon.objective import document
+    from patchwork.engines.cm3leon.prompts import caption_prompt, image_prompt
+    from patchwork.engines.cm3leon.tokenizer import IMAGE_END
+    from patchwork.training.cm3leon.objective import document
 
     caption, image, alt = [100, 101, 102], [500 + i for i in range(16)], [300, 301]
     tokens, parts = document(caption, image, image_first=False, condition_dropped=True)
@@ -120,12 +128,12 @@ def test_training_sequences_drop_conditions_at_the_configured_rate(cm3leon_check
 
     import torch
 
-    import engines
-    from engines.cm3leon.tokenizer import MASK
-    from training.cm3leon.train import sequences
+    from patchwork.engines.cm3leon.tokenizer import MASK
+    from patchwork.engines.loading import load
+    from patchwork.training.cm3leon.train import sequences
 
     path, _ = cm3leon_checkpoint
-    engine = engines.load(path)
+    engine = load(path)
     try:
         examples = ImageWorld(seed=9).take(64)
         captions = [engine.tokenizer.encode(e.caption) for e in examples]
@@ -156,7 +164,7 @@ def test_training_sequences_drop_conditions_at_the_configured_rate(cm3leon_check
 def test_guidance_follows_the_papers_equations():
     import torch
 
-    from engines.cm3leon.guidance import classifier_free, contrastive
+    from patchwork.kernels.guidance import classifier_free, contrastive
 
     torch.manual_seed(0)
     cond, uncond = torch.randn(3, 40), torch.randn(3, 40)
@@ -190,7 +198,7 @@ def test_the_image_tokenizer_maps_images_to_a_code_grid_and_back():
     import numpy as np
     import torch
 
-    from engines.cm3leon.vqvae import VqConfig, VqVae
+    from patchwork.engines.cm3leon.vqvae import VqConfig, VqVae
 
     torch.manual_seed(0)
     model = VqVae(VqConfig(channels=8, codes=16, code_dim=4))
@@ -214,7 +222,7 @@ def test_training_writes_a_checkpoint_that_learned(cm3leon_checkpoint):
     import json
     import math
 
-    from engines.checkpoint import read_manifest
+    from patchwork.engines.checkpoint import read_manifest
 
     path, metrics = cm3leon_checkpoint
     manifest = read_manifest(path)
@@ -229,12 +237,11 @@ def test_training_writes_a_checkpoint_that_learned(cm3leon_checkpoint):
 
 def test_the_training_command_line_trains_a_checkpoint(tmp_path):
     import subprocess
-    import sys
-
+    
     from tests.conftest import REPO
 
     out = tmp_path / "cli"
-    run = subprocess.run([sys.executable, "-m", "training", "cm3leon", "--preset", "tiny", "--steps", "2",
+    run = subprocess.run([*PATCHWORK, "train", "cm3leon", "--preset", "tiny", "--steps", "2",
                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "heldout_loss:" in run.stdout and (out / "tokenizer.json").is_file()
@@ -243,8 +250,8 @@ def test_the_training_command_line_trains_a_checkpoint(tmp_path):
 def test_a_checkpoint_without_its_tokenizer_is_refused(cm3leon_checkpoint, tmp_path):
     import shutil
 
-    import engines
-    from engines.checkpoint import CheckpointError, read_manifest
+    from patchwork.engines.checkpoint import CheckpointError, read_manifest
+    from patchwork.engines.loading import load
 
     path, _ = cm3leon_checkpoint
     broken = tmp_path / "broken"
@@ -253,19 +260,19 @@ def test_a_checkpoint_without_its_tokenizer_is_refused(cm3leon_checkpoint, tmp_p
     (broken / "manifest.json").write_text(manifest.model_copy(update={"files": {
         k: v for k, v in manifest.files.items() if k != "tokenizer.json"}}).model_dump_json())
     with pytest.raises(CheckpointError, match=r"needs its text tokenizer \(tokenizer.json\)"):
-        engines.load(broken)
+        load(broken)
 
 
 def _engine(path, **scheduler):
-    import engines
-    from engines.scheduler import SchedulerConfig
+    from patchwork.engines.loading import load
+    from patchwork.engines.scheduler import SchedulerConfig
 
-    return engines.load(path, scheduler=SchedulerConfig(**scheduler))
+    return load(path, scheduler=SchedulerConfig(**scheduler))
 
 
 def test_batched_guided_generation_matches_the_reference_token_for_token(cm3leon_checkpoint):
-    from engines.cm3leon.decoding import Cm3Params, Guidance
-    from engines.cm3leon.reference import generate_reference
+    from patchwork.engines.cm3leon.decoding import Cm3Params, Guidance
+    from patchwork.engines.cm3leon.reference import generate_reference
     from tests.helpers import admitted_together
 
     path, _ = cm3leon_checkpoint
@@ -309,10 +316,10 @@ def test_batched_guided_generation_matches_the_reference_token_for_token(cm3leon
 
 
 def test_infilling_writes_the_masked_spans_after_their_sentinels(cm3leon_checkpoint):
-    from engines.api import InvalidRequest, RequestTooLarge
-    from engines.cm3leon.decoding import Cm3Params
-    from engines.cm3leon.reference import generate_reference
-    from engines.cm3leon.tokenizer import sentinel
+    from patchwork.engines.api import InvalidRequest, RequestTooLarge
+    from patchwork.engines.cm3leon.decoding import Cm3Params
+    from patchwork.engines.cm3leon.reference import generate_reference
+    from patchwork.engines.cm3leon.tokenizer import sentinel
 
     path, _ = cm3leon_checkpoint
     engine = _engine(path, max_batch_size=2)
@@ -342,10 +349,10 @@ def test_infilling_writes_the_masked_spans_after_their_sentinels(cm3leon_checkpo
 
 
 def test_spans_are_read_back_by_their_sentinels(cm3leon_checkpoint):
-    from engines.api import FinishReason, Generation, Usage
-    from engines.cm3leon.engine import Cm3Details
-    from engines.cm3leon.prompts import Task
-    from engines.cm3leon.tokenizer import sentinel
+    from patchwork.engines.api import FinishReason, Generation, Usage
+    from patchwork.engines.cm3leon.engine import Cm3Details
+    from patchwork.engines.cm3leon.prompts import Task
+    from patchwork.engines.cm3leon.tokenizer import sentinel
 
     path, _ = cm3leon_checkpoint
     engine = _engine(path, max_batch_size=1)
@@ -360,7 +367,7 @@ def test_spans_are_read_back_by_their_sentinels(cm3leon_checkpoint):
 
 
 def test_an_alt_text_follows_the_image_and_samples_are_scored_by_their_caption(cm3leon_checkpoint):
-    from engines.cm3leon.decoding import Cm3Params
+    from patchwork.engines.cm3leon.decoding import Cm3Params
 
     path, _ = cm3leon_checkpoint
     engine = _engine(path, max_batch_size=2)
@@ -396,9 +403,9 @@ def test_the_retriever_learns_to_pair_captions_with_images_and_skips_near_duplic
     import numpy as np
     import torch
 
-    from engines.cm3leon.retrieval import DualEncoder, MemoryBank, RetrievalConfig
-    from engines.cm3leon.vqvae import VqConfig, VqVae
-    from training.loop import Schedule, fit
+    from patchwork.engines.cm3leon.retrieval import DualEncoder, MemoryBank, RetrievalConfig
+    from patchwork.engines.cm3leon.vqvae import VqConfig, VqVae
+    from patchwork.training.loop import Schedule, fit
 
     torch.manual_seed(0)
     world = ImageWorld(seed=4)
@@ -443,7 +450,7 @@ def test_the_retriever_learns_to_pair_captions_with_images_and_skips_near_duplic
 
 
 def test_a_request_gets_the_retrieved_documents_it_asks_for(cm3leon_checkpoint):
-    from engines.api import InvalidRequest
+    from patchwork.engines.api import InvalidRequest
 
     path, _ = cm3leon_checkpoint
     engine = _engine(path, max_batch_size=1)
@@ -472,7 +479,7 @@ def test_the_evaluation_runs_and_reports_every_measurement(cm3leon_checkpoint, t
 
     from PIL import Image
 
-    from training.cm3leon.evaluate import UNCONDITIONAL, main, modes
+    from patchwork.training.cm3leon.evaluate import UNCONDITIONAL, main, modes
 
     path, _ = cm3leon_checkpoint
     out = tmp_path / "report.json"
@@ -494,8 +501,8 @@ def test_the_evaluation_runs_and_reports_every_measurement(cm3leon_checkpoint, t
 
 
 def test_attribute_accuracy_counts_the_facts_the_parser_finds():
-    from training.cm3leon.evaluate import attribute_accuracy, precision_recall
-    from training.imageworld import Scene, Shape, render
+    from patchwork.training.cm3leon.evaluate import attribute_accuracy, precision_recall
+    from patchwork.training.imageworld import Scene, Shape, render
 
     prompt = Scene((Shape("circle", "red", "large", 0), Shape("square", "blue", "small", 3)))
     assert attribute_accuracy(prompt, render(prompt)) == 1.0

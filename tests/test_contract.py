@@ -3,14 +3,21 @@
 import pytest
 import torch
 
-import engines
-from engines.api import (
-    EngineStats, FinishReason, Generation, GenerativeEngine, ModelInfo, RequestTooLarge, SamplingParams, Usage,
+from patchwork.engines.api import (
+    EngineStats,
+    FinishReason,
+    Generation,
+    GenerativeEngine,
+    ModelInfo,
+    RequestTooLarge,
+    SamplingParams,
+    Usage,
 )
-from engines.blt.reference import BltDetails
-from engines.layers import CrossAttention
-from engines.registry import register
-from engines.scheduler import SchedulerConfig
+from patchwork.engines.blt.reference import BltDetails
+from patchwork.engines.layers import CrossAttention
+from patchwork.engines.loading import load
+from patchwork.engines.registry import register
+from patchwork.engines.scheduler import SchedulerConfig
 from tests import echo_family
 from tests.helpers import admitted_together, make_engine
 
@@ -64,7 +71,7 @@ def echo_checkpoint(tmp_path_factory):
 
 
 def test_a_family_defined_outside_the_engines_loads_and_generates_through_the_shared_scheduler(echo_checkpoint):
-    engine = engines.load(echo_checkpoint, scheduler=SchedulerConfig(max_batch_size=2, max_sequence_bytes=64))
+    engine = load(echo_checkpoint, scheduler=SchedulerConfig(max_batch_size=2, max_sequence_bytes=64))
     try:
         assert engine.describe() == ModelInfo(name="echo", family="echo", config={"family": "echo", "format_version": 1},
                                               metrics={"shift": 3.0})
@@ -87,7 +94,7 @@ def test_a_family_defined_outside_the_engines_loads_and_generates_through_the_sh
 
 
 def test_a_family_name_cannot_be_taken_twice():
-    with pytest.raises(ValueError, match="'blt' is already defined by engines.blt.engine"):
+    with pytest.raises(ValueError, match="'blt' is already defined by patchwork.engines.blt.engine"):
         register({"blt": "tests.echo_family"})
 
 
@@ -151,22 +158,21 @@ def test_a_family_answers_a_service_of_its_own_from_a_deployment_class_of_its_ow
 
 
 def test_services_are_checked_against_their_handlers_and_the_families_that_name_them():
-    from engines.registry import Family
-    from serving.bytelm import ByteLMHandlers
-    from serving.grpc_services import GrpcService, services_of
+    from patchwork.serving.bytelm import ByteLMHandlers
+    from patchwork.serving.families import ServedFamily
+    from patchwork.serving.grpc_services import GrpcService, services_of
 
     with pytest.raises(ValueError, match="ByteLMHandlers does not answer x.Y's Reverse"):
         GrpcService(name="x.Y", rpcs=frozenset({"Reverse"}), handlers=ByteLMHandlers, add_to_server="x.add")
-    stray = Family(name="stray", config_type=echo_family.EchoConfig, format_version=1,
-                   build_engine=echo_family.build_engine, rpcs=frozenset({"Generate", "Reverse"}))
+    stray = ServedFamily(rpcs=frozenset({"Generate", "Reverse"}))
     with pytest.raises(ValueError, match=r"family stray serves \['Reverse'\], which none of its services has"):
-        services_of([stray])
-    assert [service.name for service in services_of([echo_family.FAMILY])] == ["patchwork.test.Echo",
-                                                                              "patchwork.v1.ByteLM"]
+        services_of({"stray": stray})
+    assert [service.name for service in services_of({"echo": echo_family.SERVING})] == ["patchwork.test.Echo",
+                                                                                       "patchwork.v1.ByteLM"]
 
 
 def test_prompts_may_be_typed_segments_and_a_family_refuses_what_it_does_not_read():
-    from engines.api import InvalidRequest, Modality, Segment
+    from patchwork.engines.api import InvalidRequest, Modality, Segment
 
     engine = make_engine()
     try:
@@ -181,7 +187,7 @@ def test_prompts_may_be_typed_segments_and_a_family_refuses_what_it_does_not_rea
 
 
 def test_patch_facts_reach_the_wire_only_from_families_that_patch():
-    from engines.api import PatchedOutput
+    from patchwork.engines.api import PatchedOutput
 
     assert isinstance(BltDetails(patch_lengths=[1, 2], global_steps=3), PatchedOutput)
     assert not isinstance(None, PatchedOutput)  # the echo family has no details
@@ -193,8 +199,8 @@ def test_the_proxy_registers_services_without_importing_the_models():
     import subprocess
     import sys
 
-    from serving.config import ServingConfig
-    from serving.deploy import deploy_config
+    from patchwork.serving.config import ServingConfig
+    from patchwork.serving.deploy import deploy_config
     from tests.conftest import REPO
 
     register({"echo": "tests.echo_family"})
@@ -203,7 +209,7 @@ def test_the_proxy_registers_services_without_importing_the_models():
     assert "tests.echo_service.add_Echo_to_server" in functions
     imports = "; ".join(f"import {path.rsplit('.', 1)[0]}" for path in functions)
     check = subprocess.run([sys.executable, "-c", f"import sys; {imports}; print(sorted(m for m in sys.modules "
-                            f"if m.split('.')[0] in ('torch', 'engines', 'numpy')))"],
+                            f"if m.split('.')[0] in ('torch', 'numpy') or m.startswith('patchwork.engines.')))"],
                            cwd=REPO, capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, check.stderr
     assert check.stdout.strip() == "[]"

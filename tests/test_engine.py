@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engines.api import FinishReason, Generation, SamplingParams
-from engines.blt.config import EOS_ID, OFFSET
-from engines.blt.engine import BltEngine
-from engines.blt.patching import patch_ids_from_starts
-from engines.blt.reference import prompt_tokens
+from patchwork.engines.api import FinishReason, Generation, SamplingParams
+from patchwork.engines.blt.config import EOS_ID, OFFSET
+from patchwork.engines.blt.engine import BltEngine
+from patchwork.engines.blt.patching import patch_ids_from_starts
+from patchwork.engines.blt.reference import prompt_tokens
 from tests.conftest import random_blt
 
 

@@ -1,7 +1,12 @@
 import torch
 
-from engines.blt.hashing import (
-    PRIMES, hash_table_ids, last_hash_table_ids, last_position_coefficients, ngram_hash_ids, rolling_hash,
+from patchwork.kernels.hash_embedding import (
+    PRIMES,
+    hash_table_ids,
+    last_hash_table_ids,
+    last_position_coefficients,
+    ngram_hash_ids,
+    rolling_hash,
 )
 
 

@@ -4,18 +4,17 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-import engines
-from engines.api import SamplingParams
-from engines.blt.convert_hf import HF_DEFAULTS, HF_SECTION_DEFAULTS, ConversionError, config_from_hf, load_hf
-from engines.blt.patching import patch_ids_from_starts
-from tests.conftest import REPO
+from patchwork.engines.api import SamplingParams
+from patchwork.engines.blt.convert_hf import HF_DEFAULTS, HF_SECTION_DEFAULTS, ConversionError, config_from_hf, load_hf
+from patchwork.engines.blt.patching import patch_ids_from_starts
+from patchwork.engines.loading import load
+from tests.conftest import PATCHWORK, REPO
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +93,10 @@ def test_greedy_generation_matches_uncached_transformers(hf_model, hf_dir, seed)
 
 def test_converter_writes_a_verified_patchwork_checkpoint(hf_dir, tmp_path):
     out = tmp_path / "converted"
-    result = subprocess.run([sys.executable, "-m", "engines.blt.convert_hf", str(hf_dir), str(out)],
+    result = subprocess.run([*PATCHWORK, "hf", "import", str(hf_dir), str(out)],
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    engine = engines.load(out)
+    engine = load(out)
     direct = load_hf(hf_dir)
     assert engine.config == direct.config
     assert engine.config.local_decoder.window == 12 and engine.config.entropy_model.window == 10
@@ -107,7 +106,7 @@ def test_converter_writes_a_verified_patchwork_checkpoint(hf_dir, tmp_path):
 
 
 def run_converter(hf_dir, out) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engines.blt.convert_hf", str(hf_dir), str(out)],
+    return subprocess.run([*PATCHWORK, "hf", "import", str(hf_dir), str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
 
 

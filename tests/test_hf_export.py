@@ -3,24 +3,23 @@ transformers what they compute in the engine."""
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
 import transformers
 
-import engines
-from engines.api import SamplingParams
-from engines.blt.config import PatchingConfig
-from engines.blt.convert_hf import ConversionError, config_from_hf, hf_name, load_hf
-from engines.blt.export_hf import config_to_hf, export
-from engines.blt.hf_peer import TransformersPeer
-from tests.conftest import REPO
+from patchwork.engines.api import SamplingParams
+from patchwork.engines.blt.config import PatchingConfig
+from patchwork.engines.blt.convert_hf import ConversionError, config_from_hf, hf_name, load_hf
+from patchwork.engines.blt.export_hf import config_to_hf, export
+from patchwork.engines.blt.hf_peer import TransformersPeer
+from patchwork.engines.loading import load
+from tests.conftest import PATCHWORK, REPO
 
 
 @pytest.fixture(scope="module")
 def tiny_engine(tiny_checkpoint):
-    engine = engines.load(tiny_checkpoint)
+    engine = load(tiny_checkpoint)
     yield engine
     engine.close()
 
@@ -72,7 +71,7 @@ def test_settings_transformers_cannot_express_are_refused(tiny_engine):
 
 
 def test_the_export_cli_writes_a_directory_and_names_a_bad_checkpoint(tiny_checkpoint, tmp_path):
-    command = [sys.executable, "-m", "engines.blt.export_hf"]
+    command = [*PATCHWORK, "hf", "export"]
     ok = subprocess.run([*command, str(tiny_checkpoint), str(tmp_path / "hf")], cwd=REPO, capture_output=True,
                         text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr

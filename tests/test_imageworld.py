@@ -7,10 +7,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.imageworld import (
-    CELLS, NOISE_KINDS, ImageWorld, Scene, Shape, caption, parse_image, read_caption, render,
+from patchwork.training.imageworld import (
+    CELLS,
+    NOISE_KINDS,
+    ImageWorld,
+    Scene,
+    Shape,
+    caption,
+    parse_image,
+    read_caption,
+    render,
 )
-from training.imageworld.text import Mention
+from patchwork.training.imageworld.text import Mention
 
 
 def test_examples_are_a_pure_function_of_seed_and_index():
@@ -26,7 +34,7 @@ def test_examples_are_a_pure_function_of_seed_and_index():
 
 @pytest.mark.parametrize("image_size", [32, 64])
 def test_jitter_bounds_how_far_a_shape_sits_from_its_cells_centre(image_size):
-    from training.imageworld.scene import side_of
+    from patchwork.training.imageworld.scene import side_of
 
     def offsets(world):
         found = {}

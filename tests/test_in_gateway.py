@@ -8,16 +8,16 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
-import engines
-from serving.config import ActorOptions, DeploymentOptions, ServingConfig
-from serving.deploy import deploy_config
-from tests.conftest import IN_GATEWAY_MODEL
+from patchwork.engines.loading import load
+from patchwork.serving.config import ActorOptions, DeploymentOptions, ServingConfig
+from patchwork.serving.deploy import deploy_config
+from tests.conftest import IN_GATEWAY_MODEL, PATCHWORK
 from tests.helpers import scrape, wait_until
 
 
 @pytest.fixture(scope="module")
 def local_engine(tiny_checkpoint):
-    return engines.load(tiny_checkpoint)
+    return load(tiny_checkpoint)
 
 
 def local_stats(gateway_handle) -> dict:
@@ -112,7 +112,7 @@ def test_its_metrics_are_exported(stub, pb2, ray_cluster):
 
 
 def test_health_reads_the_heartbeat_of_the_models_the_gateway_runs(monkeypatch):
-    from serving import gateway
+    from patchwork.serving import gateway
 
     monkeypatch.setattr(gateway, "HEALTH_REFRESH_S", 0.01)
     deployment = SimpleNamespace(replica_states={"RUNNING": 1})
@@ -152,11 +152,10 @@ def test_which_models_the_gateway_runs_and_the_resources_it_takes(tiny_checkpoin
 
 def test_up_refuses_a_gateway_model_that_is_not_served(tiny_checkpoint):
     import subprocess
-    import sys
-
+    
     from tests.conftest import REPO
 
-    refused = subprocess.run([sys.executable, "-m", "serving", "up", "--checkpoints", str(tiny_checkpoint),
+    refused = subprocess.run([*PATCHWORK, "serve", "up", "--checkpoints", str(tiny_checkpoint),
                               "--gateway-models", "nope"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2
     assert "gateway_models names ['nope'], which are not among the served models" in refused.stderr

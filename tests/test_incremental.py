@@ -6,12 +6,13 @@ import threading
 import pytest
 import torch
 
-from engines.api import AdmissionError, FinishReason, RequestCancelled, RequestTooLarge, SamplingParams
-from engines.blt import incremental
-from engines.blt.patching import patch_ids_from_starts
-from engines.blt.reference import prompt_tokens
-from engines.scheduler import SchedulerConfig, StepBatch
+from patchwork.engines.api import AdmissionError, FinishReason, RequestCancelled, RequestTooLarge, SamplingParams
+from patchwork.engines.blt import incremental
+from patchwork.engines.blt.patching import patch_ids_from_starts
+from patchwork.engines.blt.reference import prompt_tokens
+from patchwork.engines.scheduler import SchedulerConfig, StepBatch
 from tests.helpers import PATCHINGS, make_engine, random_prompts, reference
+
 
 @pytest.mark.parametrize("patching", list(PATCHINGS))
 def test_greedy_batch_of_one_is_byte_identical_to_the_reference(patching):
@@ -146,9 +147,9 @@ def test_cancelling_frees_the_slot_for_the_next_request():
 
 
 def test_trained_checkpoint_fast_path_matches_the_reference(tiny_checkpoint):
-    import engines
+    from patchwork.engines.loading import load
 
-    engine = engines.load(tiny_checkpoint, scheduler=SchedulerConfig(max_batch_size=3, max_sequence_bytes=300))
+    engine = load(tiny_checkpoint, scheduler=SchedulerConfig(max_batch_size=3, max_sequence_bytes=300))
     prompts = [b"def ", "# ñandú 日本\n".encode(), b"", b"\x00\xff\x10binary", b"import os\nimport sys\n"]
     params = SamplingParams(max_new_bytes=48)
     requests = [engine.submit(p, params) for p in prompts]  # 5 requests through 3 slots

@@ -8,10 +8,11 @@ from collections import Counter
 import pytest
 import torch
 
-from engines.api import SamplingParams
-from engines.layers import TransformerConfig, TransformerStack
-from kernels import dispatch, rms_norm_reference
-from kernels.add_rmsnorm import add_rms_norm, add_rms_norm_reference, add_rms_norm_triton, bench_case
+from patchwork.engines.api import SamplingParams
+from patchwork.engines.layers import TransformerConfig, TransformerStack
+from patchwork.kernels import dispatch
+from patchwork.kernels.add_rmsnorm import add_rms_norm, add_rms_norm_reference, add_rms_norm_triton, bench_case
+from patchwork.kernels.rmsnorm import rms_norm_reference
 from tests.helpers import generate_on_kernels, make_engine
 
 # (atol, rtol). The interpreter rounds float32 to bfloat16 by truncation (a

@@ -4,16 +4,15 @@ tiny sizes), so it cannot rot; its numbers mean something only on a GPU."""
 import json
 import os
 import subprocess
-import sys
 
-from kernels.bench import KERNELS
-from tests.conftest import REPO
+from patchwork.benchmarks.kernels import KERNELS
+from tests.conftest import PATCHWORK, REPO
 
 
 def test_the_kernel_benchmark_checks_and_times_every_kernel(tiny_checkpoint, tmp_path):
-    out, table = tmp_path / "kernels.json", tmp_path / "kernels.md"
+    out, table = tmp_path / "patchwork.kernels.json", tmp_path / "patchwork.kernels.md"
     run = subprocess.run(
-        [sys.executable, "-m", "kernels.bench", "--all", "--device", "cpu", "--dtype", "float32", "--repeats", "2",
+        [*PATCHWORK, "bench", "kernels", "--all", "--device", "cpu", "--dtype", "float32", "--repeats", "2",
          "--blt-checkpoint", str(tiny_checkpoint),
          "--blt-options", "--new-bytes 8 --streams 2 --prompt-bytes 8 --long-prompt-bytes 0",
          "--json", str(out), "--markdown", str(table)],
@@ -34,6 +33,6 @@ def test_the_kernel_benchmark_checks_and_times_every_kernel(tiny_checkpoint, tmp
 
 def test_on_a_cpu_it_asks_for_the_interpreter():
     environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "kernels.bench", "--kernel", "rms_norm", "--device", "cpu"],
+    run = subprocess.run([*PATCHWORK, "bench", "kernels", "--kernel", "rms_norm", "--device", "cpu"],
                          cwd=REPO, capture_output=True, text=True, timeout=300, env=environment)
     assert run.returncode == 2 and "set TRITON_INTERPRET=1" in run.stderr

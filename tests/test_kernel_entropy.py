@@ -5,10 +5,14 @@ conftest), and the BLT engine running it."""
 import pytest
 import torch
 
-from engines.api import SamplingParams
-from kernels import dispatch, entropy
-from kernels.entropy import (
-    MAX_BLOCK, TOLERANCE, entropy_boundary, entropy_boundary_reference, entropy_boundary_triton,
+from patchwork.engines.api import SamplingParams
+from patchwork.kernels import dispatch, entropy
+from patchwork.kernels.entropy import (
+    MAX_BLOCK,
+    TOLERANCE,
+    entropy_boundary,
+    entropy_boundary_reference,
+    entropy_boundary_triton,
 )
 from tests.helpers import PATCHINGS, generate_on_kernels, make_engine, record_launch_grids
 

@@ -5,11 +5,11 @@ tensors (TRITON_INTERPRET=1, set in conftest), and the MoT model that runs it.""
 import pytest
 import torch
 
-from engines.layers import TransformerConfig
-from engines.mot.config import Untied
-from engines.mot.model import MotLM
-from kernels import dispatch
-from kernels.grouped_linear import bench_case, grouped_linear, grouped_linear_reference, grouped_linear_triton
+from patchwork.engines.layers import TransformerConfig
+from patchwork.engines.mot.config import Untied
+from patchwork.engines.mot.model import MotLM
+from patchwork.kernels import dispatch
+from patchwork.kernels.grouped_linear import bench_case, grouped_linear, grouped_linear_reference, grouped_linear_triton
 
 # One rounding of the output either way (the kernel accumulates in float32, as the reference does).
 TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}

@@ -4,8 +4,9 @@ interpreter on CPU tensors (TRITON_INTERPRET=1, set in conftest)."""
 import pytest
 import torch
 
-from kernels import dispatch, guidance as module
-from kernels.guidance import MAX_TOP_K, TOLERANCE, bench_case, guidance, guidance_reference, guidance_triton
+from patchwork.kernels import dispatch
+from patchwork.kernels import guidance as module
+from patchwork.kernels.guidance import MAX_TOP_K, TOLERANCE, bench_case, guidance, guidance_reference, guidance_triton
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # The interpreter's numpy warns about the IEEE infinities the kernel works with (-inf - -inf, log 0).
@@ -176,7 +177,7 @@ def test_the_dispatcher_runs_the_kernel_only_where_told():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_the_bench_case_agrees_with_its_baseline(dtype):
-    from kernels.bench import difference
+    from patchwork.benchmarks.kernels import difference
 
     case = bench_case(1, torch.device("cpu"), dtype)
     assert difference(case.triton(*case.inputs[0]), case.baseline(*case.inputs[0]), case.tolerance)["ok"]
@@ -186,16 +187,16 @@ def test_the_engine_decodes_the_same_tokens_through_the_kernel():
     """A tiny random CM3Leon, two guided image requests and an unguided one,
     greedy: with every kernel forced to Triton the engine writes what the
     plain reference path writes."""
-    from engines.cm3leon.config import Cm3LeonConfig
-    from engines.cm3leon.decoding import Cm3Params, Guidance
-    from engines.cm3leon.engine import Cm3LeonEngine
-    from engines.cm3leon.model import Cm3LeonModel
-    from engines.cm3leon.prompts import image_prompt
-    from engines.cm3leon.reference import generate_reference
-    from engines.cm3leon.retrieval import RetrievalConfig
-    from engines.cm3leon.tokenizer import TextTokenizer
-    from engines.cm3leon.vqvae import VqConfig
-    from engines.layers import TransformerConfig
+    from patchwork.engines.cm3leon.config import Cm3LeonConfig
+    from patchwork.engines.cm3leon.decoding import Cm3Params, Guidance
+    from patchwork.engines.cm3leon.engine import Cm3LeonEngine
+    from patchwork.engines.cm3leon.model import Cm3LeonModel
+    from patchwork.engines.cm3leon.prompts import image_prompt
+    from patchwork.engines.cm3leon.reference import generate_reference
+    from patchwork.engines.cm3leon.retrieval import RetrievalConfig
+    from patchwork.engines.cm3leon.tokenizer import TextTokenizer
+    from patchwork.engines.cm3leon.vqvae import VqConfig
+    from patchwork.engines.layers import TransformerConfig
     from tests.helpers import admitted_together
 
     config = Cm3LeonConfig(transformer=TransformerConfig(dim=32, n_layers=1, n_heads=2), text_vocab=64,

@@ -4,12 +4,17 @@ Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set in conftest)."""
 import pytest
 import torch
 
-from engines.api import SamplingParams
-from engines.blt.config import VOCAB_SIZE
-from engines.blt.hashing import hash_table_ids
-from kernels import dispatch
-from kernels.hash_embedding import (
-    TOLERANCE, bench_case, hash_embedding, hash_embedding_reference, hash_embedding_triton, last_hash_embedding,
+from patchwork.engines.api import SamplingParams
+from patchwork.engines.blt.config import VOCAB_SIZE
+from patchwork.kernels import dispatch
+from patchwork.kernels.hash_embedding import (
+    TOLERANCE,
+    bench_case,
+    hash_embedding,
+    hash_embedding_reference,
+    hash_embedding_triton,
+    hash_table_ids,
+    last_hash_embedding,
     last_hash_embedding_reference,
 )
 from tests.helpers import generate_on_kernels, make_engine

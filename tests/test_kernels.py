@@ -4,8 +4,8 @@ interpreter on CPU tensors (TRITON_INTERPRET=1, set in conftest)."""
 import pytest
 import torch
 
-from kernels import dispatch, rmsnorm, rms_norm, rms_norm_reference, rms_norm_triton
-from kernels.rmsnorm import TOLERANCE
+from patchwork.kernels import dispatch, rmsnorm
+from patchwork.kernels.rmsnorm import TOLERANCE, rms_norm, rms_norm_reference, rms_norm_triton
 from tests.helpers import record_launch_grids
 
 

@@ -2,13 +2,12 @@
 
 import csv
 import subprocess
-import sys
 
-from tests.conftest import REPO
+from tests.conftest import PATCHWORK, REPO
 
 
 def loadtests(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "loadtests", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([*PATCHWORK, "loadtest", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
 
 

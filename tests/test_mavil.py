@@ -4,7 +4,6 @@ the micro-batcher, heads, indexes and their command."""
 
 import json
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -13,15 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-import engines
-from engines.api import AdmissionError, DeadlineExceeded, EngineUnavailable, InvalidRequest
-from engines.batching import MicroBatcher
-from engines.checkpoint import MANIFEST_FILE, CheckpointError, add_assets, read_manifest
-from engines.mavil.engine import Clip
-from engines.mavil.index import asset_name
-from training.avworld import LABELS, AudioVideoWorld
-from training.mavil.probe import clip_embeddings
-from training.mavil.train import HELDOUT_START, encoder_inputs
+from patchwork.engines.api import AdmissionError, DeadlineExceeded, EngineUnavailable, InvalidRequest
+from patchwork.engines.batching import MicroBatcher
+from patchwork.engines.checkpoint import MANIFEST_FILE, CheckpointError, add_assets, read_manifest
+from patchwork.engines.loading import load
+from patchwork.engines.mavil.engine import Clip
+from patchwork.engines.mavil.index import asset_name
+from patchwork.training.avworld import LABELS, AudioVideoWorld
+from patchwork.training.mavil.probe import clip_embeddings
+from patchwork.training.mavil.train import HELDOUT_START, encoder_inputs
+from tests.conftest import PATCHWORK
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -211,16 +211,16 @@ def test_the_index_command_embeds_a_clip_directory_into_the_checkpoint(mavil_che
     shutil.copytree(mavil_checkpoints[1], checkpoint)
     clips = tmp_path / "clips"
     video, audio = world.frames, world.seconds
-    made = subprocess.run([sys.executable, "-m", "training.avworld", "--out", str(clips), "--count", "5",
+    made = subprocess.run([*PATCHWORK, "avworld", "--out", str(clips), "--count", "5",
                            "--frames", str(video), "--seconds", str(audio)], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert made.returncode == 0, made.stderr
     (clips / "000001" / "audio.wav").unlink()  # a silent film: in the index's frames only
-    run = subprocess.run([sys.executable, "-m", "training.mavil.index", "--checkpoint", str(checkpoint), "--clips",
+    run = subprocess.run([*PATCHWORK, "index", "--checkpoint", str(checkpoint), "--clips",
                           str(clips), "--name", "mine"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "index mine: 4 clips with audio, 5 with frames" in run.stdout
-    loaded = engines.load(checkpoint)  # the manifest lists and verifies the new asset
+    loaded = load(checkpoint)  # the manifest lists and verifies the new asset
     try:
         assert set(loaded.indexes) == {"heldout", "mine"}
         query = _clip(world[2], video=False)
@@ -229,10 +229,10 @@ def test_the_index_command_embeds_a_clip_directory_into_the_checkpoint(mavil_che
     finally:
         loaded.close()
     (clips / "000002" / "frame_03.png").write_bytes(b"not a png")
-    bad = subprocess.run([sys.executable, "-m", "training.mavil.index", "--checkpoint", str(checkpoint), "--clips",
+    bad = subprocess.run([*PATCHWORK, "index", "--checkpoint", str(checkpoint), "--clips",
                           str(clips), "--name", "mine"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "000002: frame 3 is not a readable image" in bad.stderr
-    named = subprocess.run([sys.executable, "-m", "training.mavil.index", "--checkpoint", str(checkpoint), "--clips",
+    named = subprocess.run([*PATCHWORK, "index", "--checkpoint", str(checkpoint), "--clips",
                             str(clips), "--name", "../x"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert named.returncode == 2 and "index name '../x'" in named.stderr
 
@@ -245,7 +245,7 @@ def test_an_index_built_by_other_weights_is_refused(mavil_checkpoints, tmp_path)
     foreign = (mavil_checkpoints[0] / asset_name("heldout")).read_text()  # stage 1's weights made it
     add_assets(checkpoint, {asset_name("heldout"): foreign})
     with pytest.raises(CheckpointError, match="index.heldout.json: built by other weights"):
-        engines.load(checkpoint)
+        load(checkpoint)
     manifest = json.loads((checkpoint / MANIFEST_FILE).read_text())
     assert set(manifest["files"]) == {"config.json", "model.safetensors", "index.heldout.json"}
     with pytest.raises(ValueError, match="asset name"):
@@ -254,7 +254,7 @@ def test_an_index_built_by_other_weights_is_refused(mavil_checkpoints, tmp_path)
 
 def test_the_training_command_refuses_inconsistent_stages(mavil_checkpoints, tiny_checkpoint, tmp_path):
     def train(*args):
-        return subprocess.run([sys.executable, "-m", "training", "mavil", "--preset", "tiny", "--out",
+        return subprocess.run([*PATCHWORK, "train", "mavil", "--preset", "tiny", "--out",
                                str(tmp_path / "out"), *args], cwd=REPO, capture_output=True, text=True, timeout=300)
 
     missing = train("--stage", "2")
@@ -268,11 +268,11 @@ def test_the_training_command_refuses_inconsistent_stages(mavil_checkpoints, tin
 
 @pytest.mark.parametrize("objective", ["reconstruction", "contrastive"])
 def test_the_ablations_keep_one_loss_alone(objective, tmp_path):
-    from engines.mavil.config import MavilConfig
-    from engines.mavil.model import MavilModel
-    from training.mavil.objective import Decoders, stage_one_loss
-    from training.mavil.presets import PRESETS
-    from training.mavil.train import train_mavil
+    from patchwork.engines.mavil.config import MavilConfig
+    from patchwork.engines.mavil.model import MavilModel
+    from patchwork.training.mavil.objective import Decoders, stage_one_loss
+    from patchwork.training.mavil.presets import PRESETS
+    from patchwork.training.mavil.train import train_mavil
 
     preset = PRESETS["tiny"]()
     config = MavilConfig(audio=preset.audio, video=preset.video, audio_encoder=preset.audio_encoder,
@@ -290,7 +290,7 @@ def test_the_ablations_keep_one_loss_alone(objective, tmp_path):
 
 def test_the_evaluation_compares_a_random_encoder_with_each_checkpoint(mavil_checkpoints, tmp_path):
     out = tmp_path / "eval.json"
-    run = subprocess.run([sys.executable, "-m", "training.mavil.evaluate", "--model",
+    run = subprocess.run([*PATCHWORK, "eval", "mavil", "--model",
                           f"stage-1={mavil_checkpoints[0]}", "--model", f"stage-2={mavil_checkpoints[1]}",
                           "--probe-steps", "5", "--json", str(out)], cwd=REPO, capture_output=True, text=True,
                          timeout=600)
@@ -300,14 +300,14 @@ def test_the_evaluation_compares_a_random_encoder_with_each_checkpoint(mavil_che
     assert all(0 <= value <= 1 for metrics in results.values() for value in metrics.values())
     assert results["retrieval ceiling"]["recall@1"] <= results["retrieval ceiling"]["recall@5"]
     assert "| stage-2 |" in run.stdout and "Chance: probe 0.083" in run.stdout and "ceiling" in run.stdout
-    bad = subprocess.run([sys.executable, "-m", "training.mavil.evaluate", "--model", f"x={tmp_path}"], cwd=REPO,
+    bad = subprocess.run([*PATCHWORK, "eval", "mavil", "--model", f"x={tmp_path}"], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "manifest.json: missing" in bad.stderr
 
 
 def test_the_retrieval_ceiling_counts_clips_that_sound_and_look_alike():
-    from training.avworld import Motion
-    from training.mavil.evaluate import retrieval_ceiling
+    from patchwork.training.avworld import Motion
+    from patchwork.training.mavil.evaluate import retrieval_ceiling
 
     class Clip_:
         def __init__(self, **fields):

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from engines.mavil.config import AudioInput, VideoInput
-from engines.filterbank import log_mel, samples_for
-from engines.mavil.features import audio_patches, pick_frames, spectrogram_patches, tubelets, video_tubelets
-from engines.wav import MediaError, read_wav, resample, wav_bytes
+from patchwork.engines.filterbank import log_mel, samples_for
+from patchwork.engines.mavil.config import AudioInput, VideoInput
+from patchwork.engines.mavil.features import audio_patches, pick_frames, spectrogram_patches, tubelets, video_tubelets
+from patchwork.engines.wav import MediaError, read_wav, resample, wav_bytes
 
 
 def _noisy_chirp(seconds: float = 1.0, rate: int = 16000) -> np.ndarray:

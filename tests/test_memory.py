@@ -2,8 +2,8 @@
 
 import torch
 
-from engines.api import SamplingParams
-from engines.kv_cache import KVCache
+from patchwork.engines.api import SamplingParams
+from patchwork.engines.kv_cache import KVCache
 from tests.helpers import PATCHINGS, make_engine, reference
 
 

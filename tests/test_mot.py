@@ -7,20 +7,21 @@ import numpy as np
 import pytest
 import torch
 
-import engines
-from engines.api import InvalidRequest
-from engines.cm3leon.audio import AudioTokenizer, AudioVqConfig
-from engines.cm3leon.decoding import Cm3Params, Guidance
-from engines.cm3leon.reference import generate_reference
-from engines.layers import CausalLM, TransformerConfig
-from engines.mot.config import Untied
-from engines.mot.model import MotLM
-from engines.mot.routing import ModalityRouter
-from engines.scheduler import SchedulerConfig
+from patchwork.engines.api import InvalidRequest
+from patchwork.engines.cm3leon.audio import AudioTokenizer, AudioVqConfig
+from patchwork.engines.cm3leon.decoding import Cm3Params, Guidance
+from patchwork.engines.cm3leon.reference import generate_reference
+from patchwork.engines.layers import CausalLM, TransformerConfig
+from patchwork.engines.loading import load
+from patchwork.engines.mot.config import Untied
+from patchwork.engines.mot.model import MotLM
+from patchwork.engines.mot.routing import ModalityRouter
+from patchwork.engines.scheduler import SchedulerConfig
+from patchwork.training.avworld import AudioVideoWorld
+from patchwork.training.cm3leon.audio import fit_audio_tokenizer, quantisation_error
+from patchwork.training.imageworld import ImageWorld
+from tests.conftest import PATCHWORK
 from tests.helpers import admitted_together
-from training.avworld import AudioVideoWorld
-from training.cm3leon.audio import fit_audio_tokenizer, quantisation_error
-from training.imageworld import ImageWorld
 
 VOCAB, BOUNDARIES = 60, [20, 40]  # text [0, 20), image [20, 40), audio [40, 60)
 CONFIG = TransformerConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2)
@@ -140,7 +141,7 @@ def test_the_audio_tokenizer_turns_sounds_into_codes_that_tell_them_apart():
 
 def test_the_mot_checkpoint_learned_every_modality(mot_checkpoint):
     path, metrics = mot_checkpoint
-    engine = engines.load(path)
+    engine = load(path)
     try:
         assert type(engine.model.lm).__name__ == "MotLM" and engine.config.modalities == ("text", "image", "audio")
         vocab = engine.config.vocab_size
@@ -152,7 +153,7 @@ def test_the_mot_checkpoint_learned_every_modality(mot_checkpoint):
 
 
 def test_a_dense_checkpoint_refuses_sound_naming_it(cm3leon_checkpoint):
-    engine = engines.load(cm3leon_checkpoint[0])
+    engine = load(cm3leon_checkpoint[0])
     try:
         with pytest.raises(InvalidRequest) as refusal:
             engine.audio_caption_prompt(np.zeros(16000, dtype=np.float32))
@@ -164,7 +165,7 @@ def test_a_dense_checkpoint_refuses_sound_naming_it(cm3leon_checkpoint):
 def test_mixed_modality_batches_step_together_and_match_the_reference(mot_checkpoint):
     """An image, image captions and sound captions decode in the same steps
     (a step's tokens span modalities) and each equals the plain reference."""
-    engine = engines.load(mot_checkpoint[0], scheduler=SchedulerConfig(max_batch_size=4, prefill_budget=16,
+    engine = load(mot_checkpoint[0], scheduler=SchedulerConfig(max_batch_size=4, prefill_budget=16,
                                                                        short_prompt=4))
     step_modalities = []
     step = engine.model.lm.step
@@ -206,7 +207,7 @@ def test_mixed_modality_batches_step_together_and_match_the_reference(mot_checkp
 
 
 def test_the_flops_fraction_is_read_between_evaluations():
-    from training.mot.study import flops_fraction
+    from patchwork.training.mot.study import flops_fraction
 
     dense = [{"flops": 100.0, "heldout_loss_text": 3.0}, {"flops": 200.0, "heldout_loss_text": 2.0}]
     crossing = [{"flops": 100.0, "heldout_loss_text": 2.5}, {"flops": 200.0, "heldout_loss_text": 1.5}]
@@ -217,9 +218,9 @@ def test_the_flops_fraction_is_read_between_evaluations():
 
 
 def test_the_study_counts_every_matmul_weight_a_token_runs_through(cm3leon_checkpoint):
-    from training.mot.study import flops_per_token
+    from patchwork.training.mot.study import flops_per_token
 
-    engine = engines.load(cm3leon_checkpoint[0])
+    engine = load(cm3leon_checkpoint[0])
     try:
         model = engine.model
         weights = sum(m.weight.numel() for m in model.lm.modules() if isinstance(m, torch.nn.Linear))
@@ -235,12 +236,11 @@ def test_the_study_counts_every_matmul_weight_a_token_runs_through(cm3leon_check
 def test_the_study_command_trains_every_backbone_on_the_same_data(tmp_path):
     import json
     import subprocess
-    import sys
-
+    
     from tests.conftest import REPO
 
     out = tmp_path / "study"
-    run = subprocess.run([sys.executable, "-m", "training", "mot-study", "--preset", "tiny", "--steps", "6",
+    run = subprocess.run([*PATCHWORK, "train", "mot-study", "--preset", "tiny", "--steps", "6",
                           "--evaluations", "2", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
                          timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -263,12 +263,11 @@ def test_the_study_command_trains_every_backbone_on_the_same_data(tmp_path):
 def test_the_grouping_benchmark_runs_and_reports_every_case(tmp_path):
     import json
     import subprocess
-    import sys
-
+    
     from tests.conftest import REPO
 
     out = tmp_path / "mot-bench.json"
-    run = subprocess.run([sys.executable, "-m", "engines.mot.bench", "--preset", "tiny", "--batch", "3", "--context", "8",
+    run = subprocess.run([*PATCHWORK, "bench", "mot", "--preset", "tiny", "--batch", "3", "--context", "8",
                           "--rounds", "2", "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "| decode, mixed |" in run.stdout

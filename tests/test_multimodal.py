@@ -4,7 +4,6 @@ both backbones (dense and Mixture-of-Transformers), bad input and fuzzing."""
 import io
 import struct
 import subprocess
-import sys
 import zlib
 
 import grpc
@@ -14,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from engines.wav import resample, wav_bytes
-from tests.conftest import CM3LEON_MODEL, MOT_MODEL, REPO, wait_serving
-from training.avworld import AudioVideoWorld
-from training.imageworld import ImageWorld
+from patchwork.engines.wav import resample, wav_bytes
+from patchwork.training.avworld import AudioVideoWorld
+from patchwork.training.imageworld import ImageWorld
+from tests.conftest import CM3LEON_MODEL, MOT_MODEL, PATCHWORK, REPO, wait_serving
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +187,7 @@ def test_the_client_writes_images_captions_and_spans(grpc_target, tmp_path):
     from tests.conftest import AUTH_TOKEN
 
     def client(*args):
-        run = subprocess.run([sys.executable, "-m", "serving", "client", "--target", grpc_target, "--token",
+        run = subprocess.run([*PATCHWORK, "client", "--target", grpc_target, "--token",
                               AUTH_TOKEN, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr
         return run
@@ -204,7 +203,7 @@ def test_the_client_writes_images_captions_and_spans(grpc_target, tmp_path):
     assert f"[{MOT_MODEL}]" in heard.stderr
     spans = client("infill", "a <mask> circle at the <mask>")
     assert len(spans.stdout.splitlines()) == 2
-    missing = subprocess.run([sys.executable, "-m", "serving", "client", "--target", grpc_target, "caption",
+    missing = subprocess.run([*PATCHWORK, "client", "--target", grpc_target, "caption",
                               str(tmp_path / "absent.png")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert missing.returncode != 0 and "absent.png" in missing.stderr
 

@@ -1,7 +1,6 @@
 """Operations through the real proxy: auth, reflection, models, status, scaling, metrics, config files."""
 
 import subprocess
-import sys
 import threading
 import urllib.request
 
@@ -10,13 +9,22 @@ import pytest
 import yaml
 
 from tests.conftest import (
-    AUTH_TOKEN, BOUNDED_MODEL, CM3LEON_MODEL, ECHO_MODEL, IN_GATEWAY_MODEL, MAVIL_MODEL, MOT_MODEL, REPO, WIDE_MODEL,
+    AUTH_TOKEN,
+    BOUNDED_MODEL,
+    CM3LEON_MODEL,
+    ECHO_MODEL,
+    IN_GATEWAY_MODEL,
+    MAVIL_MODEL,
+    MOT_MODEL,
+    PATCHWORK,
+    REPO,
+    WIDE_MODEL,
 )
 from tests.helpers import scrape, wait_until
 
 
 def serving_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "serving", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([*PATCHWORK, "serve", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -30,7 +38,8 @@ def test_committed_config_files_are_what_the_config_generates(setup):
     committed = REPO / "serving" / "configs" / f"{setup}.yaml"
     generated = serving_cli("config", "--setup", setup)
     assert generated.returncode == 0, generated.stderr
-    assert committed.read_text() == generated.stdout, f"{committed} is stale: regenerate it with `serving config`"
+    assert committed.read_text() == generated.stdout, (
+        f"{committed} is stale: regenerate it with `patchwork serve config --setup {setup} --out FILE`")
     schema = ServeDeploySchema.model_validate(yaml.safe_load(committed.read_text()))
     deployments = {d.name: d for d in schema.applications[0].deployments}
     assert set(deployments) == {"gateway"}  # one model (blt-default): the gateway runs it, with its resources
@@ -44,8 +53,8 @@ def test_committed_config_files_are_what_the_config_generates(setup):
 
 
 def test_the_config_file_builder_builds_the_application(tiny_checkpoint, tmp_path):
-    from engines.checkpoint import CheckpointError
-    from serving.app import build
+    from patchwork.engines.checkpoint import CheckpointError
+    from patchwork.serving.app import build
 
     app = build({"config": {"checkpoints": str(tiny_checkpoint.parent)}})
     assert type(app).__name__ == "Application"
@@ -200,8 +209,8 @@ def test_metrics_are_exported_after_traffic(stub, pb2, ray_cluster):
 def test_a_config_whose_limits_an_engine_cannot_hold_is_refused():
     from pydantic import ValidationError
 
-    from engines.scheduler import SchedulerConfig
-    from serving.config import Limits, ServingConfig
+    from patchwork.engines.scheduler import SchedulerConfig
+    from patchwork.serving.config import Limits, ServingConfig
 
     with pytest.raises(ValidationError, match=r"limits.max_prompt_bytes \(8192\) plus limits.default_new_bytes "
                                               r"\(256\) exceeds engine.max_sequence_bytes \(8192\)"):
@@ -218,9 +227,9 @@ def test_a_config_whose_limits_an_engine_cannot_hold_is_refused():
 def test_a_local_cluster_advertises_cpus_for_one_replica_of_every_model():
     import os
 
-    from serving.cluster import cpus_needed, local_cpus
-    from serving.config import ActorOptions, DeploymentOptions
-    from serving.deploy import setup
+    from patchwork.serving.cluster import cpus_needed, local_cpus
+    from patchwork.serving.config import ActorOptions, DeploymentOptions
+    from patchwork.serving.deploy import setup
 
     config = setup("cpu")  # one 1-CPU replica per model, a 0-CPU gateway
     models = ["blt-default", "cm3leon-default", "mavil-default"]

@@ -5,16 +5,15 @@ computes from the same weights."""
 import json
 import re
 import subprocess
-import sys
 
 import pytest
 import torch
 import transformers
 
-import engines
-from engines.blt.convert_hf import ConversionError
-from engines.blt.original import load_original
-from tests.conftest import REPO
+from patchwork.engines.blt.convert_hf import ConversionError
+from patchwork.engines.blt.original import load_original
+from patchwork.engines.loading import load
+from tests.conftest import PATCHWORK, REPO
 from tests.test_hf_conversion import assert_same_greedy_bytes, assert_same_logits, prompt_ids
 
 # The reference's arguments of a small BLT built like the released ones.
@@ -120,10 +119,10 @@ def test_the_original_layout_loads_to_the_model_transformers_computes(original):
 
 def test_the_converter_reads_the_original_layout(original, tmp_path):
     _, path = original
-    result = subprocess.run([sys.executable, "-m", "engines.blt.convert_hf", str(path), str(tmp_path / "out")],
+    result = subprocess.run([*PATCHWORK, "hf", "import", str(path), str(tmp_path / "out")],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    converted, direct = engines.load(tmp_path / "out"), load_original(path)
+    converted, direct = load(tmp_path / "out"), load_original(path)
     assert converted.config == direct.config
     for name, tensor in direct.model.state_dict().items():
         assert torch.equal(converted.model.state_dict()[name], tensor), name
@@ -176,7 +175,7 @@ def test_a_missing_tensor_is_named_by_its_reference_name(original, tmp_path):
     state = torch.load(copy / "entropy_model" / "consolidated.pth", weights_only=True)
     del state["model"]["layers.1.feed_forward.w3.weight"]
     torch.save(state, copy / "entropy_model" / "consolidated.pth")
-    result = subprocess.run([sys.executable, "-m", "engines.blt.convert_hf", str(copy), str(tmp_path / "out")],
+    result = subprocess.run([*PATCHWORK, "hf", "import", str(copy), str(tmp_path / "out")],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from engines.blt.config import OFFSET, PatchingConfig
-from engines.blt.patching import lengths_from_starts, patch_ids_from_starts, patch_starts
+from patchwork.engines.blt.config import OFFSET, PatchingConfig
+from patchwork.engines.blt.patching import lengths_from_starts, patch_ids_from_starts, patch_starts
 
 
 def symbols(text: bytes) -> torch.Tensor:

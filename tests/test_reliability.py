@@ -2,7 +2,7 @@
 prompts beside short ones, sequences that finish out of order, 32 streams
 cancelled at once, deadlines, a busy replica's health, a frozen replica,
 oversized and doubly-authorized calls, metrics that match what clients saw, a
-drain, and a stop."""
+drain, and a stop that clients ride out."""
 
 import asyncio
 import os
@@ -17,9 +17,8 @@ import grpc
 import psutil
 import pytest
 
-import engines
-from engines.api import SamplingParams
-from engines.api import EngineUnavailable
+from patchwork.engines.api import EngineUnavailable, SamplingParams
+from patchwork.engines.loading import load
 from tests.conftest import AUTH_TOKEN, IN_GATEWAY_MODEL, WIDE_MODEL, wait_serving
 from tests.helpers import idle, metric, scrape, stats, wait_until
 
@@ -36,7 +35,7 @@ def text_prompt(seed: int, length: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def local_engine(tiny_checkpoint):
-    return engines.load(tiny_checkpoint)
+    return load(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +136,7 @@ def test_health_answers_serving_while_every_slot_and_queue_place_is_taken(stub, 
 
 
 def test_health_answers_from_the_last_reading_and_never_waits_on_the_controller(monkeypatch):
-    from serving import gateway
+    from patchwork.serving import gateway
 
     monkeypatch.setattr(gateway, "HEALTH_REFRESH_S", 0.01)
     controller_answers = threading.Semaphore(1)  # one reading, then the controller hangs
@@ -174,7 +173,7 @@ def test_health_answers_from_the_last_reading_and_never_waits_on_the_controller(
 
 
 def test_a_replica_whose_scheduler_stopped_fails_fast_and_fails_its_health_check(tiny_checkpoint):
-    from serving.model_server import ModelServer
+    from patchwork.serving.model_server import ModelServer
 
     class Fatal(BaseException):
         pass
@@ -269,8 +268,8 @@ class FakeContext:
 
 
 def test_unexpected_errors_reach_clients_as_internal_with_only_a_request_id(caplog, monkeypatch):
-    from serving import gateway
-    from serving.gateway import GatewayCore, _Abort
+    from patchwork.serving import gateway
+    from patchwork.serving.gateway import GatewayCore, _Abort
 
     monkeypatch.setattr(gateway.serve, "status", lambda: SimpleNamespace(applications={}))  # no controller here
     context = FakeContext()
@@ -288,7 +287,7 @@ def test_unexpected_errors_reach_clients_as_internal_with_only_a_request_id(capl
 
 
 def test_the_edge_rewrites_leaky_internal_details():
-    from serving.edge import _Call
+    from patchwork.serving.edge import _Call
 
     class Context:
         def __init__(self, details):
@@ -462,7 +461,7 @@ def test_a_drain_lets_requests_in_flight_finish_and_refuses_new_ones(stub, pb2, 
                                                                     wide_handle):
     from grpc_health.v1 import health_pb2
 
-    from serving import ops
+    from patchwork.serving import ops
 
     wait_until(lambda: idle(model_handle) and idle(wide_handle))
     pids = (stats(model_handle)["pid"], stats(wide_handle)["pid"])
@@ -488,7 +487,7 @@ def test_a_drain_lets_requests_in_flight_finish_and_refuses_new_ones(stub, pb2, 
 
 
 def test_what_runs_past_the_drains_grace_period_ends_with_unavailable(stub, pb2, grpc_target, wide_handle):
-    from serving import ops
+    from patchwork.serving import ops
 
     wait_until(lambda: idle(wide_handle))
     # 16 streams of 1900 bytes share a batch: they run far longer than the drain takes to start.
@@ -513,10 +512,12 @@ def test_what_runs_past_the_drains_grace_period_ends_with_unavailable(stub, pb2,
 
 @pytest.mark.stops_serve
 @pytest.mark.timeout(1800)  # a bound for a busy machine, where serving again takes minutes
-def test_stopping_lets_requests_in_flight_finish_and_refuses_new_ones(stub, pb2, grpc_target, serving_config):
-    from serving import ops
-    from serving.app import discover_checkpoints
-    from serving.deploy import apply, deploy_config
+def test_stopping_lets_requests_in_flight_finish_and_refuses_new_ones_and_clients_retry_until_it_is_back(
+        stub, pb2, grpc_target, serving_config, caplog):
+    from patchwork import Client, Retry
+    from patchwork.serving import ops
+    from patchwork.serving.app import discover_checkpoints
+    from patchwork.serving.deploy import apply, deploy_config
 
     wait_serving(grpc_target, timeout_s=300)
     calls = [stub.GenerateStream(pb2.GenerateRequest(prompt=b"stop %d" % i, max_new_bytes=150, model=WIDE_MODEL),
@@ -551,14 +552,31 @@ def test_stopping_lets_requests_in_flight_finish_and_refuses_new_ones(stub, pb2,
     assert seconds < 300.0 and time.monotonic() - started < 300.0  # it did not wait out the grace period
     with pytest.raises(grpc.RpcError):
         health_status(grpc_target)  # Serve is down
-    # Serve again for whatever runs after this test.
-    apply(deploy_config(serving_config, list(discover_checkpoints(serving_config.checkpoints, serving_config.families))))
-    wait_serving(grpc_target, timeout_s=900)  # the session's bound for the first deployment
+    # A client call made now is refused (nothing listens) and tried again until
+    # the server is back; the session's bound for the first deployment is its deadline.
+    answered = []
+    patient = Client(grpc_target, token=AUTH_TOKEN, timeout=900,
+                     retry=Retry(attempts=10_000, initial_backoff_s=0.2, max_backoff_s=2.0))
+    caplog.set_level("INFO", logger="patchwork.client")
+    waiting = threading.Thread(target=lambda: answered.append(patient.generate("back", max_new_bytes=2)))
+    waiting.start()
+    def retries() -> list[str]:
+        return [record.getMessage() for record in caplog.records if record.name == "patchwork.client"]
+
+    wait_until(retries, timeout_s=60, what="the client's first retry")
+    # Serve again, for it and for whatever runs after this test.
+    models = list(discover_checkpoints(serving_config.checkpoints, serving_config.families))
+    apply(deploy_config(serving_config, models))
+    wait_serving(grpc_target, timeout_s=900)
+    waiting.join(timeout=900)
+    patient.close()
+    assert [response.usage.generated_bytes for response in answered] == [2]
+    assert all(message.startswith("Generate: UNAVAILABLE") for message in retries())
 
 
 def test_the_clients_deadline_reaches_the_engine(wide_handle):
-    from engines.api import DeadlineExceeded
-    from serving.gateway import GatewayCore
+    from patchwork.engines.api import DeadlineExceeded
+    from patchwork.serving.gateway import GatewayCore
 
     deadline_of = GatewayCore.deadline
     assert deadline_of(FakeContext([("x-patchwork-deadline", "1234.5")])) == 1234.5

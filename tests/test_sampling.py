@@ -1,8 +1,8 @@
 import torch
 
-from engines.api import SamplingParams
-from engines.generation import Decoding
-from engines.sampling import choose_rows, make_generator, sample_next
+from patchwork.engines.api import SamplingParams
+from patchwork.engines.generation import Decoding
+from patchwork.engines.sampling import choose_rows, make_generator, sample_next
 
 
 def draws(logits, params, n=200, seed=0):

@@ -5,9 +5,8 @@ import time
 
 import pytest
 
-from engines.api import SamplingParams
-from engines.api import DeadlineExceeded, EngineUnavailable, RequestCancelled
-from engines.scheduler import _share_budget
+from patchwork.engines.api import DeadlineExceeded, EngineUnavailable, RequestCancelled, SamplingParams
+from patchwork.engines.scheduler import _share_budget
 from tests.helpers import PATCHINGS, admitted_together, make_engine, reference, wait_until
 
 

@@ -2,19 +2,18 @@
 server (direct ingress, the default) and through Ray Serve's proxy."""
 
 import subprocess
-import sys
 
 import grpc
 import pytest
 
-import engines
-from tests.conftest import AUTH_TOKEN, REPO, BearerToken
+from patchwork.engines.loading import load
+from tests.conftest import AUTH_TOKEN, PATCHWORK, REPO, BearerToken
 from tests.helpers import idle, stats, wait_until
 
 
 @pytest.fixture(scope="module")
 def local_engine(tiny_checkpoint):
-    return engines.load(tiny_checkpoint)
+    return load(tiny_checkpoint)
 
 
 def test_generate_matches_the_engine_in_process(stub, pb2, local_engine):
@@ -124,14 +123,14 @@ def test_the_proxy_serves_the_same_application_beside_the_gateways_own_port(prox
 
 
 def test_the_gateway_replica_answers_on_the_configured_port(grpc_target, serving_config):
-    from serving import ops
+    from patchwork.serving import ops
 
     assert ops.gateway_ports() == [serving_config.direct_grpc_port]
     assert grpc_target.endswith(f":{serving_config.direct_grpc_port}")
 
 
 def test_ingress_is_selectable_in_the_clusters_environment(serving_config):
-    from serving.cluster import cluster_environment
+    from patchwork.serving.cluster import cluster_environment
 
     direct = cluster_environment(serving_config)
     assert direct["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
@@ -223,7 +222,7 @@ def test_replica_keeps_serving_after_bad_requests(stub, pb2):
 
 def test_command_line_client(grpc_target):
     def client(*args):
-        return subprocess.run([sys.executable, "-m", "serving", "client", "--target", grpc_target, *args],
+        return subprocess.run([*PATCHWORK, "client", "--target", grpc_target, *args],
                               cwd=REPO, capture_output=True, timeout=120)
 
     generated = client("generate", "def ", "--max-new-bytes", "8")
@@ -238,9 +237,9 @@ def test_command_line_client(grpc_target):
 
 
 def test_an_empty_generation_is_recorded_without_error(ray_cluster, tiny_checkpoint):
-    from engines.api import FinishReason, Generation, Usage
-    from engines.blt.reference import BltDetails
-    from serving.model_server import ModelServer
+    from patchwork.engines.api import FinishReason, Generation, Usage
+    from patchwork.engines.blt.reference import BltDetails
+    from patchwork.serving.model_server import ModelServer
 
     class Recorded:
         """Stands in for a Ray metric; Ray's counters refuse increments of 0."""

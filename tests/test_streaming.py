@@ -2,8 +2,8 @@ import random
 
 import pytest
 
-from engines.generation import StopMatcher
-from engines.utf8 import Utf8Chunker, incomplete_tail
+from patchwork.engines.generation import StopMatcher
+from patchwork.engines.utf8 import Utf8Chunker, incomplete_tail
 
 TEXT = "plain ascii, ñandú, 日本語, emoji 🎉🧵 and more: ∑ x² — done".encode()
 

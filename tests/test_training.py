@@ -2,17 +2,16 @@
 
 import json
 import subprocess
-import sys
 
 import pytest
 
-import engines
-from engines.checkpoint import MANIFEST_FILE
-from tests.conftest import REPO
+from patchwork.engines.checkpoint import MANIFEST_FILE
+from patchwork.engines.loading import load
+from tests.conftest import PATCHWORK, REPO
 
 
 def train(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "training", "blt", *args], cwd=REPO, capture_output=True, text=True)
+    return subprocess.run([*PATCHWORK, "train", "blt", *args], cwd=REPO, capture_output=True, text=True)
 
 
 def test_tiny_preset_learns_more_than_byte_frequencies(tiny_checkpoint):
@@ -22,9 +21,9 @@ def test_tiny_preset_learns_more_than_byte_frequencies(tiny_checkpoint):
     assert metrics["entropy_model_heldout_bits_per_byte"] < metrics["heldout_unigram_bits_per_byte"]
     # The threshold was calibrated to the preset's target patch size on held-out text.
     assert metrics["average_patch_length"] == pytest.approx(4.0, rel=0.1)
-    assert manifest["training"]["command"].startswith("python -m training blt --preset tiny")
+    assert manifest["training"]["command"].startswith("patchwork train blt --preset tiny")
     assert manifest["training"]["data"]["source"] == "python standard library sources and pydoc topics"
-    engine = engines.load(tiny_checkpoint)
+    engine = load(tiny_checkpoint)
     assert engine.config.patching.threshold == pytest.approx(metrics["patching_threshold"])
 
 
@@ -41,7 +40,7 @@ def test_trains_from_a_jsonl_file_with_a_target_patch_size(tmp_path):
     assert manifest["data"]["source"] == "JSONL file docs.jsonl"
     assert manifest["data"]["documents"]["train"] + manifest["data"]["documents"]["heldout"] == 200
     assert manifest["metrics"]["target_patch_size"] == 6.0
-    engines.load(out)
+    load(out)
 
 
 def test_trains_from_a_directory(tmp_path):

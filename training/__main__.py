@@ -1,9 +1,10 @@
-"""python -m training <family> ...: train a checkpoint; python -m training mot-study: the backbone study.
+"""patchwork train <family> ...: train a checkpoint; patchwork train mot-study: the backbone study.
 
-Each family with a trainer in the registry (``engines.registry.Family.trainer``)
-gets a sub-command, and so does each study (``STUDIES``); its module's
-``add_arguments(parser)`` declares the options and ``run(args, argv)`` trains
-and returns the exit code.
+Each known family (``patchwork.engines.registry``) whose trainer module
+``patchwork.training.<family>.cli`` exists gets a sub-command, and so does
+each study (``STUDIES``); its module's ``add_arguments(parser)`` declares the
+options and ``run(args, argv)`` trains and returns the exit code.
+``python -m patchwork.training`` is the same command.
 """
 
 from __future__ import annotations
@@ -11,22 +12,23 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
-from engines.registry import get_family, known_families
-
+from patchwork.engines.registry import known_families
 
 # Commands that train more than one checkpoint's worth: name -> module.
-STUDIES = {"mot-study": "training.mot.study"}
+STUDIES = {"mot-study": "patchwork.training.mot.study"}
 
 
 def trainers() -> dict[str, str]:
     """Command -> its module: every family with a trainer, then the studies."""
-    families = {name: family.trainer for name in known_families() if (family := get_family(name)).trainer}
+    here = Path(__file__).parent
+    families = {name: f"patchwork.training.{name}.cli" for name in known_families() if (here / name / "cli.py").is_file()}
     return {**families, **STUDIES}
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="python -m training", description="Train a Patchwork checkpoint.")
+    root = argparse.ArgumentParser(prog="patchwork train", description="Train a Patchwork checkpoint.")
     families = root.add_subparsers(dest="family", required=True)
     for name, module in trainers().items():
         description = importlib.import_module(module).__doc__.strip().splitlines()[0]

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from engines.layers import TransformerConfig
+from patchwork.engines.layers import TransformerConfig
 
 # Vocabulary: byte value + OFFSET, plus four special symbols.
 BOE_ID, BOS_ID, EOS_ID, BPE_ID = 0, 1, 2, 3

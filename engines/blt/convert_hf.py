@@ -1,7 +1,7 @@
 """Hugging Face-format BLT checkpoints (``BltForCausalLM``: config.json plus
 safetensors, one file or shards) -> Patchwork BLT models and checkpoints.
 
-    python -m engines.blt.convert_hf SOURCE_DIR OUT_DIR
+    patchwork hf import SOURCE_DIR OUT_DIR
 
 (SOURCE_DIR may also hold the original release's layout, read by
 ``engines.blt.original``.)
@@ -44,11 +44,11 @@ from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from engines.blt.config import VOCAB_SIZE, BltConfig, HashEmbeddingConfig, PatchingConfig
-from engines.blt.engine import BltEngine, build_engine
-from engines.blt.model import BltModel
-from engines.checkpoint import TrainingRecord, save_checkpoint, validation_summary
-from engines.layers import TransformerConfig
+from patchwork.engines.blt.config import VOCAB_SIZE, BltConfig, HashEmbeddingConfig, PatchingConfig
+from patchwork.engines.blt.engine import BltEngine, build_engine
+from patchwork.engines.blt.model import BltModel
+from patchwork.engines.checkpoint import TrainingRecord, save_checkpoint, validation_summary
+from patchwork.engines.layers import TransformerConfig
 
 CONFIG_FILE = "config.json"
 
@@ -368,7 +368,7 @@ def load_published(directory: str | Path, **options) -> BltEngine:
     """An engine from either published layout: the original release's (an
     ``entropy_model`` directory beside the model's files, see
     ``engines.blt.original``) or Hugging Face's."""
-    from engines.blt.original import ENTROPY_DIR, load_original
+    from patchwork.engines.blt.original import ENTROPY_DIR, load_original
 
     directory = Path(directory)
     return load_original(directory, **options) if (directory / ENTROPY_DIR).is_dir() else load_hf(directory, **options)
@@ -379,7 +379,7 @@ def convert(source_dir: str | Path, out: str | Path) -> Path:
     source_dir = Path(source_dir)
     engine = load_published(source_dir)
     record = TrainingRecord(
-        command=f"python -m engines.blt.convert_hf {source_dir.name} {Path(out).name}",
+        command=f"patchwork hf import {source_dir.name} {Path(out).name}",
         data={"source": f"published BLT checkpoint {source_dir.name}"},
         metrics={},
     )
@@ -387,7 +387,7 @@ def convert(source_dir: str | Path, out: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engines.blt.convert_hf", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="patchwork hf import", description=__doc__.splitlines()[0])
     parser.add_argument("hf_dir", type=Path, help="directory of a Hugging Face (config.json and safetensors) or "
                         "original-release (params.json, consolidated.pth, entropy_model/) BLT checkpoint")
     parser.add_argument("out", type=Path, help="Patchwork checkpoint directory to write")
@@ -416,6 +416,6 @@ def run_conversion(write: Callable[[], Path], out: Path, what: str, errors: tupl
 if __name__ == "__main__":
     # The imported module's main, so that errors raised in engines.blt.original
     # are the ConversionError it catches (not this __main__ copy's).
-    from engines.blt.convert_hf import main as imported_main
+    from patchwork.engines.blt.convert_hf import main as imported_main
 
     sys.exit(imported_main())

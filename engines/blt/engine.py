@@ -14,17 +14,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engines.api import EngineStats, Generation, ModelInfo, Prompt, SamplingParams, text_of
-from engines.blt import incremental
-from engines.blt.config import EOS_ID, FORMAT_VERSION, OFFSET, BltConfig
-from engines.blt.model import BltModel
-from engines.blt.patching import entropies_from_logits, lengths_from_starts, patch_ids_from_starts
-from engines.blt.reference import disallowed_symbols, finished_generation, generate_reference, prompt_tokens
-from engines.checkpoint import Manifest, load_state
-from engines.generation import Decoding
-from engines.layers import fuse_projections
-from engines.registry import GENERATION_RPCS, Family
-from engines.scheduler import Request, Scheduler, SchedulerConfig
+from patchwork.engines.api import EngineStats, Generation, ModelInfo, Prompt, SamplingParams, text_of
+from patchwork.engines.blt import incremental
+from patchwork.engines.blt.config import EOS_ID, FORMAT_VERSION, OFFSET, BltConfig
+from patchwork.engines.blt.model import BltModel
+from patchwork.engines.blt.patching import lengths_from_starts, patch_ids_from_starts
+from patchwork.engines.blt.reference import disallowed_symbols, finished_generation, generate_reference, prompt_tokens
+from patchwork.engines.checkpoint import Manifest, load_state
+from patchwork.engines.generation import Decoding
+from patchwork.engines.layers import fuse_projections
+from patchwork.engines.registry import Family
+from patchwork.engines.scheduler import Request, Scheduler, SchedulerConfig
+from patchwork.kernels.entropy import entropies_from_logits
 
 
 @dataclass
@@ -170,5 +171,4 @@ def build_engine(
     return BltEngine(model.to(device=device, dtype=dtype), config, name, manifest, scheduler)
 
 
-FAMILY = Family(name="blt", config_type=BltConfig, format_version=FORMAT_VERSION, build_engine=build_engine,
-                rpcs=GENERATION_RPCS | {"Score"}, trainer="training.blt.cli")
+FAMILY = Family(name="blt", config_type=BltConfig, format_version=FORMAT_VERSION, build_engine=build_engine)

@@ -1,10 +1,10 @@
 """Writes a Patchwork BLT checkpoint in Hugging Face's layout (``BltForCausalLM``:
 config.json and model.safetensors), the inverse of ``engines.blt.convert_hf``.
 
-    python -m engines.blt.export_hf CHECKPOINT OUT
+    patchwork hf export CHECKPOINT OUT
 
 The exported directory loads with ``transformers.BltForCausalLM.from_pretrained``
-and computes what Patchwork computes; ``engines.blt.bench`` runs transformers'
+and computes what Patchwork computes; ``benchmarks.blt`` runs transformers'
 ``generate`` on it as a peer. A checkpoint whose settings transformers cannot
 express (another patching mode, ``max_patch_length``, different windows in the
 two local models, anything ``config_from_hf`` would not read back to the same
@@ -21,11 +21,11 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-import engines
-from engines.blt.config import BltConfig
-from engines.blt.convert_hf import CONFIG_FILE, ConversionError, config_from_hf, hf_name, run_conversion
-from engines.checkpoint import CheckpointError
-from engines.layers import TransformerConfig
+from patchwork.engines.blt.config import BltConfig
+from patchwork.engines.blt.convert_hf import CONFIG_FILE, ConversionError, config_from_hf, hf_name, run_conversion
+from patchwork.engines.checkpoint import CheckpointError
+from patchwork.engines.layers import TransformerConfig
+from patchwork.engines.loading import load
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -98,7 +98,7 @@ def config_to_hf(config: BltConfig) -> dict:
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
     """Writes the Hugging Face layout of the BLT checkpoint at ``checkpoint`` to ``out``."""
-    engine = engines.load(checkpoint)
+    engine = load(checkpoint)
     engine.close()  # only its config and weights are needed
     if not isinstance(engine.config, BltConfig):
         raise ConversionError(f"{checkpoint}: a {engine.config.family} checkpoint; only BLT has a Hugging Face layout")
@@ -113,7 +113,7 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engines.blt.export_hf", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="patchwork hf export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path, help="Patchwork BLT checkpoint directory")
     parser.add_argument("out", type=Path, help="directory to write config.json and model.safetensors to")
     args = parser.parse_args(argv)

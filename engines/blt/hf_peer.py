@@ -1,6 +1,6 @@
 """Hugging Face transformers' ``BltForCausalLM.generate`` on a Patchwork
 checkpoint's weights: what a user would otherwise run, timed beside the
-engine by ``engines.blt.bench``.
+engine by ``benchmarks.blt``.
 
 Symbols are Patchwork's (byte + 4, BOS 1, EOS 2); like the engine, generation
 never emits the padding, BOS or BPE symbols and stops at EOS. Prompts of one
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from engines.blt.config import EOS_ID, OFFSET
-from engines.blt.export_hf import export
-from engines.blt.reference import disallowed_symbols, prompt_tokens
+from patchwork.engines.blt.config import EOS_ID, OFFSET
+from patchwork.engines.blt.export_hf import export
+from patchwork.engines.blt.reference import disallowed_symbols, prompt_tokens
 
 
 @dataclass

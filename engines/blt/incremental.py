@@ -50,11 +50,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from engines.blt.model import BltModel
-from engines.blt.patching import rule_starts, uses_entropies
-from engines.kv_cache import ReservedTensor, slot_selector
-from engines.scheduler import StepBatch
-from kernels.entropy import entropy_boundary
+from patchwork.engines.blt.model import BltModel
+from patchwork.engines.blt.patching import rule_starts, uses_entropies
+from patchwork.engines.kv_cache import ReservedTensor, slot_selector
+from patchwork.engines.scheduler import StepBatch
+from patchwork.kernels.entropy import entropy_boundary
 
 
 class SlotTable:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engines.blt.config import BltConfig
-from engines.blt.patching import entropies_from_logits, patch_starts, uses_entropies
-from engines.kv_cache import CacheView
-from engines.layers import CausalLM, CrossAttention, RMSNorm, TransformerStack
-from kernels.hash_embedding import hash_embedding, last_hash_embedding
+from patchwork.engines.blt.config import BltConfig
+from patchwork.engines.blt.patching import patch_starts, uses_entropies
+from patchwork.engines.kv_cache import CacheView
+from patchwork.engines.layers import CausalLM, CrossAttention, RMSNorm, TransformerStack
+from patchwork.kernels.entropy import entropies_from_logits
+from patchwork.kernels.hash_embedding import hash_embedding, last_hash_embedding
 
 
 def doubled_residual(h: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:

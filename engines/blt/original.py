@@ -34,11 +34,16 @@ from pathlib import Path
 
 import torch
 
-from engines.blt.config import PatchingConfig
-from engines.blt.convert_hf import (
-    ConversionError, check_weights, config_from_hf, hf_name, read_hf_weights, weights_from_hf,
+from patchwork.engines.blt.config import PatchingConfig
+from patchwork.engines.blt.convert_hf import (
+    ConversionError,
+    check_weights,
+    config_from_hf,
+    hf_name,
+    read_hf_weights,
+    weights_from_hf,
 )
-from engines.blt.engine import BltEngine, build_engine
+from patchwork.engines.blt.engine import BltEngine, build_engine
 
 PARAMS_FILE, WEIGHTS_FILE, ENTROPY_DIR = "params.json", "consolidated.pth", "entropy_model"
 

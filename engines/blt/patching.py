@@ -10,16 +10,8 @@ before the byte is generated.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from engines.blt.config import OFFSET, PatchingConfig
-
-
-def entropies_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy in nats of each next-symbol distribution: [..., V] -> [...].
-    Masked symbols (-inf logits) add 0 (p log p -> 0); a NaN logit gives NaN."""
-    log_probs = F.log_softmax(logits.float(), dim=-1)
-    return -(log_probs.exp() * log_probs.clamp(min=torch.finfo(torch.float32).min)).sum(dim=-1)
+from patchwork.engines.blt.config import OFFSET, PatchingConfig
 
 
 def _space_like(tokens: torch.Tensor) -> torch.Tensor:

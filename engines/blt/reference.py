@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from engines.api import FinishReason, Generation, SamplingParams, Usage
-from engines.blt.config import BOS_ID, EOS_ID, OFFSET, VOCAB_SIZE
-from engines.blt.model import BltModel
-from engines.blt.patching import lengths_from_starts, patch_ids_from_starts
-from engines.generation import Decoding
+from patchwork.engines.api import FinishReason, Generation, SamplingParams, Usage
+from patchwork.engines.blt.config import BOS_ID, EOS_ID, OFFSET, VOCAB_SIZE
+from patchwork.engines.blt.model import BltModel
+from patchwork.engines.blt.patching import lengths_from_starts, patch_ids_from_starts
+from patchwork.engines.generation import Decoding
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from engines.filterbank import HOP, N_FFT, log_mel
+from patchwork.engines.filterbank import HOP, N_FFT, log_mel
 
 SAMPLE_RATE = 16_000
 

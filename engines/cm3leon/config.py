@@ -6,12 +6,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from engines.cm3leon.audio import AudioVqConfig
-from engines.cm3leon.retrieval import RetrievalConfig
-from engines.cm3leon.tokenizer import SPECIALS
-from engines.cm3leon.vqvae import VqConfig
-from engines.layers import TransformerConfig
-from engines.mot.config import Untied
+from patchwork.engines.cm3leon.audio import AudioVqConfig
+from patchwork.engines.cm3leon.retrieval import RetrievalConfig
+from patchwork.engines.cm3leon.tokenizer import SPECIALS
+from patchwork.engines.cm3leon.vqvae import VqConfig
+from patchwork.engines.layers import TransformerConfig
+from patchwork.engines.mot.config import Untied
 
 # 2: the text vocabulary's specials gained <audio> and </audio> (format-1 checkpoints must be retrained).
 FORMAT_VERSION = 2

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 import torch
 from pydantic import Field
 
-from engines.api import SamplingParams
-from engines.cm3leon.prompts import Task
-from engines.cm3leon.tokenizer import EOS, TextTokenizer
-from engines.generation import Decoding
-from kernels.guidance import guidance
+from patchwork.engines.api import SamplingParams
+from patchwork.engines.cm3leon.prompts import Task
+from patchwork.engines.cm3leon.tokenizer import EOS, TextTokenizer
+from patchwork.engines.generation import Decoding
+from patchwork.kernels.guidance import guidance
 
 
 class Guidance(str, enum.Enum):

@@ -17,20 +17,35 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engines.api import EngineStats, Generation, InvalidRequest, ModelInfo, Usage
-from engines.checkpoint import CheckpointError, Manifest, load_state
-from engines.cm3leon.audio import SAMPLE_RATE
-from engines.cm3leon.config import FORMAT_VERSION, Cm3LeonConfig
-from engines.cm3leon.decoding import Cm3Params, Cm3State, batch_scores, record
-from engines.cm3leon.model import Cm3LeonModel
-from engines.cm3leon.prompts import (
-    AUDIO_MARKERS, Cm3Prompt, Task, allowed_tokens, caption_prompt, image_prompt, infill_prompt,
+from patchwork.engines.api import EngineStats, Generation, InvalidRequest, ModelInfo, Usage
+from patchwork.engines.checkpoint import CheckpointError, Manifest, load_state
+from patchwork.engines.cm3leon.audio import SAMPLE_RATE
+from patchwork.engines.cm3leon.config import FORMAT_VERSION, Cm3LeonConfig
+from patchwork.engines.cm3leon.decoding import Cm3Params, Cm3State, batch_scores, record
+from patchwork.engines.cm3leon.model import Cm3LeonModel
+from patchwork.engines.cm3leon.prompts import (
+    AUDIO_MARKERS,
+    Cm3Prompt,
+    Task,
+    allowed_tokens,
+    caption_prompt,
+    image_prompt,
+    infill_prompt,
 )
-from engines.cm3leon.tokenizer import BREAK, EOS, IMAGE_END, IMAGE_START, MAX_SPANS, PAD, TextTokenizer, sentinel
-from engines.generation import Decoding
-from engines.kv_cache import KVCache
-from engines.registry import Family
-from engines.scheduler import Request, Scheduler, SchedulerConfig, StepBatch
+from patchwork.engines.cm3leon.tokenizer import (
+    BREAK,
+    EOS,
+    IMAGE_END,
+    IMAGE_START,
+    MAX_SPANS,
+    PAD,
+    TextTokenizer,
+    sentinel,
+)
+from patchwork.engines.generation import Decoding
+from patchwork.engines.kv_cache import KVCache
+from patchwork.engines.registry import Family
+from patchwork.engines.scheduler import Request, Scheduler, SchedulerConfig, StepBatch
 
 TOKENIZER_ASSET = "tokenizer.json"
 # Where an infill request's text misses a span.
@@ -294,6 +309,4 @@ def build_engine(
     return Cm3LeonEngine(model, tokenizer, device, name, manifest, scheduler)
 
 
-FAMILY = Family(name="cm3leon", config_type=Cm3LeonConfig, format_version=FORMAT_VERSION, build_engine=build_engine,
-                services=("serving.multimodal:SERVICE",), rpcs=frozenset({"GenerateImage", "Caption", "Infill"}),
-                deployment="serving.multimodal:Cm3LeonServer", trainer="training.cm3leon.cli")
+FAMILY = Family(name="cm3leon", config_type=Cm3LeonConfig, format_version=FORMAT_VERSION, build_engine=build_engine)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engines.cm3leon.audio import AudioTokenizer
-from engines.cm3leon.config import Cm3LeonConfig
-from engines.cm3leon.retrieval import DualEncoder, MemoryBank
-from engines.cm3leon.vqvae import VqVae
-from engines.layers import CausalLM, fuse_projections
-from engines.mot.model import MotLM
-from engines.mot.routing import ModalityRouter
+from patchwork.engines.cm3leon.audio import AudioTokenizer
+from patchwork.engines.cm3leon.config import Cm3LeonConfig
+from patchwork.engines.cm3leon.retrieval import DualEncoder, MemoryBank
+from patchwork.engines.cm3leon.vqvae import VqVae
+from patchwork.engines.layers import CausalLM, fuse_projections
+from patchwork.engines.mot.model import MotLM
+from patchwork.engines.mot.routing import ModalityRouter
 
 
 class Cm3LeonModel(nn.Module):

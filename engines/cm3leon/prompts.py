@@ -23,8 +23,17 @@ from dataclasses import dataclass
 
 import torch
 
-from engines.cm3leon.tokenizer import (
-    AUDIO_END, AUDIO_START, BREAK, EOS, IMAGE_END, IMAGE_START, MASK, MAX_SPANS, SPECIALS, sentinel,
+from patchwork.engines.cm3leon.tokenizer import (
+    AUDIO_END,
+    AUDIO_START,
+    BREAK,
+    EOS,
+    IMAGE_END,
+    IMAGE_START,
+    MASK,
+    MAX_SPANS,
+    SPECIALS,
+    sentinel,
 )
 
 

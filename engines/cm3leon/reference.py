@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import torch
 
-from engines.api import Generation, Usage
-from engines.cm3leon.decoding import Cm3Params, Cm3State, record, scores
-from engines.cm3leon.model import Cm3LeonModel
-from engines.cm3leon.prompts import Cm3Prompt, allowed_tokens
-from engines.cm3leon.tokenizer import TextTokenizer
-from engines.generation import Decoding
+from patchwork.engines.api import Generation, Usage
+from patchwork.engines.cm3leon.decoding import Cm3Params, Cm3State, record, scores
+from patchwork.engines.cm3leon.model import Cm3LeonModel
+from patchwork.engines.cm3leon.prompts import Cm3Prompt, allowed_tokens
+from patchwork.engines.cm3leon.tokenizer import TextTokenizer
+from patchwork.engines.generation import Decoding
 
 
 @torch.inference_mode()
 def generate_reference(model: Cm3LeonModel, tokenizer: TextTokenizer, prompt: Cm3Prompt,
                        params: Cm3Params) -> Generation:
-    from engines.cm3leon.engine import Cm3Details
+    from patchwork.engines.cm3leon.engine import Cm3Details
 
     config = model.config
     device = next(model.parameters()).device

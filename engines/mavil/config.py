@@ -6,8 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from engines.layers import TransformerConfig
-from engines.filterbank import samples_for
+from patchwork.engines.filterbank import samples_for
+from patchwork.engines.layers import TransformerConfig
 
 FORMAT_VERSION = 1
 

@@ -28,15 +28,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engines.api import EngineStats, InvalidRequest, ModelInfo
-from engines.batching import MicroBatcher
-from engines.checkpoint import WEIGHTS_FILE, CheckpointError, Manifest, load_state
-from engines.mavil.config import FORMAT_VERSION, MavilConfig
-from engines.mavil.features import audio_patches, video_tubelets
-from engines.mavil.index import ClipIndex, index_name
-from engines.mavil.model import MavilModel
-from engines.registry import Family
-from engines.scheduler import SchedulerConfig
+from patchwork.engines.api import EngineStats, InvalidRequest, ModelInfo
+from patchwork.engines.batching import MicroBatcher
+from patchwork.engines.checkpoint import WEIGHTS_FILE, CheckpointError, Manifest, load_state
+from patchwork.engines.mavil.config import FORMAT_VERSION, MavilConfig
+from patchwork.engines.mavil.features import audio_patches, video_tubelets
+from patchwork.engines.mavil.index import ClipIndex, index_name
+from patchwork.engines.mavil.model import MavilModel
+from patchwork.engines.registry import Family
+from patchwork.engines.scheduler import SchedulerConfig
 
 # How long the oldest waiting request waits for others to share its batch.
 BATCH_WAIT_S = 0.005
@@ -209,7 +209,7 @@ def load_indexes(name: str, assets: dict[str, str], manifest: Manifest | None) -
             raise CheckpointError(f"{name}/{asset}: not a valid index: {e.errors()[0]['msg']}") from None
         if manifest is not None and loaded.weights_sha256 != manifest.files[WEIGHTS_FILE]:
             raise CheckpointError(f"{name}/{asset}: built by other weights; rebuild it with "
-                                  "python -m training.mavil.index")
+                                  "patchwork index")
         indexes[index] = loaded
     return indexes
 
@@ -226,15 +226,13 @@ def build_engine(
 
 def load_mavil(path, **options) -> MavilEngine:
     """``engines.load`` for a path that must hold a MAViL checkpoint; CheckpointError naming it otherwise."""
-    import engines
+    from patchwork.engines.loading import load
 
-    engine = engines.load(path, **options)
+    engine = load(path, **options)
     if engine.family != "mavil":
         engine.close()
         raise CheckpointError(f"{path}: a {engine.family} checkpoint, not a MAViL one")
     return engine
 
 
-FAMILY = Family(name="mavil", config_type=MavilConfig, format_version=FORMAT_VERSION, build_engine=build_engine,
-                services=("serving.audiovideo:SERVICE",), rpcs=frozenset({"Embed", "Classify", "Retrieve"}),
-                deployment="serving.audiovideo:MavilServer", trainer="training.mavil.cli")
+FAMILY = Family(name="mavil", config_type=MavilConfig, format_version=FORMAT_VERSION, build_engine=build_engine)

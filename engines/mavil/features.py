@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from engines.filterbank import fit_frames, log_mel, samples_for
+from patchwork.engines.filterbank import fit_frames, log_mel, samples_for
 
 if TYPE_CHECKING:
-    from engines.mavil.config import AudioInput, VideoInput
+    from patchwork.engines.mavil.config import AudioInput, VideoInput
 
 
 def spectrogram_patches(spectrogram: torch.Tensor, patch: int) -> torch.Tensor:

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.layers import RMSNorm, TransformerStack
-from engines.mavil.config import MavilConfig
+from patchwork.engines.layers import RMSNorm, TransformerStack
+from patchwork.engines.mavil.config import MavilConfig
 
 MODALITIES = ("audio", "video", "fused")
 

@@ -24,10 +24,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.kv_cache import CacheView
-from engines.layers import FeedForward, RMSNorm, SelfAttention, StackPositions, TransformerConfig, point_weights_into
-from engines.mot.config import Untied
-from engines.mot.routing import ModalityGroups, ModalityRouter
+from patchwork.engines.kv_cache import CacheView
+from patchwork.engines.layers import (
+    FeedForward,
+    RMSNorm,
+    SelfAttention,
+    StackPositions,
+    TransformerConfig,
+    point_weights_into,
+)
+from patchwork.engines.mot.config import Untied
+from patchwork.engines.mot.routing import ModalityGroups, ModalityRouter
 
 
 def _copies(count: int, make) -> nn.ModuleList:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.grouped_linear import Weights, grouped_linear
+from patchwork.kernels.grouped_linear import Weights, grouped_linear
 
 
 class ModalityRouter(nn.Module):

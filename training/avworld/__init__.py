@@ -1,7 +1,7 @@
 """A procedural audio-video world: clips of moving shapes that are seen and
 heard, with labels that only sight and sound together tell apart."""
 
-from training.avworld.world import (
+from patchwork.training.avworld.world import (
     DIRECTIONS,
     LABELS,
     MATERIALS,

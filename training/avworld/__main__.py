@@ -1,4 +1,4 @@
-"""python -m training.avworld --out DIR --count N [--start I] [--seed S]: writes clips of the
+"""patchwork avworld --out DIR --count N [--start I] [--seed S]: writes clips of the
 audio-video world as clip directories (an ``audio.wav`` and PNG frames each), e.g. to build a
 MAViL retrieval index from or to send to a server."""
 
@@ -8,13 +8,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from training.arguments import positive_int
-from training.avworld.files import write_clip
-from training.avworld.world import AudioVideoWorld
+from patchwork.training.arguments import positive_int
+from patchwork.training.avworld.files import write_clip
+from patchwork.training.avworld.world import AudioVideoWorld
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.avworld", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="patchwork avworld", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--count", type=positive_int, required=True)
     parser.add_argument("--start", type=int, default=0, help="the first clip's index in the world")

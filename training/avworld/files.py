@@ -1,4 +1,4 @@
-"""Clip directories on disk: what ``python -m training.mavil.index`` reads.
+"""Clip directories on disk: what ``patchwork index`` reads.
 
 A clip directory holds one sub-directory per clip, named after the clip's
 id, with its sound as ``audio.wav`` and its frames as PNG (or JPEG) files,
@@ -12,8 +12,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from engines.wav import wav_bytes
-from training.avworld.world import SAMPLE_RATE, Clip
+from patchwork.engines.wav import wav_bytes
+from patchwork.training.avworld.world import SAMPLE_RATE, Clip
 
 AUDIO_FILE = "audio.wav"
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")

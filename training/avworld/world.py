@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from training.imageworld.scene import BACKGROUND, COLOURS, KINDS, draw_shape
+from patchwork.training.imageworld.scene import BACKGROUND, COLOURS, KINDS, draw_shape
 
 SAMPLE_RATE = 16_000
 MATERIALS = ("wood", "metal")

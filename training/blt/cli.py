@@ -1,18 +1,17 @@
 """Byte Latent Transformer: the entropy model, then BLT.
 
-The command line of ``python -m training blt``.
+The command line of ``patchwork train blt``.
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
-from training.arguments import positive_int
-from training.blt.corpus import ByteCorpus
-from training.data import DataError, build_documents
+from patchwork.training.arguments import command_line, positive_int
+from patchwork.training.blt.corpus import ByteCorpus
+from patchwork.training.data import DataError, build_documents
 
 
 def _patch_size(text: str) -> float:
@@ -23,7 +22,7 @@ def _patch_size(text: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from training.blt.presets import PRESETS
+    from patchwork.training.blt.presets import PRESETS
 
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
@@ -34,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    from training.blt.presets import PRESETS
-    from training.blt.train import train_blt
+    from patchwork.training.blt.presets import PRESETS
+    from patchwork.training.blt.train import train_blt
 
     preset = PRESETS[args.preset]()
     try:
@@ -44,7 +43,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     metrics = train_blt(
-        preset, corpus, args.out, command=shlex.join(["python", "-m", "training", *argv]),
+        preset, corpus, args.out, command=command_line(argv),
         steps=args.steps, target_patch_size=args.target_patch_size,
     )
     for name, value in metrics.items():

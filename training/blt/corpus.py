@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engines.blt.config import BOS_ID, EOS_ID, OFFSET
-from training.data import Documents
+from patchwork.engines.blt.config import BOS_ID, EOS_ID, OFFSET
+from patchwork.training.data import Documents
 
 
 def symbol_stream(docs: list[bytes]) -> torch.Tensor:

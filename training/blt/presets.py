@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-from engines.blt.config import BltConfig, HashEmbeddingConfig
-from engines.layers import TransformerConfig
-from training.loop import Schedule
+from patchwork.engines.blt.config import BltConfig, HashEmbeddingConfig
+from patchwork.engines.layers import TransformerConfig
+from patchwork.training.loop import Schedule
 
 
 class WindowSchedule(Schedule):

@@ -18,14 +18,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from engines.blt.config import BltConfig
-from engines.blt.model import BltModel
-from engines.blt.patching import entropies_from_logits, patch_ids_from_starts, patch_starts
-from engines.checkpoint import TrainingRecord, save_checkpoint
-from training.blt.corpus import ByteCorpus
-from training.blt.presets import BltPreset, WindowSchedule
-from training.data import bits, random_windows, spread_windows
-from training.loop import fit
+from patchwork.engines.blt.config import BltConfig
+from patchwork.engines.blt.model import BltModel
+from patchwork.engines.blt.patching import patch_ids_from_starts, patch_starts
+from patchwork.engines.checkpoint import TrainingRecord, save_checkpoint
+from patchwork.kernels.entropy import entropies_from_logits
+from patchwork.training.blt.corpus import ByteCorpus
+from patchwork.training.blt.presets import BltPreset, WindowSchedule
+from patchwork.training.data import bits, random_windows, spread_windows
+from patchwork.training.loop import fit
 
 
 def entropy_model_loss(model: BltModel, windows: torch.Tensor) -> torch.Tensor:

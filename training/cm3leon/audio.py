@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from engines.cm3leon.audio import AudioTokenizer
+from patchwork.engines.cm3leon.audio import AudioTokenizer
 
 
 @torch.no_grad()

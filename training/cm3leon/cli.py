@@ -1,19 +1,18 @@
 """CM3Leon: the text and image tokenizers, then the transformer, on the procedural image world.
 
-The command line of ``python -m training cm3leon``.
+The command line of ``patchwork train cm3leon``.
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
 from pathlib import Path
 
-from training.arguments import positive_int
+from patchwork.training.arguments import command_line, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from training.cm3leon.presets import PRESETS
+    from patchwork.training.cm3leon.presets import PRESETS
 
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
@@ -21,10 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    from training.cm3leon.presets import PRESETS
-    from training.cm3leon.train import train_cm3leon
+    from patchwork.training.cm3leon.presets import PRESETS
+    from patchwork.training.cm3leon.train import train_cm3leon
 
-    metrics = train_cm3leon(PRESETS[args.preset](), args.out, command=shlex.join(["python", "-m", "training", *argv]),
+    metrics = train_cm3leon(PRESETS[args.preset](), args.out, command=command_line(argv),
                             steps=args.steps)
     for name, value in metrics.items():
         print(f"{name}: {value:.4f}")

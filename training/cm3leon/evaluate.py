@@ -1,6 +1,6 @@
 """What a CM3Leon checkpoint does, judged by the image world's ground truth.
 
-    python -m training.cm3leon.evaluate --checkpoint DIR [--prompts 48] [--samples 4]
+    patchwork eval cm3leon --checkpoint DIR [--prompts 48] [--samples 4]
         [--markdown OUT.md] [--grid OUT.png] [--json OUT.json]
 
 Everything runs in one process on the same checkpoint, so the numbers compare
@@ -38,12 +38,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import engines
-from engines.cm3leon.decoding import Cm3Params, Guidance
-from engines.cm3leon.prompts import Cm3Prompt, Task
-from engines.scheduler import SchedulerConfig
-from training.cm3leon.train import HELDOUT_START
-from training.imageworld import Example, ImageWorld, Scene, parse_image, read_caption
+from patchwork.engines.checkpoint import CheckpointError
+from patchwork.engines.cm3leon.decoding import Cm3Params, Guidance
+from patchwork.engines.cm3leon.prompts import Cm3Prompt, Task
+from patchwork.engines.loading import load
+from patchwork.engines.scheduler import SchedulerConfig
+from patchwork.training.cm3leon.train import HELDOUT_START
+from patchwork.training.imageworld import Example, ImageWorld, Scene, parse_image, read_caption
 
 # Held-out examples for evaluation start past the ones training measures on.
 EVALUATION_START = HELDOUT_START + 1_000_000
@@ -211,7 +212,7 @@ def evaluate(checkpoint: Path, prompts: int, samples: int, batch: int) -> tuple[
     torch.manual_seed(0)
     # Every sample of a mode is submitted at once: the queue holds them all.
     queue = prompts * samples
-    engine = engines.load(checkpoint, scheduler=SchedulerConfig(max_batch_size=max(16, batch), max_queue=queue))
+    engine = load(checkpoint, scheduler=SchedulerConfig(max_batch_size=max(16, batch), max_queue=queue))
     try:
         size = engine.config.vq.image_size
         world = engine.manifest.training.data.get("image_world", {}) if engine.manifest else {}
@@ -230,7 +231,7 @@ def evaluate(checkpoint: Path, prompts: int, samples: int, batch: int) -> tuple[
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="patchwork eval cm3leon", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--samples", type=int, default=4)
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report, grid = evaluate(args.checkpoint, args.prompts, args.samples, args.batch)
-    except engines.CheckpointError as e:
+    except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     text = markdown(report)

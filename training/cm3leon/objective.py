@@ -33,8 +33,8 @@ import math
 import random
 from collections.abc import Sequence
 
-from engines.cm3leon.prompts import IMAGE_MARKERS
-from engines.cm3leon.tokenizer import BREAK, EOS, MASK, MAX_SPANS, sentinel
+from patchwork.engines.cm3leon.prompts import IMAGE_MARKERS
+from patchwork.engines.cm3leon.tokenizer import BREAK, EOS, MASK, MAX_SPANS, sentinel
 
 Part = tuple[int, int]  # [start, end) of a maskable part of a document
 

@@ -6,12 +6,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engines.cm3leon.audio import AudioVqConfig
-from engines.cm3leon.retrieval import RetrievalConfig
-from engines.cm3leon.vqvae import VqConfig
-from engines.layers import TransformerConfig
-from engines.mot.config import Untied
-from training.loop import Schedule
+from patchwork.engines.cm3leon.audio import AudioVqConfig
+from patchwork.engines.cm3leon.retrieval import RetrievalConfig
+from patchwork.engines.cm3leon.vqvae import VqConfig
+from patchwork.engines.layers import TransformerConfig
+from patchwork.engines.mot.config import Untied
+from patchwork.training.loop import Schedule
 
 
 class Cm3LeonPreset(BaseModel):

@@ -43,18 +43,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from engines.checkpoint import TrainingRecord, save_checkpoint
-from engines.cm3leon.config import Cm3LeonConfig
-from engines.cm3leon.engine import TOKENIZER_ASSET
-from engines.cm3leon.model import Cm3LeonModel
-from engines.cm3leon.prompts import AUDIO_MARKERS
-from engines.cm3leon.tokenizer import PAD, TextTokenizer
-from training.avworld import AudioVideoWorld
-from training.cm3leon.audio import fit_audio_tokenizer, quantisation_error
-from training.cm3leon.objective import bank_document, cm3, document
-from training.cm3leon.presets import Cm3LeonPreset
-from training.imageworld import Example, ImageWorld, parse_image
-from training.loop import Schedule, fit
+from patchwork.engines.checkpoint import TrainingRecord, save_checkpoint
+from patchwork.engines.cm3leon.config import Cm3LeonConfig
+from patchwork.engines.cm3leon.engine import TOKENIZER_ASSET
+from patchwork.engines.cm3leon.model import Cm3LeonModel
+from patchwork.engines.cm3leon.prompts import AUDIO_MARKERS
+from patchwork.engines.cm3leon.tokenizer import PAD, TextTokenizer
+from patchwork.training.avworld import AudioVideoWorld
+from patchwork.training.cm3leon.audio import fit_audio_tokenizer, quantisation_error
+from patchwork.training.cm3leon.objective import bank_document, cm3, document
+from patchwork.training.cm3leon.presets import Cm3LeonPreset
+from patchwork.training.imageworld import Example, ImageWorld, parse_image
+from patchwork.training.loop import Schedule, fit
 
 # Held-out examples come from indices no training run reaches.
 HELDOUT_START = 10_000_000

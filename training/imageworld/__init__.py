@@ -7,11 +7,19 @@ of every image metric (text->image attribute accuracy, reconstruction
 agreement); ``read_caption`` reads the same attributes back from text.
 """
 
-from training.imageworld.parser import parse_image
-from training.imageworld.scene import (
-    CELLS, COLOURS, KINDS, SIZES, Example, ImageWorld, Scene, Shape, render,
+from patchwork.training.imageworld.parser import parse_image
+from patchwork.training.imageworld.scene import (
+    CELLS,
+    COLOURS,
+    KINDS,
+    SIZES,
+    Example,
+    ImageWorld,
+    Scene,
+    Shape,
+    render,
 )
-from training.imageworld.text import NOISE_KINDS, alt_text, caption, read_caption
+from patchwork.training.imageworld.text import NOISE_KINDS, alt_text, caption, read_caption
 
 __all__ = [
     "CELLS", "COLOURS", "KINDS", "NOISE_KINDS", "SIZES", "Example", "ImageWorld", "Scene", "Shape", "alt_text",

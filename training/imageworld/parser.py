@@ -17,7 +17,7 @@ from collections import deque
 import numpy as np
 from PIL import Image, ImageDraw
 
-from training.imageworld.scene import BACKGROUND, COLOURS, KINDS, Scene, Shape, draw_shape, side_of
+from patchwork.training.imageworld.scene import BACKGROUND, COLOURS, KINDS, Scene, Shape, draw_shape, side_of
 
 _NAMES = ("background", *COLOURS)
 _PALETTE = np.array([BACKGROUND, *COLOURS.values()], dtype=np.float32)  # (colours + 1, 3)

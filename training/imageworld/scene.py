@@ -133,7 +133,7 @@ class ImageWorld:
         self.seed, self.image_size, self.noisy_fraction, self.jitter = seed, image_size, noisy_fraction, jitter
 
     def __getitem__(self, index: int) -> Example:
-        from training.imageworld.text import alt_text, caption
+        from patchwork.training.imageworld.text import alt_text, caption
 
         if index < 0:
             raise IndexError(index)

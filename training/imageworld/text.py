@@ -12,7 +12,7 @@ import random
 import re
 from dataclasses import dataclass, replace
 
-from training.imageworld.scene import CELLS, COLOURS, KINDS, SIZES, Scene, Shape
+from patchwork.training.imageworld.scene import CELLS, COLOURS, KINDS, SIZES, Scene, Shape
 
 NOISE_KINDS = ("wrong_colour", "wrong_shape", "missing_attribute", "missing_object", "boilerplate", "spam")
 _BOILERPLATE = ("stock photo: {} | royalty free", "{} - image 1 of 20", "download hd wallpaper {}")

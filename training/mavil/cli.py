@@ -1,20 +1,19 @@
 """MAViL: a masked audio-video encoder (stage 1, or stage 2 from a stage-1 teacher) on the procedural audio-video world.
 
-The command line of ``python -m training mavil``.
+The command line of ``patchwork train mavil``.
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
-from training.arguments import positive_int
+from patchwork.training.arguments import command_line, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from training.mavil.presets import PRESETS
+    from patchwork.training.mavil.presets import PRESETS
 
     parser.add_argument("--stage", type=int, choices=(1, 2), default=1,
                         help="1: masked reconstruction and contrast; 2: distil a stage-1 --teacher")
@@ -27,9 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    from engines.checkpoint import CheckpointError
-    from training.mavil.presets import PRESETS
-    from training.mavil.train import train_mavil
+    from patchwork.engines.checkpoint import CheckpointError
+    from patchwork.training.mavil.presets import PRESETS
+    from patchwork.training.mavil.train import train_mavil
 
     if (args.stage == 2) != (args.teacher is not None):
         print("error: --teacher is required with --stage 2, and only then", file=sys.stderr)
@@ -38,7 +37,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         print("error: --objective chooses stage 1's losses", file=sys.stderr)
         return 2
     try:
-        metrics = train_mavil(PRESETS[args.preset](), args.out, shlex.join(["python", "-m", "training", *argv]),
+        metrics = train_mavil(PRESETS[args.preset](), args.out, command_line(argv),
                               stage=args.stage, teacher=args.teacher, objective=args.objective, steps=args.steps)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

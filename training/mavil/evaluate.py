@@ -1,6 +1,6 @@
 """What MAViL's training buys, measured on the held-out clips of the world a checkpoint was trained on.
 
-    python -m training.mavil.evaluate --model stage-2=DIR [--model stage-1=DIR ...] [--json FILE] [--markdown FILE]
+    patchwork eval mavil --model stage-2=DIR [--model stage-1=DIR ...] [--json FILE] [--markdown FILE]
 
 For a randomly initialised encoder (of the first model's config) and each
 named checkpoint: linear-probe accuracy of the audio, video and fused
@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from engines.checkpoint import CheckpointError, read_manifest
-from engines.mavil.engine import load_mavil
-from engines.mavil.model import MavilModel
-from training.avworld import LABELS, AudioVideoWorld
-from training.mavil.train import HELDOUT_START, encoder_inputs, probe_and_heads
+from patchwork.engines.checkpoint import CheckpointError, read_manifest
+from patchwork.engines.mavil.engine import load_mavil
+from patchwork.engines.mavil.model import MavilModel
+from patchwork.training.avworld import LABELS, AudioVideoWorld
+from patchwork.training.mavil.train import HELDOUT_START, encoder_inputs, probe_and_heads
 
 COLUMNS = {
     "probe_audio_accuracy": "probe audio", "probe_video_accuracy": "probe video",
@@ -96,7 +96,7 @@ def markdown(results: dict[str, dict[str, float]], heldout: int, ceiling: dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.mavil.evaluate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="patchwork eval mavil", description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=_named, action="append", required=True, help="NAME=DIR (repeatable)")
     parser.add_argument("--probe-steps", type=int, default=300)
     parser.add_argument("--json", type=Path)

@@ -1,6 +1,6 @@
 """Retrieval indexes for a MAViL checkpoint.
 
-    python -m training.mavil.index --checkpoint DIR --clips CLIPS --name NAME
+    patchwork index --checkpoint DIR --clips CLIPS --name NAME
 
 embeds every clip of the clip directory ``CLIPS`` (``training.avworld.files``:
 one sub-directory per clip with ``audio.wav`` and/or frames) with the
@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from engines.checkpoint import WEIGHTS_FILE, CheckpointError, add_assets, read_manifest
-from engines.mavil.engine import Clip, MavilEngine, load_mavil
-from engines.mavil.index import ClipIndex, Vectors, asset_name, to_json
-from engines.wav import MediaError, read_wav, resample
+from patchwork.engines.checkpoint import WEIGHTS_FILE, CheckpointError, add_assets, read_manifest
+from patchwork.engines.mavil.engine import Clip, MavilEngine, load_mavil
+from patchwork.engines.mavil.index import ClipIndex, Vectors, asset_name, to_json
+from patchwork.engines.wav import MediaError, read_wav, resample
 
 
 def build_index(engine: MavilEngine, name: str, clips: dict[str, Clip]) -> ClipIndex:
     """The index of ``clips`` (id -> clip) under ``engine``'s weights."""
-    from engines.api import InvalidRequest
+    from patchwork.engines.api import InvalidRequest
 
     embeddings, ids = {}, list(clips)
     for start in range(0, len(ids), engine.batcher.max_queue):  # never more than the engine lets wait
@@ -68,10 +68,10 @@ def read_clip(directory: Path, audio: bytes | None, frames: list[bytes]) -> Clip
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engines.api import InvalidRequest
-    from training.avworld.files import clip_files
+    from patchwork.engines.api import InvalidRequest
+    from patchwork.training.avworld.files import clip_files
 
-    parser = argparse.ArgumentParser(prog="python -m training.mavil.index", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="patchwork index", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="a MAViL checkpoint directory")
     parser.add_argument("--clips", type=Path, required=True, help="a directory of clip directories")
     parser.add_argument("--name", required=True, help="the index's name (letters, digits, '_' and '-')")

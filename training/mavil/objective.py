@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.layers import RMSNorm, TransformerConfig, TransformerStack
-from engines.mavil.model import MavilModel
-from training.mavil.presets import MavilPreset
+from patchwork.engines.layers import RMSNorm, TransformerConfig, TransformerStack
+from patchwork.engines.mavil.model import MavilModel
+from patchwork.training.mavil.presets import MavilPreset
 
 
 class MaskedDecoder(nn.Module):

@@ -6,9 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engines.layers import TransformerConfig
-from engines.mavil.config import AudioInput, VideoInput
-from training.loop import Schedule
+from patchwork.engines.layers import TransformerConfig
+from patchwork.engines.mavil.config import AudioInput, VideoInput
+from patchwork.training.loop import Schedule
 
 # What stage 1 optimises: both losses (MAViL), or one of them alone (the ablations).
 Objective = Literal["full", "reconstruction", "contrastive"]

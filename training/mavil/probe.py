@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engines.mavil.model import MavilModel
-from training.mavil.objective import Batch
+from patchwork.engines.mavil.model import MavilModel
+from patchwork.training.mavil.objective import Batch
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ is trained on the frozen encoder over the training clips and stored with the
 checkpoint; the held-out probe accuracies and audio<->video retrieval recall
 are the checkpoint's metrics; and the held-out clips become the checkpoint's
 retrieval index ``heldout`` (clip ids are the world indices, as
-``python -m training.avworld`` names its clip directories).
+``patchwork avworld`` names its clip directories).
 """
 
 from __future__ import annotations
@@ -24,21 +24,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import engines
-from engines.checkpoint import TrainingRecord, add_assets, save_checkpoint
-from engines.mavil.config import AudioInput, MavilConfig
-from engines.mavil.engine import Clip as EngineClip
-from engines.mavil.engine import load_mavil
-from engines.filterbank import fit_frames, log_mel
-from engines.mavil.features import audio_patches, video_tubelets
-from engines.mavil.index import asset_name, to_json
-from engines.mavil.model import MODALITIES, MavilModel
-from training.avworld import LABELS, AudioVideoWorld, Clip
-from training.loop import fit
-from training.mavil.index import build_index
-from training.mavil.objective import Batch, Decoders, stage_one_loss, stage_two_loss
-from training.mavil.presets import MavilPreset
-from training.mavil.probe import clip_embeddings, linear_probe, retrieval_recall
+from patchwork.engines.checkpoint import TrainingRecord, add_assets, save_checkpoint
+from patchwork.engines.filterbank import fit_frames, log_mel
+from patchwork.engines.loading import load
+from patchwork.engines.mavil.config import AudioInput, MavilConfig
+from patchwork.engines.mavil.engine import Clip as EngineClip
+from patchwork.engines.mavil.engine import load_mavil
+from patchwork.engines.mavil.features import audio_patches, video_tubelets
+from patchwork.engines.mavil.index import asset_name, to_json
+from patchwork.engines.mavil.model import MODALITIES, MavilModel
+from patchwork.training.avworld import LABELS, AudioVideoWorld, Clip
+from patchwork.training.loop import fit
+from patchwork.training.mavil.index import build_index
+from patchwork.training.mavil.objective import Batch, Decoders, stage_one_loss, stage_two_loss
+from patchwork.training.mavil.presets import MavilPreset
+from patchwork.training.mavil.probe import clip_embeddings, linear_probe, retrieval_recall
 
 # Held-out clips come from indices no training run reaches.
 HELDOUT_START = 10_000_000
@@ -143,7 +143,7 @@ def train_mavil(preset: MavilPreset, out: Path, command: str, stage: int = 1, te
     if teacher is not None:
         data["teacher"] = str(teacher)
     save_checkpoint(out, config, model.state_dict(), TrainingRecord(command=command, data=data, metrics=metrics))
-    engine = engines.load(out)
+    engine = load(out)
     try:
         clips = {clip_id(clip): EngineClip(clip.waveform, clip.frames.astype(np.float32) / 255)
                  for clip in heldout_clips}

@@ -1,1 +1,1 @@
-"""The dense-versus-Mixture-of-Transformers study (``python -m training mot-study``)."""
+"""The dense-versus-Mixture-of-Transformers study (``patchwork train mot-study``)."""

@@ -1,6 +1,6 @@
 """Dense against Mixture-of-Transformers: the same data, FLOPs and schedule.
 
-    python -m training mot-study --preset tiny|default --out DIR [--steps N] [--evaluations K]
+    patchwork train mot-study --preset tiny|default --out DIR [--steps N] [--evaluations K]
 
 One corpus (``training.cm3leon.train.prepare``: text, images and sounds; no
 retrieval, so every document is its own) and one stream of training batches
@@ -32,21 +32,20 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shlex
 import time
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from engines.cm3leon.model import Cm3LeonModel
-from engines.cm3leon.tokenizer import PAD
-from engines.mot.bench import machine
-from engines.mot.config import Untied
-from training.arguments import positive_int
-from training.cm3leon.presets import PRESETS, Cm3LeonPreset
-from training.cm3leon.train import Corpus, heldout_losses, lm_loss, prepare
-from training.loop import fit
+from patchwork.engines.cm3leon.model import Cm3LeonModel
+from patchwork.engines.cm3leon.tokenizer import PAD
+from patchwork.engines.mot.config import Untied
+from patchwork.training.arguments import command_line, positive_int
+from patchwork.training.cm3leon.presets import PRESETS, Cm3LeonPreset
+from patchwork.training.cm3leon.train import Corpus, heldout_losses, lm_loss, prepare
+from patchwork.training.loop import fit
+from patchwork.training.machine import machine
 
 # Run name -> (backbone, untied).
 RUNS = {
@@ -272,7 +271,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    report = run_study(STUDY_PRESETS[args.preset](), args.out, shlex.join(["python", "-m", "training", *argv]),
+    report = run_study(STUDY_PRESETS[args.preset](), args.out, command_line(argv),
                        steps=args.steps, evaluations=args.evaluations)
     print(markdown(report), end="")
     print(f"written: {args.out / 'study.json'}, {args.out / 'study.md'}, {args.out / 'loss.png'}")

@@ -1,8 +1,5 @@
-"""Inference engines, one sub-package per model family.
-
-``engines.load(path)`` reads a checkpoint directory, verifies it, and returns
-the family's engine.
-"""
+"""Loading a checkpoint: ``load(path)`` (also ``patchwork.load``) reads a
+checkpoint directory, verifies it, and returns its family's engine."""
 
 from __future__ import annotations
 
@@ -12,11 +9,17 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from engines.checkpoint import (
-    CONFIG_FILE, MANIFEST_FILE, CheckpointError, read_assets, read_header, read_manifest, read_weights,
+from patchwork.engines.checkpoint import (
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    CheckpointError,
+    read_assets,
+    read_header,
+    read_manifest,
+    read_weights,
     validation_summary,
 )
-from engines.registry import get_family, known_families
+from patchwork.engines.registry import get_family, known_families
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -58,5 +61,3 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         manifest=manifest, **options,
     )
 
-
-__all__ = ["CheckpointError", "load", "known_families"]

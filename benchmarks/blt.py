@@ -1,6 +1,6 @@
 """Benchmark of BLT generation: reference path, incremental engine, continuous batching.
 
-    python -m engines.blt.bench --checkpoint DIR [--new-bytes 1024] [--streams 16] [--device cuda] [--json OUT]
+    patchwork bench blt --checkpoint DIR [--new-bytes 1024] [--streams 16] [--device cuda] [--json OUT]
 
 Everything runs in one process on the same checkpoint, one after the other,
 so the ratios compare like with like on a shared machine:
@@ -46,11 +46,10 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import engines
-from engines.api import Generation, SamplingParams
-from engines.blt.incremental import record_ahead
-from engines.scheduler import SchedulerConfig, StepBatch
-
+from patchwork.engines.api import Generation, SamplingParams
+from patchwork.engines.blt.incremental import record_ahead
+from patchwork.engines.loading import load
+from patchwork.engines.scheduler import SchedulerConfig, StepBatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -231,7 +230,7 @@ def transformers_peer(checkpoint: Path, texts: list[bytes], new_bytes: int, sing
     """transformers' generate on the same weights, with its cache (its default)
     and without, at batch 1 (the first prompt) and with every prompt in one
     batch; whether each produced the engine's bytes."""
-    from engines.blt.hf_peer import TransformersPeer
+    from patchwork.engines.blt.hf_peer import TransformersPeer
 
     peer = TransformersPeer(checkpoint)
     peer.generate(texts[:1], 8, use_cache=False)  # warm-up
@@ -259,7 +258,7 @@ def run(args: argparse.Namespace) -> dict:
     texts = prompts(args.streams, args.prompt_bytes)
     loaded_from = resident_bytes()
     # All prompts arriving together are prefilled in one step, as before chunking.
-    engine = engines.load(args.checkpoint, device=args.device, dtype=DTYPES.get(args.dtype), scheduler=SchedulerConfig(
+    engine = load(args.checkpoint, device=args.device, dtype=DTYPES.get(args.dtype), scheduler=SchedulerConfig(
         max_batch_size=max(args.streams, 9),
         # Room for the streams of the interference measurement to outlast it
         # (cache memory is taken only as it is written).
@@ -431,7 +430,7 @@ def markdown(result: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m engines.blt.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="patchwork bench blt", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--new-bytes", type=int, default=1024)
     parser.add_argument("--streams", type=int, default=16)

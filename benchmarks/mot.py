@@ -1,7 +1,7 @@
 """What the modality grouping costs: one decode step and one prefill of the
 Mixture-of-Transformers language model against the dense one of the same shape.
 
-    python -m engines.mot.bench [--preset default|tiny] [--batch 16] [--context 128] [--rounds 50] [--json FILE]
+    patchwork bench mot [--preset default|tiny] [--batch 16] [--context 128] [--rounds 50] [--json FILE]
 
 Both models have the shape of CM3Leon's default transformer (``--preset``)
 over a joint vocabulary of text, image and audio ids, random weights (the
@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from engines.layers import CausalLM, TransformerConfig, fuse_projections
-from engines.mot.config import Untied
-from engines.mot.model import MotLM
+from patchwork.engines.layers import CausalLM, TransformerConfig, fuse_projections
+from patchwork.engines.mot.config import Untied
+from patchwork.engines.mot.model import MotLM
+from patchwork.training.machine import machine
 
 PRESETS = {
     "default": TransformerConfig(dim=128, n_layers=4, n_heads=4),
@@ -96,12 +96,6 @@ def measure(cfg: TransformerConfig, batch: int, context: int, rounds: int) -> di
             "parameter_bytes_fp32": {name: 4 * count for name, count in parameters.items()}}
 
 
-def machine() -> dict:
-    """What a measurement ran on."""
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
-
-
 def markdown(result: dict) -> str:
     lines = ["| case | dense ms | MoT ms | MoT / dense |", "|---|---|---|---|"]
     ms = result["milliseconds"]
@@ -111,7 +105,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engines.mot.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="patchwork bench mot", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--context", type=int, default=128)

@@ -1,7 +1,7 @@
 """MAViL's speed: encoder throughput at batch 1 and 32, and served throughput
 with 16 concurrent clients against one at a time.
 
-    python -m engines.mavil.bench --checkpoint DIR [--clips N] [--json FILE]
+    patchwork bench mavil --checkpoint DIR [--clips N] [--json FILE]
         [--target HOST:PORT [--model NAME] | --serve]
 
 The encoder is timed on prepared clips (spectrogram patches and tubelets of
@@ -26,15 +26,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engines.checkpoint import CheckpointError
-from engines.mavil.engine import Clip, load_mavil
+from patchwork.engines.checkpoint import CheckpointError
+from patchwork.engines.mavil.engine import Clip, load_mavil
 
 CONCURRENT_CLIENTS = 16
 BATCH = 32
 
 
 def world_clips(engine, count: int) -> list:
-    from training.avworld import AudioVideoWorld
+    from patchwork.training.avworld import AudioVideoWorld
 
     video, audio = engine.config.video, engine.config.audio
     return AudioVideoWorld(seed=1, frames=video.frames, image_size=video.image_size, seconds=audio.seconds).take(count)
@@ -61,11 +61,11 @@ def encoder_throughput(engine, clips: list, repeats: int = 3) -> dict[str, float
 def served_throughput(target: str, model: str, clips: list, token: str | None = None) -> dict[str, float]:
     """Embed requests per second from one client at a time, then from 16 concurrent clients."""
     import grpc
+
+    from patchwork.engines.wav import wav_bytes
+    from patchwork.serving.images import png
     from patchwork.v1 import audiovideo_pb2 as pb2
     from patchwork.v1 import audiovideo_pb2_grpc
-
-    from engines.wav import wav_bytes
-    from serving.images import png
 
     requests = [pb2.EmbedRequest(model=model, clip=pb2.Clip(wav=wav_bytes(c.waveform, 16000),
                                                              frames=[png(frame) for frame in c.frames]))
@@ -105,9 +105,9 @@ def serve_and_measure(checkpoint: Path, clips: list, token: str | None) -> dict[
     import ray
     from ray import serve
 
-    from serving import cluster, ops
-    from serving.config import DeploymentOptions, ServingConfig
-    from serving.deploy import apply, deploy_config
+    from patchwork.serving import cluster, ops
+    from patchwork.serving.config import DeploymentOptions, ServingConfig
+    from patchwork.serving.deploy import apply, deploy_config
 
     with tempfile.TemporaryDirectory() as root:
         name = checkpoint.resolve().name
@@ -129,7 +129,7 @@ def serve_and_measure(checkpoint: Path, clips: list, token: str | None) -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engines.mavil.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="patchwork bench mavil", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--clips", type=int, default=256, help="clips per measurement (default 256)")
     parser.add_argument("--json", type=Path)

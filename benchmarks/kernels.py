@@ -1,7 +1,7 @@
 """Each Triton kernel against the torch eager code it replaces, on one device.
 
-    python -m kernels.bench --all [--json OUT] [--markdown OUT] [--blt-checkpoint DIR]
-    TRITON_INTERPRET=1 python -m kernels.bench --kernel rms_norm --device cpu
+    patchwork bench kernels --all [--json OUT] [--markdown OUT] [--blt-checkpoint DIR]
+    TRITON_INTERPRET=1 patchwork bench kernels --kernel rms_norm --device cpu
 
 For every kernel (``KERNELS``; each module's ``bench_case`` builds its
 inputs): the Triton result is checked against the baseline's on the device,
@@ -17,8 +17,8 @@ eager; the grouped linear at least 60% of the dense matmul's TFLOP/s.
 ``--all`` runs every kernel and, given ``--blt-checkpoint``, the BLT
 generation benchmark on the same device.
 
-On a CPU, Triton runs in its interpreter (``TRITON_INTERPRET=1 python -m
-kernels.bench --device cpu ...``): the numbers there say nothing about
+On a CPU, Triton runs in its interpreter (``TRITON_INTERPRET=1 patchwork
+bench kernels --device cpu ...``): the numbers there say nothing about
 speed; the mode exists so that the test suite runs the benchmark end to end.
 """
 
@@ -41,13 +41,13 @@ import torch
 
 # Each case: the module whose ``bench_case`` builds it, and that function's options.
 KERNELS = {
-    "rms_norm": ("kernels.rmsnorm", {}),
-    "add_rms_norm": ("kernels.add_rmsnorm", {}),
-    "add_rms_norm_backward": ("kernels.add_rmsnorm", {"backward": True}),
-    "entropy_boundary": ("kernels.entropy", {}),
-    "hash_embedding": ("kernels.hash_embedding", {}),
-    "grouped_linear": ("kernels.grouped_linear", {}),
-    "guidance": ("kernels.guidance", {}),
+    "rms_norm": ("patchwork.kernels.rmsnorm", {}),
+    "add_rms_norm": ("patchwork.kernels.add_rmsnorm", {}),
+    "add_rms_norm_backward": ("patchwork.kernels.add_rmsnorm", {"backward": True}),
+    "entropy_boundary": ("patchwork.kernels.entropy", {}),
+    "hash_embedding": ("patchwork.kernels.hash_embedding", {}),
+    "grouped_linear": ("patchwork.kernels.grouped_linear", {}),
+    "guidance": ("patchwork.kernels.guidance", {}),
 }
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -126,7 +126,7 @@ def difference(actual: Any, expected: Any, tolerance: tuple[float, float]) -> di
 
 
 def measure(name: str, scale: int, device, dtype, repeats: int, peak: dict) -> dict:
-    from kernels import dispatch
+    from patchwork.kernels import dispatch
 
     module, options = KERNELS[name]
     case = importlib.import_module(module).bench_case(scale, device, dtype, **options)
@@ -179,15 +179,15 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="patchwork bench kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--all", action="store_true", help="every kernel (and the BLT benchmark, given a checkpoint)")
     parser.add_argument("--kernel", action="append", choices=sorted(KERNELS), help="one kernel (repeatable)")
     parser.add_argument("--device", help="cuda (the default where there is one) or cpu (Triton's interpreter)")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     parser.add_argument("--scale", type=int, help="input size factor (default: 64 on a GPU, 1 elsewhere)")
     parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--blt-checkpoint", type=Path, help="with --all: also run engines.blt.bench on it")
-    parser.add_argument("--blt-options", default="", help="more options for engines.blt.bench (one string)")
+    parser.add_argument("--blt-checkpoint", type=Path, help="with --all: also run benchmarks.blt on it")
+    parser.add_argument("--blt-options", default="", help="more options for benchmarks.blt (one string)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--markdown", type=Path, help="write the table here")
     args = parser.parse_args(argv)
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         "kernels": {name: measure(name, scale, device, dtype, args.repeats, peak) for name in names},
     }
     if args.all and args.blt_checkpoint:
-        from engines.blt import bench as blt_bench
+        from patchwork.benchmarks import blt as blt_bench
 
         result["blt"] = blt_bench.run(blt_bench.parse_args([
             "--checkpoint", str(args.blt_checkpoint), "--device", str(device), "--dtype", args.dtype,

@@ -1,1 +1,0 @@
-"""Load tests against the gRPC endpoints (Locust users and reports)."""

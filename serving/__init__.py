@@ -1,1 +1,0 @@
-"""Ray Serve deployments, the gRPC gateway, configuration and the command line."""
