@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny trained checkpoint and one Ray cluster per session."""
+"""Shared fixtures: the tiny checkpoints the session trains and one Ray cluster per session."""
 
 from __future__ import annotations
 
@@ -7,10 +7,15 @@ import os
 # Triton kernels run on CPU tensors through the interpreter; set before triton loads.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import contextlib
+import io
+import json
 import random
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -25,6 +30,39 @@ REPO = Path(__file__).resolve().parent.parent
 PATCHWORK = [str(Path(sys.executable).with_name("patchwork"))]
 
 
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str  # decoded, as `subprocess.run(..., text=True)` gives it
+    stderr: str
+    stdout_bytes: bytes  # as written
+
+
+def run_patchwork(*args, cwd: Path | None = None) -> Ran:
+    """`patchwork ARGS` run in this process (``patchwork.cli.main``, what the
+    console script runs), its output captured: no interpreter to start. For the
+    commands that start no cluster and leave no setting behind; the others (and
+    the checkpoints the session trains) run as processes, through ``PATCHWORK``."""
+    from patchwork.cli import main
+
+    stdout, stderr = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True) for _ in range(2))
+    previous = Path.cwd()
+    try:
+        os.chdir(cwd or previous)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                code = main([str(arg) for arg in args])
+            except SystemExit as exit:  # argparse's errors and --help, or a message as the interpreter prints it
+                code = exit.code
+                if code is not None and not isinstance(code, int):
+                    print(code, file=sys.stderr)
+                    code = 1
+    finally:
+        os.chdir(previous)
+    written = stdout.buffer.getvalue()
+    return Ran(code or 0, written.decode(errors="replace"), stderr.buffer.getvalue().decode(errors="replace"), written)
+
+
 # What a test needs, said by a marker that collection adds from the fixtures it uses:
 # `make test-fast` runs the tests that need neither.
 NEEDS = {
@@ -34,13 +72,70 @@ NEEDS = {
 
 
 def pytest_collection_modifyitems(items):
-    """Marks each test with what it needs; tests that stop Ray Serve run last,
-    so no other test sees the restart."""
+    """Marks each test with what it needs, and orders them: first the tests that
+    need nothing the session makes (while its checkpoints train), then those
+    that need checkpoints, then the server's; tests that stop Ray Serve run
+    last, so no other test sees the restart."""
     for item in items:
         for marker, fixtures in NEEDS.items():
             if fixtures & set(getattr(item, "fixturenames", ())):
                 item.add_marker(marker)
-    items.sort(key=lambda item: item.get_closest_marker("stops_serve") is not None)
+    items.sort(key=lambda item: tuple(item.get_closest_marker(marker) is not None
+                                      for marker in ("stops_serve", "server", "checkpoints")))
+
+
+class Trainings:
+    """The checkpoints the session trains through the real command line, all
+    started at once when the session starts, each process on one thread (they
+    share the machine with the tests that need none and run meanwhile)."""
+
+    def __init__(self, tmp_path_factory):
+        roots = {name: tmp_path_factory.mktemp(name) for name in ("checkpoints", "cm3leon", "mot", "mavil")}
+        self.paths = {"blt": roots["checkpoints"] / "tiny", "cm3leon": roots["cm3leon"] / "cm3leon-tiny",
+                      "mot": roots["mot"] / "mot-tiny", "mavil-1": roots["mavil"] / "mavil-stage1",
+                      "mavil-2": roots["mavil"] / "mavil-stage2"}
+        paths = self.paths
+        commands = {
+            "blt": [["train", "blt", "--preset", "tiny", "--out", paths["blt"]]],
+            "cm3leon": [["train", "cm3leon", "--preset", "tiny", "--out", paths["cm3leon"]]],
+            "mot": [["train", "cm3leon", "--preset", "mot-tiny", "--out", paths["mot"]]],
+            "mavil": [["train", "mavil", "--stage", "1", "--preset", "tiny", "--out", paths["mavil-1"]],
+                      ["train", "mavil", "--stage", "2", "--preset", "tiny", "--teacher", paths["mavil-1"],
+                       "--out", paths["mavil-2"]]],
+        }
+        self.logs = tmp_path_factory.getbasetemp()
+        self.processes: list[subprocess.Popen] = []
+        self.pool = ThreadPoolExecutor(len(commands))
+        self.done = {name: self.pool.submit(self._run, name, steps) for name, steps in commands.items()}
+
+    def _run(self, name: str, steps: list[list]) -> None:
+        for step in steps:
+            log = self.logs / f"{name}.log"
+            with open(log, "w") as out:
+                process = subprocess.Popen([*PATCHWORK, *map(str, step)], cwd=REPO, stdout=out,
+                                           stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                self.processes.append(process)
+                if process.wait(timeout=1800) != 0:
+                    raise RuntimeError(f"`patchwork {' '.join(map(str, step))}` failed:\n{log.read_text()[-3000:]}")
+
+    def wait(self, name: str) -> None:
+        self.done[name].result()
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.kill()
+        self.pool.shutdown(wait=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def trainings(request, tmp_path_factory):
+    """Starts the session's trainings before the first test, when a selected test needs a checkpoint."""
+    if not any(item.get_closest_marker("checkpoints") for item in request.session.items):
+        yield None
+        return
+    started = Trainings(tmp_path_factory)
+    yield started
+    started.stop()
 
 
 def small_blt_config(window: int = 16, **updates) -> BltConfig:
@@ -69,47 +164,36 @@ def random_blt(seed: int = 0, window: int = 16, **updates):
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """The tiny preset, trained once per session through the real CLI."""
-    out = tmp_path_factory.mktemp("checkpoints") / "tiny"
-    subprocess.run(
-        [*PATCHWORK, "train", "blt", "--preset", "tiny", "--out", str(out)],
-        check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1200,
-    )
-    return out
+def tiny_checkpoint(trainings) -> Path:
+    """BLT's tiny preset, trained once per session through the real command line."""
+    trainings.wait("blt")
+    return trainings.paths["blt"]
+
+
+def training_metrics(path: Path) -> dict[str, float]:
+    return json.loads((path / "manifest.json").read_text())["training"]["metrics"]
 
 
 @pytest.fixture(scope="session")
-def cm3leon_checkpoint(tmp_path_factory) -> tuple[Path, dict[str, float]]:
+def cm3leon_checkpoint(trainings) -> tuple[Path, dict[str, float]]:
     """CM3Leon's tiny preset, trained once per session; its path and metrics."""
-    from patchwork.training.cm3leon.presets import PRESETS
-    from patchwork.training.cm3leon.train import train_cm3leon
-
-    out = tmp_path_factory.mktemp("cm3leon") / "cm3leon-tiny"
-    return out, train_cm3leon(PRESETS["tiny"](), out, command="tests")
+    trainings.wait("cm3leon")
+    return trainings.paths["cm3leon"], training_metrics(trainings.paths["cm3leon"])
 
 
 @pytest.fixture(scope="session")
-def mot_checkpoint(tmp_path_factory) -> tuple[Path, dict[str, float]]:
+def mot_checkpoint(trainings) -> tuple[Path, dict[str, float]]:
     """CM3Leon's mot-tiny preset (a Mixture-of-Transformers backbone, trained
     on text, images and sound), trained once per session; its path and metrics."""
-    from patchwork.training.cm3leon.presets import PRESETS
-    from patchwork.training.cm3leon.train import train_cm3leon
-
-    out = tmp_path_factory.mktemp("mot") / "mot-tiny"
-    return out, train_cm3leon(PRESETS["mot-tiny"](), out, command="tests")
+    trainings.wait("mot")
+    return trainings.paths["mot"], training_metrics(trainings.paths["mot"])
 
 
 @pytest.fixture(scope="session")
-def mavil_checkpoints(tmp_path_factory) -> tuple[Path, Path]:
-    """MAViL's tiny preset, stage 1 and stage 2 from it, trained once per session through the real CLI."""
-    root = tmp_path_factory.mktemp("mavil")
-    stage_one, stage_two = root / "mavil-stage1", root / "mavil-stage2"
-    for stage, out, teacher in ((1, stage_one, []), (2, stage_two, ["--teacher", str(stage_one)])):
-        subprocess.run([*PATCHWORK, "train", "mavil", "--stage", str(stage), "--preset", "tiny",
-                        "--out", str(out), *teacher], check=True, cwd=REPO, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, timeout=1200)
-    return stage_one, stage_two
+def mavil_checkpoints(trainings) -> tuple[Path, Path]:
+    """MAViL's tiny preset, stage 1 and stage 2 from it, trained once per session."""
+    trainings.wait("mavil")
+    return trainings.paths["mavil-1"], trainings.paths["mavil-2"]
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ input and the command-line client."""
 import io
 import json
 import re
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -17,7 +16,7 @@ from patchwork.engines.mavil.engine import Clip
 from patchwork.engines.wav import resample, wav_bytes
 from patchwork.training.avworld import LABELS
 from patchwork.training.mavil.train import HELDOUT_START
-from tests.conftest import AUTH_TOKEN, MAVIL_MODEL, PATCHWORK, REPO
+from tests.conftest import AUTH_TOKEN, MAVIL_MODEL, run_patchwork
 
 
 @pytest.fixture(scope="module")
@@ -207,8 +206,8 @@ def test_the_client_embeds_classifies_and_retrieves(grpc_target, tmp_path, world
     frames = sorted(str(p) for p in directory.glob("frame_*.png"))
 
     def client(*args):
-        run = subprocess.run([*PATCHWORK, "client", "--target", grpc_target, "--token",
-                              AUTH_TOKEN, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+        run = run_patchwork("client", "--target", grpc_target, "--token",
+                            AUTH_TOKEN, *args)
         assert run.returncode == 0, run.stderr
         return run
 
@@ -218,16 +217,15 @@ def test_the_client_embeds_classifies_and_retrieves(grpc_target, tmp_path, world
     assert len(classified.stdout.splitlines()) == 2 and "head=fused" in classified.stderr
     retrieved = client("retrieve", "--index", "heldout", "--wav", str(directory / "audio.wav"))
     assert len(retrieved.stdout.splitlines()) == 5 and "searched=video" in retrieved.stderr
-    nothing = subprocess.run([*PATCHWORK, "client", "--target", grpc_target, "embed"],
-                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    nothing = run_patchwork("client", "--target", grpc_target, "embed")
     assert nothing.returncode != 0 and "give the clip's --wav and/or --frames" in nothing.stderr
 
 
 def test_the_speed_benchmark_runs_against_a_server(grpc_target, mavil_checkpoints, tmp_path):
     out = tmp_path / "bench.json"
-    run = subprocess.run([*PATCHWORK, "bench", "mavil", "--checkpoint", str(mavil_checkpoints[1]),
-                          "--clips", "8", "--target", grpc_target, "--model", MAVIL_MODEL, "--token", AUTH_TOKEN,
-                          "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    run = run_patchwork("bench", "mavil", "--checkpoint", str(mavil_checkpoints[1]),
+                        "--clips", "8", "--target", grpc_target, "--model", MAVIL_MODEL, "--token", AUTH_TOKEN,
+                        "--json", str(out))
     assert run.returncode == 0, run.stderr
     results = json.loads(out.read_text())
     assert results["clips"] == 8

@@ -3,7 +3,6 @@ frames follow the shape as documented, labels that need both modalities, and
 clip directories on disk."""
 
 import random
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from patchwork.engines.wav import read_wav
 from patchwork.training.avworld import LABELS, SAMPLE_RATE, AudioVideoWorld, Motion
 from patchwork.training.avworld.files import clip_files, write_clip
 from patchwork.training.avworld.world import TRAVEL, render_frames, synthesize
-from tests.conftest import PATCHWORK
+from tests.conftest import run_patchwork
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -96,10 +95,10 @@ def test_clip_directories_round_trip(tmp_path):
 
 
 def test_the_world_command_writes_clips_and_refuses_bad_input(tmp_path):
-    run = subprocess.run([*PATCHWORK, "avworld", "--out", str(tmp_path), "--count", "2",
-                          "--start", "7"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    run = run_patchwork("avworld", "--out", str(tmp_path), "--count", "2",
+                        "--start", "7")
     assert run.returncode == 0, run.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["000007", "000008"]
-    bad = subprocess.run([*PATCHWORK, "avworld", "--out", str(tmp_path), "--count", "1",
-                          "--start", "-1"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    bad = run_patchwork("avworld", "--out", str(tmp_path), "--count", "1",
+                        "--start", "-1")
     assert bad.returncode == 2 and "--start must be at least 0" in bad.stderr

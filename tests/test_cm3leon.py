@@ -14,7 +14,7 @@ from patchwork.engines.cm3leon.tokenizer import (
     sentinel,
 )
 from patchwork.training.imageworld import ImageWorld
-from tests.conftest import PATCHWORK
+from tests.conftest import run_patchwork
 
 
 @pytest.fixture(scope="module")
@@ -236,13 +236,9 @@ def test_training_writes_a_checkpoint_that_learned(cm3leon_checkpoint):
 
 
 def test_the_training_command_line_trains_a_checkpoint(tmp_path):
-    import subprocess
-    
-    from tests.conftest import REPO
-
     out = tmp_path / "cli"
-    run = subprocess.run([*PATCHWORK, "train", "cm3leon", "--preset", "tiny", "--steps", "2",
-                          "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    run = run_patchwork("train", "cm3leon", "--preset", "tiny", "--steps", "2",
+                        "--out", str(out))
     assert run.returncode == 0, run.stderr
     assert "heldout_loss:" in run.stdout and (out / "tokenizer.json").is_file()
 

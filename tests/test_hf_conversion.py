@@ -14,7 +14,7 @@ from patchwork.engines.api import SamplingParams
 from patchwork.engines.blt.convert_hf import HF_DEFAULTS, HF_SECTION_DEFAULTS, ConversionError, config_from_hf, load_hf
 from patchwork.engines.blt.patching import patch_ids_from_starts
 from patchwork.engines.loading import load
-from tests.conftest import PATCHWORK, REPO
+from tests.conftest import run_patchwork
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +93,7 @@ def test_greedy_generation_matches_uncached_transformers(hf_model, hf_dir, seed)
 
 def test_converter_writes_a_verified_patchwork_checkpoint(hf_dir, tmp_path):
     out = tmp_path / "converted"
-    result = subprocess.run([*PATCHWORK, "hf", "import", str(hf_dir), str(out)],
-                            cwd=REPO, capture_output=True, text=True)
+    result = run_patchwork("hf", "import", str(hf_dir), str(out))
     assert result.returncode == 0, result.stderr
     engine = load(out)
     direct = load_hf(hf_dir)
@@ -106,8 +105,7 @@ def test_converter_writes_a_verified_patchwork_checkpoint(hf_dir, tmp_path):
 
 
 def run_converter(hf_dir, out) -> subprocess.CompletedProcess:
-    return subprocess.run([*PATCHWORK, "hf", "import", str(hf_dir), str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    return run_patchwork("hf", "import", str(hf_dir), str(out))
 
 
 # -- configs read as transformers reads them ----------------------------------

@@ -152,7 +152,7 @@ def test_which_models_the_gateway_runs_and_the_resources_it_takes(tiny_checkpoin
 
 def test_up_refuses_a_gateway_model_that_is_not_served(tiny_checkpoint):
     import subprocess
-    
+
     from tests.conftest import REPO
 
     refused = subprocess.run([*PATCHWORK, "serve", "up", "--checkpoints", str(tiny_checkpoint),

@@ -10,7 +10,7 @@ from tests.conftest import PATCHWORK, REPO
 
 
 def test_the_kernel_benchmark_checks_and_times_every_kernel(tiny_checkpoint, tmp_path):
-    out, table = tmp_path / "patchwork.kernels.json", tmp_path / "patchwork.kernels.md"
+    out, table = tmp_path / "kernels.json", tmp_path / "kernels.md"
     run = subprocess.run(
         [*PATCHWORK, "bench", "kernels", "--all", "--device", "cpu", "--dtype", "float32", "--repeats", "2",
          "--blt-checkpoint", str(tiny_checkpoint),

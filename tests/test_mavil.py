@@ -3,7 +3,6 @@ embeddings equal one-at-a-time ones and the embeddings the probes read),
 the micro-batcher, heads, indexes and their command."""
 
 import json
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from patchwork.engines.mavil.index import asset_name
 from patchwork.training.avworld import LABELS, AudioVideoWorld
 from patchwork.training.mavil.probe import clip_embeddings
 from patchwork.training.mavil.train import HELDOUT_START, encoder_inputs
-from tests.conftest import PATCHWORK
+from tests.conftest import run_patchwork
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -211,13 +210,12 @@ def test_the_index_command_embeds_a_clip_directory_into_the_checkpoint(mavil_che
     shutil.copytree(mavil_checkpoints[1], checkpoint)
     clips = tmp_path / "clips"
     video, audio = world.frames, world.seconds
-    made = subprocess.run([*PATCHWORK, "avworld", "--out", str(clips), "--count", "5",
-                           "--frames", str(video), "--seconds", str(audio)], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    made = run_patchwork("avworld", "--out", str(clips), "--count", "5",
+                         "--frames", str(video), "--seconds", str(audio))
     assert made.returncode == 0, made.stderr
     (clips / "000001" / "audio.wav").unlink()  # a silent film: in the index's frames only
-    run = subprocess.run([*PATCHWORK, "index", "--checkpoint", str(checkpoint), "--clips",
-                          str(clips), "--name", "mine"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    run = run_patchwork("index", "--checkpoint", str(checkpoint), "--clips",
+                        str(clips), "--name", "mine")
     assert run.returncode == 0, run.stderr
     assert "index mine: 4 clips with audio, 5 with frames" in run.stdout
     loaded = load(checkpoint)  # the manifest lists and verifies the new asset
@@ -229,11 +227,11 @@ def test_the_index_command_embeds_a_clip_directory_into_the_checkpoint(mavil_che
     finally:
         loaded.close()
     (clips / "000002" / "frame_03.png").write_bytes(b"not a png")
-    bad = subprocess.run([*PATCHWORK, "index", "--checkpoint", str(checkpoint), "--clips",
-                          str(clips), "--name", "mine"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    bad = run_patchwork("index", "--checkpoint", str(checkpoint), "--clips",
+                        str(clips), "--name", "mine")
     assert bad.returncode == 2 and "000002: frame 3 is not a readable image" in bad.stderr
-    named = subprocess.run([*PATCHWORK, "index", "--checkpoint", str(checkpoint), "--clips",
-                            str(clips), "--name", "../x"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    named = run_patchwork("index", "--checkpoint", str(checkpoint), "--clips",
+                          str(clips), "--name", "../x")
     assert named.returncode == 2 and "index name '../x'" in named.stderr
 
 
@@ -254,8 +252,8 @@ def test_an_index_built_by_other_weights_is_refused(mavil_checkpoints, tmp_path)
 
 def test_the_training_command_refuses_inconsistent_stages(mavil_checkpoints, tiny_checkpoint, tmp_path):
     def train(*args):
-        return subprocess.run([*PATCHWORK, "train", "mavil", "--preset", "tiny", "--out",
-                               str(tmp_path / "out"), *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+        return run_patchwork("train", "mavil", "--preset", "tiny", "--out",
+                             str(tmp_path / "out"), *args)
 
     missing = train("--stage", "2")
     assert missing.returncode == 2 and "--teacher is required with --stage 2" in missing.stderr
@@ -290,18 +288,16 @@ def test_the_ablations_keep_one_loss_alone(objective, tmp_path):
 
 def test_the_evaluation_compares_a_random_encoder_with_each_checkpoint(mavil_checkpoints, tmp_path):
     out = tmp_path / "eval.json"
-    run = subprocess.run([*PATCHWORK, "eval", "mavil", "--model",
-                          f"stage-1={mavil_checkpoints[0]}", "--model", f"stage-2={mavil_checkpoints[1]}",
-                          "--probe-steps", "5", "--json", str(out)], cwd=REPO, capture_output=True, text=True,
-                         timeout=600)
+    run = run_patchwork("eval", "mavil", "--model",
+                        f"stage-1={mavil_checkpoints[0]}", "--model", f"stage-2={mavil_checkpoints[1]}",
+                        "--probe-steps", "5", "--json", str(out))
     assert run.returncode == 0, run.stderr
     results = json.loads(out.read_text())
     assert list(results) == ["random init", "stage-1", "stage-2", "retrieval ceiling"]
     assert all(0 <= value <= 1 for metrics in results.values() for value in metrics.values())
     assert results["retrieval ceiling"]["recall@1"] <= results["retrieval ceiling"]["recall@5"]
     assert "| stage-2 |" in run.stdout and "Chance: probe 0.083" in run.stdout and "ceiling" in run.stdout
-    bad = subprocess.run([*PATCHWORK, "eval", "mavil", "--model", f"x={tmp_path}"], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+    bad = run_patchwork("eval", "mavil", "--model", f"x={tmp_path}")
     assert bad.returncode == 2 and "manifest.json: missing" in bad.stderr
 
 

@@ -20,7 +20,7 @@ from patchwork.engines.scheduler import SchedulerConfig
 from patchwork.training.avworld import AudioVideoWorld
 from patchwork.training.cm3leon.audio import fit_audio_tokenizer, quantisation_error
 from patchwork.training.imageworld import ImageWorld
-from tests.conftest import PATCHWORK
+from tests.conftest import run_patchwork
 from tests.helpers import admitted_together
 
 VOCAB, BOUNDARIES = 60, [20, 40]  # text [0, 20), image [20, 40), audio [40, 60)
@@ -235,14 +235,10 @@ def test_the_study_counts_every_matmul_weight_a_token_runs_through(cm3leon_check
 
 def test_the_study_command_trains_every_backbone_on_the_same_data(tmp_path):
     import json
-    import subprocess
-    
-    from tests.conftest import REPO
 
     out = tmp_path / "study"
-    run = subprocess.run([*PATCHWORK, "train", "mot-study", "--preset", "tiny", "--steps", "6",
-                          "--evaluations", "2", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
-                         timeout=900)
+    run = run_patchwork("train", "mot-study", "--preset", "tiny", "--steps", "6",
+                        "--evaluations", "2", "--out", str(out))
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads((out / "study.json").read_text())
     assert list(report["runs"]) == ["dense", "mot-ffn", "mot-ffn-attention", "mot-all"]
@@ -262,13 +258,10 @@ def test_the_study_command_trains_every_backbone_on_the_same_data(tmp_path):
 
 def test_the_grouping_benchmark_runs_and_reports_every_case(tmp_path):
     import json
-    import subprocess
-    
-    from tests.conftest import REPO
 
     out = tmp_path / "mot-bench.json"
-    run = subprocess.run([*PATCHWORK, "bench", "mot", "--preset", "tiny", "--batch", "3", "--context", "8",
-                          "--rounds", "2", "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    run = run_patchwork("bench", "mot", "--preset", "tiny", "--batch", "3", "--context", "8",
+                        "--rounds", "2", "--json", str(out))
     assert run.returncode == 0, run.stderr[-2000:]
     assert "| decode, mixed |" in run.stdout
     result = json.loads(out.read_text())

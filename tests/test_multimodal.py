@@ -3,7 +3,6 @@ both backbones (dense and Mixture-of-Transformers), bad input and fuzzing."""
 
 import io
 import struct
-import subprocess
 import zlib
 
 import grpc
@@ -16,7 +15,7 @@ from PIL import Image
 from patchwork.engines.wav import resample, wav_bytes
 from patchwork.training.avworld import AudioVideoWorld
 from patchwork.training.imageworld import ImageWorld
-from tests.conftest import CM3LEON_MODEL, MOT_MODEL, PATCHWORK, REPO, wait_serving
+from tests.conftest import CM3LEON_MODEL, MOT_MODEL, run_patchwork, wait_serving
 
 
 @pytest.fixture(scope="module")
@@ -187,8 +186,8 @@ def test_the_client_writes_images_captions_and_spans(grpc_target, tmp_path):
     from tests.conftest import AUTH_TOKEN
 
     def client(*args):
-        run = subprocess.run([*PATCHWORK, "client", "--target", grpc_target, "--token",
-                              AUTH_TOKEN, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+        run = run_patchwork("client", "--target", grpc_target, "--token",
+                            AUTH_TOKEN, *args)
         assert run.returncode == 0, run.stderr
         return run
 
@@ -203,8 +202,8 @@ def test_the_client_writes_images_captions_and_spans(grpc_target, tmp_path):
     assert f"[{MOT_MODEL}]" in heard.stderr
     spans = client("infill", "a <mask> circle at the <mask>")
     assert len(spans.stdout.splitlines()) == 2
-    missing = subprocess.run([*PATCHWORK, "client", "--target", grpc_target, "caption",
-                              str(tmp_path / "absent.png")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    missing = run_patchwork("client", "--target", grpc_target, "caption",
+                            str(tmp_path / "absent.png"))
     assert missing.returncode != 0 and "absent.png" in missing.stderr
 
 

@@ -36,7 +36,7 @@ def test_committed_config_files_are_what_the_config_generates(setup):
     from ray.serve.schema import ServeDeploySchema
 
     committed = REPO / "serving" / "configs" / f"{setup}.yaml"
-    generated = serving_cli("config", "--setup", setup)
+    generated = serving_cli("config", "--setup", setup)  # a process of its own: no family the tests registered
     assert generated.returncode == 0, generated.stderr
     assert committed.read_text() == generated.stdout, (
         f"{committed} is stale: regenerate it with `patchwork serve config --setup {setup} --out FILE`")

@@ -4,7 +4,6 @@ computes from the same weights."""
 
 import json
 import re
-import subprocess
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import transformers
 from patchwork.engines.blt.convert_hf import ConversionError
 from patchwork.engines.blt.original import load_original
 from patchwork.engines.loading import load
-from tests.conftest import PATCHWORK, REPO
+from tests.conftest import run_patchwork
 from tests.test_hf_conversion import assert_same_greedy_bytes, assert_same_logits, prompt_ids
 
 # The reference's arguments of a small BLT built like the released ones.
@@ -119,8 +118,7 @@ def test_the_original_layout_loads_to_the_model_transformers_computes(original):
 
 def test_the_converter_reads_the_original_layout(original, tmp_path):
     _, path = original
-    result = subprocess.run([*PATCHWORK, "hf", "import", str(path), str(tmp_path / "out")],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_patchwork("hf", "import", str(path), str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     converted, direct = load(tmp_path / "out"), load_original(path)
     assert converted.config == direct.config
@@ -175,8 +173,7 @@ def test_a_missing_tensor_is_named_by_its_reference_name(original, tmp_path):
     state = torch.load(copy / "entropy_model" / "consolidated.pth", weights_only=True)
     del state["model"]["layers.1.feed_forward.w3.weight"]
     torch.save(state, copy / "entropy_model" / "consolidated.pth")
-    result = subprocess.run([*PATCHWORK, "hf", "import", str(copy), str(tmp_path / "out")],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_patchwork("hf", "import", str(copy), str(tmp_path / "out"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert "entropy_model/consolidated.pth: tensor layers.1.feed_forward.w3.weight is missing" in result.stderr

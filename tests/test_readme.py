@@ -8,7 +8,7 @@ import re
 import subprocess
 import sys
 
-from tests.conftest import AUTH_TOKEN, PATCHWORK, REPO
+from tests.conftest import AUTH_TOKEN, REPO, run_patchwork
 
 
 def python_blocks(section: str) -> list[str]:
@@ -24,10 +24,9 @@ def test_the_client_examples_run_against_a_server(grpc_target, mavil_engine, tmp
     assert len(blocks) == 4  # ByteLM, Multimodal, AudioVideo, and asyncio
     # The clips the README writes for its MAViL examples, with the same command, at the served model's size.
     audio, video = mavil_engine.config.audio, mavil_engine.config.video
-    made = subprocess.run([*PATCHWORK, "avworld", "--out", "clips", "--count", "1", "--start", "10000000",
-                           "--seconds", str(audio.seconds), "--frames", str(video.frames),
-                           "--image-size", str(video.image_size)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    made = run_patchwork("avworld", "--out", "clips", "--count", "1", "--start", "10000000",
+                         "--seconds", str(audio.seconds), "--frames", str(video.frames),
+                         "--image-size", str(video.image_size), cwd=tmp_path)
     assert made.returncode == 0, made.stderr
     env = {**os.environ, "PATCHWORK_TARGET": grpc_target, "PATCHWORK_AUTH_TOKEN": AUTH_TOKEN}
     run = subprocess.run([sys.executable, "-c", "\n".join(blocks)], cwd=tmp_path, env=env, capture_output=True,

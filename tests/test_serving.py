@@ -1,13 +1,11 @@
 """Integration: real gRPC calls to the tiny checkpoint through the gateway replica's own gRPC
 server (direct ingress, the default) and through Ray Serve's proxy."""
 
-import subprocess
-
 import grpc
 import pytest
 
 from patchwork.engines.loading import load
-from tests.conftest import AUTH_TOKEN, PATCHWORK, REPO, BearerToken
+from tests.conftest import AUTH_TOKEN, BearerToken, run_patchwork
 from tests.helpers import idle, stats, wait_until
 
 
@@ -222,18 +220,17 @@ def test_replica_keeps_serving_after_bad_requests(stub, pb2):
 
 def test_command_line_client(grpc_target):
     def client(*args):
-        return subprocess.run([*PATCHWORK, "client", "--target", grpc_target, *args],
-                              cwd=REPO, capture_output=True, timeout=120)
+        return run_patchwork("client", "--target", grpc_target, *args)
 
     generated = client("generate", "def ", "--max-new-bytes", "8")
-    assert generated.returncode == 0 and len(generated.stdout) == 9  # 8 bytes and a newline
-    assert b"finish=FINISH_REASON_LENGTH" in generated.stderr
+    assert generated.returncode == 0 and len(generated.stdout_bytes) == 9  # 8 bytes and a newline
+    assert "finish=FINISH_REASON_LENGTH" in generated.stderr
     streamed = client("generate", "def ", "--max-new-bytes", "8", "--stream")
-    assert streamed.returncode == 0 and streamed.stdout == generated.stdout
+    assert streamed.returncode == 0 and streamed.stdout_bytes == generated.stdout_bytes
     scored = client("score", "hello")
-    assert scored.returncode == 0 and b"bits_per_byte=" in scored.stdout
+    assert scored.returncode == 0 and "bits_per_byte=" in scored.stdout
     rejected = client("generate", "x", "--temperature", "-1")
-    assert rejected.returncode == 1 and b"INVALID_ARGUMENT: temperature" in rejected.stderr
+    assert rejected.returncode == 1 and "INVALID_ARGUMENT: temperature" in rejected.stderr
 
 
 def test_an_empty_generation_is_recorded_without_error(ray_cluster, tiny_checkpoint):

@@ -7,11 +7,11 @@ import pytest
 
 from patchwork.engines.checkpoint import MANIFEST_FILE
 from patchwork.engines.loading import load
-from tests.conftest import PATCHWORK, REPO
+from tests.conftest import run_patchwork
 
 
 def train(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*PATCHWORK, "train", "blt", *args], cwd=REPO, capture_output=True, text=True)
+    return run_patchwork("train", "blt", *args)
 
 
 def test_tiny_preset_learns_more_than_byte_frequencies(tiny_checkpoint):
