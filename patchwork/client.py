@@ -4,13 +4,14 @@
     from patchwork import Client
 
     with Client("127.0.0.1:9010", token="...") as client:
-        print(client.generate("def ", max_new_bytes=64).text.decode())
+        print(client.generate("def ", max_new_bytes=64).text)
         for chunk in client.generate_stream("import ", temperature=0.8, seed=1):
-            print(chunk.text.decode(), end="")
+            print(chunk.text)
 
 A client with no ``target`` calls ``$PATCHWORK_TARGET`` or the gateway's
-default port, 127.0.0.1:9010; with no ``token``, it sends ``$PATCHWORK_AUTH_TOKEN``
-when that is set (``token=""`` sends none). Methods take the request's fields as keyword arguments and return the
+default port, 127.0.0.1:9010; with no ``token``, it sends
+``$PATCHWORK_AUTH_TOKEN`` when that is set (``token=""`` sends none).
+Methods take the request's fields as keyword arguments and return the
 service's response messages (``patchwork.v1``); a streaming RPC returns an
 iterator (an async iterator in ``AsyncClient``), and leaving it early
 cancels the call, which frees its batch slot on the server. Errors are
@@ -59,12 +60,12 @@ DEFAULT_TARGET = "127.0.0.1:9010"
 TARGET_ENV, TOKEN_ENV = "PATCHWORK_TARGET", "PATCHWORK_AUTH_TOKEN"
 # A call's deadline when neither it nor the client names one.
 DEFAULT_TIMEOUT_S = 300.0
-# service -> its RPCs
-RPCS = {
-    "ByteLM": ("Generate", "GenerateStream", "Score"),
-    "Multimodal": ("GenerateImage", "Caption", "Infill"),
-    "AudioVideo": ("Embed", "Classify", "Retrieve"),
-    "Models": ("ListModels",),
+# each service's generated stub and its RPCs
+SERVICES = {
+    "patchwork.v1.ByteLM": (bytelm_pb2_grpc.ByteLMStub, ("Generate", "GenerateStream", "Score")),
+    "patchwork.v1.Multimodal": (multimodal_pb2_grpc.MultimodalStub, ("GenerateImage", "Caption", "Infill")),
+    "patchwork.v1.AudioVideo": (audiovideo_pb2_grpc.AudioVideoStub, ("Embed", "Classify", "Retrieve")),
+    "patchwork.v1.Models": (models_pb2_grpc.ModelsStub, ("ListModels",)),
 }
 
 
@@ -144,6 +145,9 @@ def _documents(documents: int | None) -> dict:
 
 
 class _Base:
+    """What both clients share: the channel, and one method per RPC that builds
+    its request; each client makes the calls its own way (``_unary``, ``_stream``)."""
+
     def __init__(self, target: str | None, token: str | None, timeout: float, retry: Retry,
                  credentials: grpc.ChannelCredentials | None, options: Iterable[tuple[str, Any]],
                  interceptors: Iterable, aio: bool):
@@ -160,10 +164,11 @@ class _Base:
             raw = (grpc.secure_channel(target, credentials, **channel_options) if credentials
                    else grpc.insecure_channel(target, **channel_options))
             self.channel = grpc.intercept_channel(raw, *interceptors) if interceptors else raw
-        stubs = (bytelm_pb2_grpc.ByteLMStub(self.channel), multimodal_pb2_grpc.MultimodalStub(self.channel),
-                 audiovideo_pb2_grpc.AudioVideoStub(self.channel), models_pb2_grpc.ModelsStub(self.channel))
         # RPC name -> the stub's method (RPC names are unique across Patchwork's services)
-        self._methods = {name: getattr(stub, name) for stub in stubs for name in RPCS[type(stub).__name__[:-4]]}
+        self._methods = {}
+        for stub_type, rpcs in SERVICES.values():
+            stub = stub_type(self.channel)
+            self._methods.update({rpc: getattr(stub, rpc) for rpc in rpcs})
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     def _attempts(self, rpc: str, timeout: float | None) -> _Attempts:
