@@ -42,8 +42,15 @@ $(VENV)/.installed: pyproject.toml locks/serve.txt
 	$(PY) -m pip install --no-deps --no-build-isolation -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed locks/test.txt
+$(VENV)/.installed-test: $(VENV)/.installed $(VENV)/.installed-system locks/test.txt
 	$(PY) -m pip install -r locks/test.txt
+	touch $@
+
+# Debian packages the security tests use: NGINX (TLS for clients, `serve up --tls-cert`)
+# and iproute2 (network namespaces, ss).
+$(VENV)/.installed-system: $(VENV)/.installed
+	command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light iproute2)
 	touch $@
 
 $(VENV)/.installed-bench: $(VENV)/.installed locks/bench.txt

@@ -120,7 +120,7 @@ def serve_and_measure(checkpoint: Path, clips: list, token: str | None) -> dict[
         try:
             apply(deploy_config(config, [name]))
             port = ops.wait_gateway_port(timeout_s=300)  # the gateway replica's own (direct ingress)
-            if port is None or not ops.wait_healthy(port, timeout_s=300):
+            if port is None or not ops.wait_healthy(f"127.0.0.1:{port}", timeout_s=300):
                 raise RuntimeError("the local server did not become healthy")
             return served_throughput(f"127.0.0.1:{port}", name, clips, token)
         finally:

@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from patchwork.client import CA_FILE_ENV
 from patchwork.loadtests import report
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -183,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument("--spawn-rate", type=float, help="users started per second (default: all at once)")
         command.add_argument("--slo-p99-ms", type=float)
         command.add_argument("--slo-metric", choices=["ttfb", "e2e"], default="ttfb")
+        command.add_argument("--ca-file", type=Path, help="TLS: the CA that signed the server's certificate")
         command.add_argument("--start-if-down", type=Path, metavar="CHECKPOINTS",
                              help="start a server on these checkpoints when none answers (stopped afterwards)")
         if name == "sweep":
@@ -196,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         seconds(args.duration)  # every run is bounded in time
+        if args.ca_file is not None:
+            if not args.ca_file.is_file():
+                raise UsageError(f"--ca-file {args.ca_file}: no such file")
+            os.environ[CA_FILE_ENV] = str(args.ca_file.resolve())  # every client here and in Locust's users
         _, port = check_loopback(args.target)
         started = False
         if not healthy(args.target):

@@ -10,7 +10,9 @@
 
 A client with no ``target`` calls ``$PATCHWORK_TARGET`` or the gateway's
 default port, 127.0.0.1:9010; with no ``token``, it sends
-``$PATCHWORK_AUTH_TOKEN`` when that is set (``token=""`` sends none).
+``$PATCHWORK_AUTH_TOKEN`` when that is set (``token=""`` sends none); with a
+``ca_file`` (or ``$PATCHWORK_CA_FILE``) it speaks TLS and trusts the server
+whose certificate that CA signed (a server started with ``--tls-cert``).
 Methods take the request's fields as keyword arguments and return the
 service's response messages (``patchwork.v1``); a streaming RPC returns an
 iterator (an async iterator in ``AsyncClient``), and leaving it early
@@ -36,6 +38,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -57,7 +60,7 @@ log = logging.getLogger(__name__)
 ClientInterceptor = grpc.UnaryUnaryClientInterceptor | grpc.UnaryStreamClientInterceptor
 
 DEFAULT_TARGET = "127.0.0.1:9010"
-TARGET_ENV, TOKEN_ENV = "PATCHWORK_TARGET", "PATCHWORK_AUTH_TOKEN"
+TARGET_ENV, TOKEN_ENV, CA_FILE_ENV = "PATCHWORK_TARGET", "PATCHWORK_AUTH_TOKEN", "PATCHWORK_CA_FILE"
 # A call's deadline when neither it nor the client names one.
 DEFAULT_TIMEOUT_S = 300.0
 # each service's generated stub and its RPCs
@@ -148,11 +151,14 @@ class _Base:
     """What both clients share: the channel, and one method per RPC that builds
     its request; each client makes the calls its own way (``_unary``, ``_stream``)."""
 
-    def __init__(self, target: str | None, token: str | None, timeout: float, retry: Retry,
-                 credentials: grpc.ChannelCredentials | None, options: Iterable[tuple[str, Any]],
+    def __init__(self, target: str | None, token: str | None, ca_file: str | os.PathLike | None, timeout: float,
+                 retry: Retry, credentials: grpc.ChannelCredentials | None, options: Iterable[tuple[str, Any]],
                  interceptors: Iterable, aio: bool):
         target = target or os.environ.get(TARGET_ENV) or DEFAULT_TARGET
         token = os.environ.get(TOKEN_ENV) if token is None else token
+        ca_file = ca_file or os.environ.get(CA_FILE_ENV)
+        if credentials is None and ca_file:
+            credentials = grpc.ssl_channel_credentials(root_certificates=Path(ca_file).read_bytes())
         self.target, self.timeout, self.retry = target, timeout, retry
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         channel_options = {"options": list(options)}
@@ -259,15 +265,17 @@ class _Base:
 class Client(_Base):
     """A blocking client. ``target`` is host:port (the gateway's own port by
     default; Ray Serve's proxy port answers too); ``token`` is sent as
-    ``authorization: Bearer <token>``; ``timeout`` is a call's deadline in
-    seconds unless it names its own; ``credentials`` make the channel TLS;
+    ``authorization: Bearer <token>``; ``ca_file`` (PEM) makes the channel TLS,
+    trusting what that CA signed (``credentials``: any other gRPC channel
+    credentials); ``timeout`` is a call's deadline in seconds unless it names its own;
     ``options`` are gRPC channel options and ``interceptors`` gRPC client
     interceptors (e.g. the load tests' timing)."""
 
-    def __init__(self, target: str | None = None, *, token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
+    def __init__(self, target: str | None = None, *, token: str | None = None,
+                 ca_file: str | os.PathLike | None = None, timeout: float = DEFAULT_TIMEOUT_S,
                  retry: Retry = Retry(), credentials: grpc.ChannelCredentials | None = None,
                  options: Iterable[tuple[str, Any]] = (), interceptors: Sequence[ClientInterceptor] = ()):
-        super().__init__(target, token, timeout, retry, credentials, options, interceptors, aio=False)
+        super().__init__(target, token, ca_file, timeout, retry, credentials, options, interceptors, aio=False)
 
     def close(self) -> None:
         self.channel.close()
@@ -322,10 +330,11 @@ class AsyncClient(_Base):
     method returns an awaitable of the same response, and a streaming one an
     async iterator. Create it inside a running event loop."""
 
-    def __init__(self, target: str | None = None, *, token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
+    def __init__(self, target: str | None = None, *, token: str | None = None,
+                 ca_file: str | os.PathLike | None = None, timeout: float = DEFAULT_TIMEOUT_S,
                  retry: Retry = Retry(), credentials: grpc.ChannelCredentials | None = None,
                  options: Iterable[tuple[str, Any]] = (), interceptors: Sequence[grpc.aio.ClientInterceptor] = ()):
-        super().__init__(target, token, timeout, retry, credentials, options, interceptors, aio=True)
+        super().__init__(target, token, ca_file, timeout, retry, credentials, options, interceptors, aio=True)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -10,6 +10,7 @@ running until ``patchwork serve down``.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import signal
 import sys
@@ -17,19 +18,29 @@ import threading
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
+from patchwork.engines.checkpoint import validation_summary
 from patchwork.serving import client
+from patchwork.serving.binding import address
 from patchwork.serving.config import ServingConfig
 
 EXAMPLES = """\
-Patchwork is serving {models} on 127.0.0.1:{port} (default model: {default}).
+Patchwork is serving {models} on {listen} (default model: {default}).
 Metrics: http://{metrics}/metrics
 Try:
-  patchwork client --target 127.0.0.1:{port} generate "def " --max-new-bytes 64
-  patchwork client --target 127.0.0.1:{port} generate "import " --stream --temperature 0.8 --seed 1
-  patchwork client --target 127.0.0.1:{port} score "def main():"
-  patchwork serve models --target 127.0.0.1:{port}
+  patchwork client --target {target} generate "def " --max-new-bytes 64
+  patchwork client --target {target} generate "import " --stream --temperature 0.8 --seed 1
+  patchwork client --target {target} score "def main():"
+  patchwork serve models --target {target}
 """
+
+
+def listening(host: str, port: int) -> str:
+    """Where a port listens, as `up` says it: ``host:port``, and which interfaces."""
+    where = "every interface" if ipaddress.ip_address(host).is_unspecified else (
+        "loopback only" if ipaddress.ip_address(host).is_loopback else "this address only")
+    return f"{address(host, port)} ({where})"
 
 
 def load_config(args: argparse.Namespace) -> ServingConfig:
@@ -40,20 +51,27 @@ def load_config(args: argparse.Namespace) -> ServingConfig:
         config = ServingConfig.model_validate(yaml.safe_load(args.config.read_text()) or {})
     else:
         config = setup(args.setup)
-    overrides = {key: getattr(args, key) for key in ("checkpoints", "grpc_port", "direct_grpc_port", "ingress",
-                                                      "device", "metrics_port")
+    overrides = {key: getattr(args, key) for key in ("checkpoints", "host", "grpc_port", "direct_grpc_port",
+                                                      "ingress", "device", "metrics_port")
                  if getattr(args, key, None) is not None}
+    if (getattr(args, "tls_cert", None) is None) != (getattr(args, "tls_key", None) is None):
+        raise SystemExit("error: --tls-cert and --tls-key go together")
+    if getattr(args, "tls_cert", None) is not None:
+        overrides["tls"] = {"cert": args.tls_cert, "key": args.tls_key, "port": args.tls_port}
     if getattr(args, "gateway_models", None) is not None:
         named = args.gateway_models
         overrides["gateway_models"] = named if named == "auto" else [m for m in named.split(",") if m and m != "none"]
-    return ServingConfig.model_validate({**config.model_dump(), **overrides})
+    try:
+        return ServingConfig.model_validate({**config.model_dump(), **overrides})
+    except ValidationError as e:
+        raise SystemExit(f"error: {validation_summary(e)}") from None
 
 
 def up(args: argparse.Namespace) -> int:
     import ray
 
     from patchwork.engines.checkpoint import CheckpointError
-    from patchwork.serving import cluster, ops
+    from patchwork.serving import cluster, ops, tls_front
     from patchwork.serving.app import default_model, discover_checkpoints
     from patchwork.serving.deploy import apply, deploy_config
 
@@ -63,24 +81,45 @@ def up(args: argparse.Namespace) -> int:
         models = discover_checkpoints(config.checkpoints, config.families)
         default = default_model(models, config)
         config.gateway_for(list(models))  # the models the gateway runs are served and scale alike
+        if config.tls is not None:
+            for name, path in (("--tls-cert", config.tls.cert), ("--tls-key", config.tls.key)):
+                if not path.is_file():
+                    raise ValueError(f"{name} {path}: no such file")
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cluster.start(config, num_cpus=args.num_cpus or cluster.local_cpus(config, list(models)), detach=args.detach)
+    try:
+        cluster.start(config, num_cpus=args.num_cpus or cluster.local_cpus(config, list(models)), detach=args.detach)
+    except cluster.ClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     apply(deploy_config(config, list(models)))
     port = config.grpc_port
     if config.ingress == "direct":
         # The first free port from direct_grpc_port up: another server may hold the configured one.
         port = ops.wait_gateway_port(timeout_s=300)
-    if port is None or not ops.wait_healthy(port, timeout_s=300):
+    if port is None or not ops.wait_healthy(address(config.client_host(), port), timeout_s=300):
         print("error: the application did not become healthy; see `patchwork serve status`", file=sys.stderr)
         return 1
-    print(EXAMPLES.format(models=", ".join(sorted(models)), port=port, default=default,
+    public = listening(config.plaintext_host(), port)
+    if config.tls is not None:
+        try:
+            public = f"{listening(config.host, config.tls.port)} with TLS (NGINX), in front of {public}"
+            tls_front.start(config, port)
+        except tls_front.FrontError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    print(EXAMPLES.format(models=", ".join(sorted(models)), listen=public, default=default,
+                          target=address(config.client_host(), port),
                           metrics=f"{config.metrics_host}:{config.metrics_port}"), flush=True)
+    if config.tls is not None:
+        print(f"Clients elsewhere: --target <this host>:{config.tls.port} --ca-file <the CA that signed "
+              f"{config.tls.cert}>.", flush=True)
     if config.ingress == "direct":
         busy = f"; {config.direct_grpc_port} was taken" if port != config.direct_grpc_port else ""
-        print(f"The gateway answers on 127.0.0.1:{port} itself (direct ingress{busy}) and through "
-              f"Ray Serve's gRPC proxy on 127.0.0.1:{config.grpc_port}.", flush=True)
+        print(f"The gateway answers on {listening(config.plaintext_host(), port)} itself (direct ingress{busy}) "
+              f"and through Ray Serve's gRPC proxy on {listening(config.plaintext_host(), config.grpc_port)}.",
+              flush=True)
     if args.detach:
         print("Running in the background; stop it with `patchwork serve down`.")
         return 0
@@ -89,6 +128,7 @@ def up(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stopped.set())
     print("Press Ctrl-C to stop (requests in flight get the drain grace period to finish).", flush=True)
     stopped.wait()
+    tls_front.stop()
     print(f"stopped in {ops.stop():.1f} s")
     ray.shutdown()
     return 0
@@ -99,8 +139,9 @@ def down(args: argparse.Namespace) -> int:
     with UNAVAILABLE after the grace period), new ones are refused."""
     import ray
 
-    from patchwork.serving import cluster, ops
+    from patchwork.serving import cluster, ops, tls_front
 
+    tls_front.stop()
     try:
         cluster.connect()
     except ConnectionError:
@@ -151,6 +192,12 @@ def _setup_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--setup", choices=["cpu", "gpu", "autoscale"], default="cpu")
     parser.add_argument("--config", type=Path, help="a ServingConfig as YAML (instead of --setup)")
     parser.add_argument("--checkpoints", type=Path)
+    parser.add_argument("--host", help="the address the public gRPC ports listen on (default 127.0.0.1, "
+                        "loopback only; 0.0.0.0 or :: opens them to the network: docs/security.md)")
+    parser.add_argument("--tls-cert", type=Path, help="TLS for clients: the server's certificate (PEM); NGINX "
+                        "terminates TLS on --host:--tls-port and the plaintext ports stay on loopback")
+    parser.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
+    parser.add_argument("--tls-port", type=int, default=9443, help="where TLS listens (default 9443)")
     parser.add_argument("--grpc-port", type=int, help="Ray Serve's gRPC proxy")
     parser.add_argument("--ingress", choices=["direct", "proxy"],
                         help="direct (default): the gateway also answers gRPC itself, one hop less; proxy: only the proxy")

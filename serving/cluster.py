@@ -11,7 +11,15 @@ processes, and are set here before Ray starts:
   single-machine cluster whose node address is loopback
   (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, what Ray does by itself on macOS
   and Windows), so Ray's metrics exporter and its other ports listen on
-  loopback only. Ray Serve's gRPC servers listen on every interface either way.
+  loopback only.
+- where Ray Serve's gRPC servers listen (``serving.binding``, a worker setup
+  hook every process of the cluster runs): the proxy and the gateway
+  replicas' own ports on ``ServingConfig.host``, each replica's
+  inter-deployment port on the node's address.
+- mutual TLS between all of the cluster's processes (``serving.cluster_tls``):
+  Ray's variables for the cluster's CA, certificate and key, which every
+  process that joins the cluster (a driver of ``patchwork serve down`` too)
+  takes the same way.
 
 - direct ingress (``ServingConfig.ingress``): ``RAY_SERVE_ENABLE_DIRECT_INGRESS``
   and the range of ports gateway replicas answer gRPC on, from
@@ -38,6 +46,7 @@ import os
 import subprocess
 import sys
 
+from patchwork.serving import binding, cluster_tls
 from patchwork.serving.config import DIRECT_PORTS, ServingConfig
 
 LOOPBACK = "127.0.0.1"
@@ -47,11 +56,14 @@ DIRECT_HTTP_PORT = 30000
 
 
 def cluster_environment(config: ServingConfig) -> dict[str, str]:
-    """Environment variables the cluster's processes need for ``config``."""
+    """Environment variables the cluster's processes need for ``config`` (TLS's apart: ``start``)."""
+    loopback = config.metrics_host == LOOPBACK
     return {
+        binding.HOST_ENV: config.plaintext_host(),
+        **({binding.INTERNAL_HOST_ENV: LOOPBACK} if loopback else {}),
         "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(config.limits.max_message_bytes),
         "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": str(PROXY_READY_TIMEOUT_S),
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0" if config.metrics_host == LOOPBACK else "1",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0" if loopback else "1",
         "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1" if config.ingress == "direct" else "0",
         "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(config.direct_grpc_port),
         "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(config.direct_grpc_port + DIRECT_PORTS),
@@ -62,9 +74,17 @@ def cluster_environment(config: ServingConfig) -> dict[str, str]:
     }
 
 
+class ClusterError(RuntimeError):
+    """A Ray command failed; the message ends with what it printed last."""
+
+
 def ray_command(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    run = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    if run.returncode != 0:
+        said = " ".join(run.stdout.strip().splitlines()[-3:])
+        raise ClusterError(f"`ray {' '.join(args)}` failed (is a cluster already running? `patchwork serve down` "
+                           f"stops it): {said}")
 
 
 def _loopback_nodes(on: bool) -> None:
@@ -76,6 +96,14 @@ def _loopback_nodes(on: bool) -> None:
     ray_constants.ENABLE_RAY_CLUSTER = not on
 
 
+def _join(addresses: list[str]) -> dict:
+    """What a process that starts or joins the cluster needs first: Ray's TLS
+    variables (in this process's environment, which the cluster's processes
+    inherit) and, for ``ray.init``, the runtime environment with the setup hook."""
+    os.environ.update(cluster_tls.environment(addresses))
+    return {"runtime_env": {"worker_process_setup_hook": binding.SETUP_HOOK}}
+
+
 def connect(**init_options) -> None:
     """Connects to the local cluster a setup runs on (``ray.init(address="auto")``).
     A client must see the local node as the cluster does: Ray would otherwise
@@ -85,7 +113,7 @@ def connect(**init_options) -> None:
 
     if not ray.is_initialized():
         _loopback_nodes(True)
-        ray.init(address="auto", **{"logging_level": "WARNING", **init_options})
+        ray.init(address="auto", **{"logging_level": "WARNING", **_join([LOOPBACK]), **init_options})
 
 
 def cpus_needed(config: ServingConfig, models: list[str]) -> int:
@@ -112,9 +140,11 @@ def start(config: ServingConfig, num_cpus: int | None = None, detach: bool = Fal
     with it."""
     import ray
 
-    environment = cluster_environment(config)
-    os.environ.update(environment)
-    _loopback_nodes(config.metrics_host == LOOPBACK)
+    os.environ.update(cluster_environment(config))
+    loopback = config.metrics_host == LOOPBACK
+    _loopback_nodes(loopback)
+    # Before any of the cluster's processes starts: they inherit the TLS variables.
+    joining = _join([LOOPBACK] if loopback else [LOOPBACK, ray.util.get_node_ip_address()])
     if detach:
         ray_command("start", "--head", "--include-dashboard=false", "--disable-usage-stats",
                     f"--metrics-export-port={config.metrics_port}",
@@ -122,4 +152,4 @@ def start(config: ServingConfig, num_cpus: int | None = None, detach: bool = Fal
         connect(**init_options)
         return
     ray.init(num_cpus=num_cpus, include_dashboard=False, _metrics_export_port=config.metrics_port,
-             **{"logging_level": "WARNING", **init_options})
+             **{"logging_level": "WARNING", **joining, **init_options})

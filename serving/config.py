@@ -7,10 +7,11 @@ same file.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from patchwork.engines.scheduler import SchedulerConfig
 
@@ -144,6 +145,17 @@ class AuthConfig(BaseModel):
     token_file: Path | None = None
 
 
+class ClientTls(BaseModel):
+    """TLS for clients, terminated by NGINX in front of the public gRPC port
+    (``serving.tls_front``); clients verify ``cert`` with the CA that signed it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cert: Path  # PEM: the server's certificate (chain)
+    key: Path  # PEM: its private key
+    port: int = Field(default=9443, ge=1, le=65535)
+
+
 class ServingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -153,12 +165,18 @@ class ServingConfig(BaseModel):
     # Model families defined outside Patchwork: family name -> the module that
     # defines its FAMILY (engines.registry), importable in every replica.
     families: dict[str, str] = Field(default_factory=dict)
-    # Ray Serve's gRPC proxy listens on this port on every interface.
+    # The address the public gRPC ports (`grpc_port`, `direct_grpc_port`)
+    # listen on: loopback unless an operator opens them, "0.0.0.0" or "::" to
+    # every interface or a host's own address to one (docs/security.md). With
+    # `tls` it is where the TLS port listens, and the plaintext ports stay on loopback.
+    host: str = "127.0.0.1"
+    tls: ClientTls | None = None
+    # Ray Serve's gRPC proxy listens on this port.
     grpc_port: int = Field(default=9000, ge=1, le=65535)
     # How clients reach the gateway. "direct" (Ray Serve's direct ingress):
-    # each gateway replica also answers gRPC itself, on every interface, the
-    # first one on `direct_grpc_port` and any others on the next free ports
-    # up to DIRECT_PORTS above it: one Ray hop less than through the proxy.
+    # each gateway replica also answers gRPC itself, the first one on
+    # `direct_grpc_port` and any others on the next free ports up to
+    # DIRECT_PORTS above it: one Ray hop less than through the proxy.
     # The proxy keeps answering on `grpc_port` either way. "proxy": only the proxy.
     ingress: Literal["direct", "proxy"] = "direct"
     direct_grpc_port: int = Field(default=9010, ge=1, le=65535 - DIRECT_PORTS)
@@ -203,6 +221,25 @@ class ServingConfig(BaseModel):
     # (RESOURCE_EXHAUSTED beyond); `engine_overrides` per model name.
     engine: SchedulerConfig = Field(default_factory=SchedulerConfig)
     engine_overrides: dict[str, SchedulerConfig] = Field(default_factory=dict)
+
+    @field_validator("host")
+    @classmethod
+    def _an_address(cls, host: str) -> str:
+        try:
+            return str(ipaddress.ip_address(host))
+        except ValueError:
+            raise ValueError(f"an IP address to listen on (127.0.0.1, 0.0.0.0, ::, ...), not {host!r}") from None
+
+    def plaintext_host(self) -> str:
+        """Where the plaintext public ports listen: ``host``, or loopback behind TLS."""
+        return "127.0.0.1" if self.tls else self.host
+
+    def client_host(self) -> str:
+        """The address a client on this machine reaches the plaintext public ports at."""
+        host = ipaddress.ip_address(self.plaintext_host())
+        if host.is_unspecified:
+            return "::1" if host.version == 6 else "127.0.0.1"
+        return str(host)
 
     @model_validator(mode="after")
     def _limits_fit_every_engine(self) -> "ServingConfig":

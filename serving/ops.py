@@ -121,7 +121,10 @@ def stop(grace_s: float | None = None) -> float:
     started = time.monotonic()
     connect()
     if APP_NAME in serve.status().applications:
-        drain(drain_grace() if grace_s is None else grace_s)
+        try:
+            drain(drain_grace() if grace_s is None else grace_s)
+        except TimeoutError:  # an application that never came up (no resources, say): nothing to let finish
+            pass
         serve.delete(APP_NAME)  # each replica first waits for its requests to end
     serve.shutdown()
     return time.monotonic() - started
@@ -167,13 +170,13 @@ def polling_channel(target: str):
     return grpc.insecure_channel(target, options=POLLING_CHANNEL_OPTIONS)
 
 
-def wait_healthy(port: int, timeout_s: float) -> bool:
-    """Polls the standard health check on 127.0.0.1:``port`` until SERVING (True) or ``timeout_s`` passes (False)."""
+def wait_healthy(target: str, timeout_s: float) -> bool:
+    """Polls the standard health check at ``target`` until SERVING (True) or ``timeout_s`` passes (False)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout_s
-    with polling_channel(f"127.0.0.1:{port}") as channel:
+    with polling_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             try:

@@ -252,7 +252,7 @@ class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterc
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(serving_config):
+def ray_cluster(serving_config, tmp_path_factory):
     """One Ray cluster for the session, started as `patchwork serve up`
     starts it; returns its Prometheus metrics port."""
     import ray
@@ -263,6 +263,8 @@ def ray_cluster(serving_config):
     # token there, and metrics reach the exporter every second.
     os.environ["PATCHWORK_AUTH_TOKEN"] = AUTH_TOKEN
     os.environ["RAY_metrics_report_interval_ms"] = "1000"
+    # The cluster's CA and certificates (mutual TLS between its processes) belong to this session.
+    os.environ["PATCHWORK_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
     cluster.start(serving_config, num_cpus=2, logging_level="ERROR", log_to_driver=False)
     yield serving_config.metrics_port
     from ray import serve
