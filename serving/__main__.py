@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from patchwork.engines.checkpoint import validation_summary
 from patchwork.serving import client
 from patchwork.serving.binding import address
+from patchwork.serving.cluster import ClusterError
 from patchwork.serving.config import ServingConfig
 
 EXAMPLES = """\
@@ -88,11 +89,7 @@ def up(args: argparse.Namespace) -> int:
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    try:
-        cluster.start(config, num_cpus=args.num_cpus or cluster.local_cpus(config, list(models)), detach=args.detach)
-    except cluster.ClusterError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    cluster.start(config, num_cpus=args.num_cpus or cluster.local_cpus(config, list(models)), detach=args.detach)
     apply(deploy_config(config, list(models)))
     port = config.grpc_port
     if config.ingress == "direct":
@@ -234,7 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handlers = {"up": up, "down": down, "config": config_file, "status": status_command, "scale": scale_command,
                 "models": client.list_models}
-    return handlers[args.command](args)
+    try:
+        return handlers[args.command](args)
+    except ClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

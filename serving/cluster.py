@@ -45,6 +45,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from patchwork.serving import binding, cluster_tls
 from patchwork.serving.config import DIRECT_PORTS, ServingConfig
@@ -75,7 +76,7 @@ def cluster_environment(config: ServingConfig) -> dict[str, str]:
 
 
 class ClusterError(RuntimeError):
-    """A Ray command failed; the message ends with what it printed last."""
+    """The cluster could not be started or joined; the message says why."""
 
 
 def ray_command(*args: str) -> None:
@@ -83,8 +84,7 @@ def ray_command(*args: str) -> None:
                          stderr=subprocess.STDOUT, text=True)
     if run.returncode != 0:
         said = " ".join(run.stdout.strip().splitlines()[-3:])
-        raise ClusterError(f"`ray {' '.join(args)}` failed (is a cluster already running? `patchwork serve down` "
-                           f"stops it): {said}")
+        raise ClusterError(f"`ray {' '.join(args)}` failed: {said}")
 
 
 def _loopback_nodes(on: bool) -> None:
@@ -104,16 +104,56 @@ def _join(addresses: list[str]) -> dict:
     return {"runtime_env": {"worker_process_setup_hook": binding.SETUP_HOOK}}
 
 
+def _admits_this_process(gcs_address: str, timeout_s: float = 30.0) -> bool:
+    """Whether the cluster's GCS completes a connection with this process's
+    TLS settings: the first attempt either succeeds or fails (Ray's own client
+    would retry a refused handshake for many minutes instead)."""
+    import threading
+
+    import grpc
+
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        files = [Path(os.environ[name]).read_bytes() for name in
+                 ("RAY_TLS_CA_CERT", "RAY_TLS_SERVER_KEY", "RAY_TLS_SERVER_CERT")]
+        channel = grpc.secure_channel(gcs_address, grpc.ssl_channel_credentials(*files))
+    else:
+        channel = grpc.insecure_channel(gcs_address)
+    settled, states = threading.Event(), []
+
+    def seen(state: grpc.ChannelConnectivity) -> None:
+        if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE):
+            states.append(state)
+            settled.set()
+
+    with channel:
+        channel.subscribe(seen, try_to_connect=True)
+        settled.wait(timeout_s)
+        channel.unsubscribe(seen)
+    return states[:1] == [grpc.ChannelConnectivity.READY]
+
+
 def connect(**init_options) -> None:
     """Connects to the local cluster a setup runs on (``ray.init(address="auto")``).
     A client must see the local node as the cluster does: Ray would otherwise
     turn the loopback address it recorded into the machine's own address.
-    Loopback mode reaches a cluster on either kind of address."""
+    Loopback mode reaches a cluster on either kind of address. ClusterError
+    when the running cluster does not take this process's certificates
+    (another state directory's); ConnectionError when none runs."""
     import ray
+    from ray._private.services import get_ray_address_from_environment
 
     if not ray.is_initialized():
         _loopback_nodes(True)
-        ray.init(address="auto", **{"logging_level": "WARNING", **_join([LOOPBACK]), **init_options})
+        joining = _join([LOOPBACK])
+        try:
+            gcs_address = get_ray_address_from_environment("auto", None)
+        except ConnectionError:
+            gcs_address = None  # ray.init says that none runs
+        if gcs_address not in (None, "auto") and not _admits_this_process(gcs_address):
+            raise ClusterError(f"the Ray cluster at {gcs_address} does not let this process in with the "
+                               f"certificates in {cluster_tls.state_dir()}: run the command with the "
+                               f"{cluster_tls.STATE_ENV} the cluster was started with")
+        ray.init(address="auto", **{"logging_level": "WARNING", **joining, **init_options})
 
 
 def cpus_needed(config: ServingConfig, models: list[str]) -> int:

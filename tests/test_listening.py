@@ -6,7 +6,9 @@ with, the cluster's CA and certificates, and the test server's own sockets
 from __future__ import annotations
 
 import ipaddress
+import os
 import stat
+import subprocess
 
 import psutil
 import pytest
@@ -16,7 +18,7 @@ from pydantic import ValidationError
 from patchwork.serving import binding, cluster_tls
 from patchwork.serving.cluster import cluster_environment
 from patchwork.serving.config import ServingConfig
-from tests.conftest import run_patchwork
+from tests.conftest import PATCHWORK, run_patchwork
 
 
 def test_ray_serves_every_interface_binds_move_to_the_configured_host():
@@ -93,3 +95,12 @@ def test_every_socket_of_the_test_servers_cluster_listens_on_loopback(grpc_targe
     public = {int(grpc_target.rsplit(":", 1)[1])}
     assert public <= {c.laddr.port for c in sockets}
     assert {c.laddr.ip.removeprefix("::ffff:") for c in sockets} == {"127.0.0.1"}
+
+
+def test_a_command_with_another_state_directory_is_told_so_at_once(grpc_target, tmp_path):
+    """Ray's own client would retry the refused handshake for many minutes."""
+    env = {key: value for key, value in os.environ.items() if key not in cluster_tls.RAY_TLS_VARIABLES}
+    env[cluster_tls.STATE_ENV] = str(tmp_path)  # a CA of its own: not the test cluster's
+    run = subprocess.run([*PATCHWORK, "serve", "status"], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stderr
+    assert "does not let this process in with the certificates in" in run.stderr and str(tmp_path) in run.stderr
