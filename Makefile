@@ -104,11 +104,11 @@ loadtest: setup train
 		--start-if-down $(CHECKPOINTS) --out results/loadtest/users_$(USERS)
 
 # The BLT generation benchmark (docs/benchmarks.md), CM3Leon's evaluation
-# (docs/cm3leon.md), MAViL's evaluation and speed (docs/mavil.md), and the
+# (docs/cm3leon.md; it records the best decoding in the checkpoint), MAViL's evaluation and speed (docs/mavil.md), and the
 # dense-versus-MoT study with the MoT step benchmark (docs/mot.md).
 bench: $(VENV)/.installed-bench train
 	$(PATCHWORK) bench blt --checkpoint $(DEFAULT_CHECKPOINT) --json results/bench.json
-	$(PATCHWORK) eval cm3leon --checkpoint $(CM3LEON_CHECKPOINT) --json results/cm3leon.json \
+	$(PATCHWORK) eval cm3leon --checkpoint $(CM3LEON_CHECKPOINT) --record --json results/cm3leon.json \
 		--markdown results/cm3leon.md --grid results/cm3leon-grid.png
 	$(PATCHWORK) eval mavil --model stage-1=$(MAVIL_TEACHER) --model stage-2=$(MAVIL_CHECKPOINT) \
 		--json results/mavil.json --markdown results/mavil.md

@@ -125,6 +125,8 @@ class ModelInfo:
     family: str
     config: dict
     metrics: dict[str, float] = field(default_factory=dict)
+    # What a request gets for the settings it leaves unset (family-specific; {} for none).
+    defaults: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@
   tokenizer as ``tokenizer.json``, MAViL's retrieval indexes), listed in the
   manifest like the rest; ``add_assets`` adds some to a checkpoint.
 - ``manifest.json``: the sha256 of every other file, how the checkpoint was
-  made (command, data) and its held-out metrics.
+  made (command, data), its held-out metrics and, once an evaluation chose
+  them, the decoding defaults a server uses for it (``decoding``: the family's
+  own format, per kind of output; ``record_decoding``).
 
 Reading verifies every hash before anything is parsed; every failure raises
 ``CheckpointError`` naming the file and what was expected.
@@ -54,6 +56,7 @@ class Manifest(BaseModel):
     created: str
     files: dict[str, str]  # file name -> sha256 hex digest
     training: TrainingRecord
+    decoding: dict[str, dict] = {}  # kind of output -> the family's decoding defaults
 
 
 class CheckpointHeader(BaseModel):
@@ -145,6 +148,18 @@ def add_assets(path: str | os.PathLike, assets: dict[str, str]) -> Path:
             retired.rename(path)
         raise
     return path
+
+
+def record_decoding(path: str | os.PathLike, decoding: dict[str, dict]) -> None:
+    """Records decoding defaults (kind of output -> settings; an existing kind
+    is replaced) in the manifest of the checkpoint at ``path``, verified
+    first; the new manifest replaces the old one in a single rename."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    updated = manifest.model_copy(update={"decoding": {**manifest.decoding, **decoding}})
+    staging = path / f".{MANIFEST_FILE}.new"
+    staging.write_text(updated.model_dump_json(indent=2) + "\n")
+    staging.replace(path / MANIFEST_FILE)
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:

@@ -92,14 +92,21 @@ def classifier_free(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> t
     return uncond + scale * (cond - uncond)
 
 
+def plausible(log_cond: torch.Tensor, alpha: float, k: int) -> torch.Tensor:
+    """CD-K's plausible set: log-probabilities [..., V] -> bool [..., V], the
+    tokens with p >= alpha * (the k-th largest p)."""
+    kth = torch.topk(log_cond, min(k, log_cond.shape[-1]), dim=-1).values[..., -1:]
+    return log_cond >= kth + torch.log(torch.tensor(alpha))  # in logs
+
+
 def contrastive(cond: torch.Tensor, uncond: torch.Tensor, alpha: float, k: int) -> torch.Tensor:
     """cond, uncond: logits [..., V] -> CD-K scores [..., V] (-inf outside the plausible set)."""
     log_cond = torch.log_softmax(cond.float(), dim=-1)
     log_uncond = torch.log_softmax(uncond.float(), dim=-1)
-    kth = torch.topk(log_cond, min(k, log_cond.shape[-1]), dim=-1).values[..., -1:]
-    plausible = log_cond >= kth + torch.log(torch.tensor(alpha))  # p >= alpha * p_k, in logs
+    plausible_set = plausible(log_cond, alpha, k)
     # Guard tokens masked in both streams (-inf - -inf) from turning into NaN.
-    return torch.where(plausible, log_cond - log_uncond.clamp(min=torch.finfo(log_uncond.dtype).min), float("-inf"))
+    return torch.where(plausible_set, log_cond - log_uncond.clamp(min=torch.finfo(log_uncond.dtype).min),
+                       float("-inf"))
 
 
 def _guided(cond: torch.Tensor, uncond: torch.Tensor | None, allowed: torch.Tensor, mode: str, scale: float,

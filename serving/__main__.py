@@ -94,8 +94,8 @@ def up(args: argparse.Namespace) -> int:
     port = config.grpc_port
     if config.ingress == "direct":
         # The first free port from direct_grpc_port up: another server may hold the configured one.
-        port = ops.wait_gateway_port(timeout_s=300)
-    if port is None or not ops.wait_healthy(address(config.client_host(), port), timeout_s=300):
+        port = ops.wait_gateway_port(timeout_s=args.timeout)
+    if port is None or not ops.wait_healthy(address(config.client_host(), port), timeout_s=args.timeout):
         print("error: the application did not become healthy; see `patchwork serve status`", file=sys.stderr)
         return 1
     public = listening(config.plaintext_host(), port)
@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_arguments(start)
     start.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: the machine's, or "
                        "what one replica of every model asks for when that is more)")
+    start.add_argument("--timeout", type=float, default=300.0,
+                       help="seconds to wait for the application to answer health checks (default 300)")
     start.add_argument("--detach", action="store_true", help="leave the server running in the background")
     stop = commands.add_parser("down", help="drain and stop a detached server")
     stop.add_argument("--grace", type=float, help="seconds requests in flight may take (default: the setup's drain_grace_s)")

@@ -76,11 +76,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         clip.add_argument("--frames", type=Path, nargs="+", default=[], help="the clip's frames (PNG or JPEG), in order")
     for ranked in (classify, retrieve):
         ranked.add_argument("--top-k", type=int, default=0, help="results to return (default: 5)")
-    for multimodal in (image, caption, infill):
-        multimodal.add_argument("--guidance", choices=sorted(GUIDANCE), default="none")
-        multimodal.add_argument("--guidance-scale", type=float, default=0.0)
-        multimodal.add_argument("--temperature", type=float, default=0.0)
-        multimodal.add_argument("--top-p", type=float, default=0.0)
+    for multimodal in (image, caption, infill):  # a setting not given takes the model's default
+        multimodal.add_argument("--guidance", choices=sorted(GUIDANCE), help="default: the model's")
+        multimodal.add_argument("--guidance-scale", type=float, help="default: the model's")
+        multimodal.add_argument("--temperature", type=float, help="default: the model's (0 is greedy)")
+        multimodal.add_argument("--top-p", type=float, help="default: the model's")
         multimodal.add_argument("--seed", type=int, default=0)
 
 
@@ -110,8 +110,9 @@ def _read(path: Path) -> bytes:
 
 
 def run_multimodal(args: argparse.Namespace, client: Client) -> None:
-    decoding = multimodal_pb2.Decoding(guidance=GUIDANCE[args.guidance], guidance_scale=args.guidance_scale,
-                                       temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    given = {"guidance_scale": args.guidance_scale, "temperature": args.temperature, "top_p": args.top_p}
+    decoding = multimodal_pb2.Decoding(guidance=GUIDANCE.get(args.guidance, 0), seed=args.seed,
+                                       **{name: value for name, value in given.items() if value is not None})
     documents = getattr(args, "documents", None)
     if args.call == "image":
         response = client.generate_image(args.prompt, samples=args.samples, decoding=decoding, documents=documents,
@@ -205,7 +206,10 @@ def list_models(args: argparse.Namespace) -> int:
         for name, value in sorted(model.metrics.items()):
             print(f"  {name} = {value:.4f}")
         print("  config = " + json.dumps(json.loads(model.config_json)))
+        for output, defaults in sorted(json.loads(model.defaults_json or "{}").items()):
+            print(f"  defaults[{output}] = " + json.dumps(defaults))
     return 0
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="patchwork client", description="Call a running Patchwork server.")

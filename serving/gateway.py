@@ -285,6 +285,7 @@ class GatewayCore:
                     is_default=name == self.default_model,
                     config_json=json.dumps(info.config, sort_keys=True),
                     metrics=info.metrics,
+                    defaults_json=json.dumps(info.defaults, sort_keys=True),
                 )
                 for name, info in zip(names, described)
             ])

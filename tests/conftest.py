@@ -280,6 +280,11 @@ CM3LEON_MODEL = "cm3leon"
 MOT_MODEL = "mot"
 MAVIL_MODEL = "mavil"
 IN_GATEWAY_MODEL = "local"
+# The image decoding the served ``cm3leon`` checkpoint's manifest records as its
+# evaluation's best (``mot`` has none recorded: it takes the family's).
+RECORDED_IMAGE_DEFAULTS = {"guidance": "classifier_free", "guidance_scale": 2.0, "temperature": 1.0, "top_p": 0.8,
+                           "contrastive_alpha": 0.3, "contrastive_k": 2, "documents": 1,
+                           "chosen_by": "evaluation: CFG 2, top-p 0.8, one document"}
 
 
 @pytest.fixture(scope="session")
@@ -294,9 +299,11 @@ def serving_config(tiny_checkpoint, cm3leon_checkpoint, mot_checkpoint, mavil_ch
     its mot-tiny preset (Mixture-of-Transformers, with sound); and
     ``mavil``, MAViL's tiny preset after stage 2 (8 clips a batch, 32
     requests in flight); ``local``, the tiny checkpoint once more, run by the
-    gateway's replica itself (no hop to a model deployment)."""
+    gateway's replica itself (no hop to a model deployment). ``cm3leon``'s
+    manifest records image decoding defaults (``RECORDED_IMAGE_DEFAULTS``)."""
     import shutil
 
+    from patchwork.engines.checkpoint import record_decoding
     from patchwork.engines.scheduler import SchedulerConfig
     from patchwork.serving.config import ActorOptions, DeploymentOptions, Limits, ServingConfig
     from tests.echo_family import write_checkpoint
@@ -305,6 +312,7 @@ def serving_config(tiny_checkpoint, cm3leon_checkpoint, mot_checkpoint, mavil_ch
         shutil.copytree(tiny_checkpoint, tiny_checkpoint.parent / name, dirs_exist_ok=True)
     write_checkpoint(tiny_checkpoint.parent / ECHO_MODEL, shift=1)
     shutil.copytree(cm3leon_checkpoint[0], tiny_checkpoint.parent / CM3LEON_MODEL, dirs_exist_ok=True)
+    record_decoding(tiny_checkpoint.parent / CM3LEON_MODEL, {"image": RECORDED_IMAGE_DEFAULTS})
     shutil.copytree(mot_checkpoint[0], tiny_checkpoint.parent / MOT_MODEL, dirs_exist_ok=True)
     shutil.copytree(mavil_checkpoints[1], tiny_checkpoint.parent / MAVIL_MODEL, dirs_exist_ok=True)
     half_cpu = ActorOptions(num_cpus=0.5)
@@ -343,6 +351,10 @@ def serving_config(tiny_checkpoint, cm3leon_checkpoint, mot_checkpoint, mavil_ch
     )
 
 
+# How long a test waits for a server it starts to answer: a bound for a busy machine.
+SERVER_START_TIMEOUT_S = 900
+
+
 @pytest.fixture(scope="session")
 def grpc_target(ray_cluster, serving_config) -> str:
     """host:port of the Patchwork application serving the tiny checkpoint,
@@ -352,7 +364,7 @@ def grpc_target(ray_cluster, serving_config) -> str:
 
     apply(deploy_config(serving_config, list(discover_checkpoints(serving_config.checkpoints, serving_config.families))))
     target = f"127.0.0.1:{serving_config.direct_grpc_port}"  # the gateway replica's own port (direct ingress)
-    wait_serving(target, timeout_s=900)
+    wait_serving(target, timeout_s=SERVER_START_TIMEOUT_S)
     return target
 
 

@@ -109,9 +109,11 @@ def test_cm3_moves_spans_inside_one_part_to_the_end_and_back():
 
 
 def test_a_dropped_condition_is_what_the_unconditional_stream_reads():
-    from patchwork.engines.cm3leon.prompts import caption_prompt, image_prompt
+    import random
+
+    from patchwork.engines.cm3leon.prompts import caption_prompt, image_prompt, infill_prompt
     from patchwork.engines.cm3leon.tokenizer import IMAGE_END
-    from patchwork.training.cm3leon.objective import document
+    from patchwork.training.cm3leon.objective import cm3, document
 
     caption, image, alt = [100, 101, 102], [500 + i for i in range(16)], [300, 301]
     tokens, parts = document(caption, image, image_first=False, condition_dropped=True)
@@ -121,6 +123,13 @@ def test_a_dropped_condition_is_what_the_unconditional_stream_reads():
         tokens, parts = document(caption, image, image_first=True, alt_text=noted, condition_dropped=True)
         uncond = list(caption_prompt(image, alt_text=noted or ()).uncond)
         assert tokens == [*uncond, *caption] and parts == [(len(uncond), len(tokens))]
+    # Infilling's condition is the whole masked document: dropped, the spans follow <mask>.
+    tokens, parts = document(caption, image, image_first=False)
+    for seed in range(20):
+        sequence = cm3(tokens, parts, random.Random(seed), document_dropped=True)
+        kept = cm3(tokens, parts, random.Random(seed))
+        spans = kept[kept.index(sentinel(0), kept.index(sentinel(0)) + 1):]  # behind the second <mask:0>
+        assert sequence == [*infill_prompt(tokens).uncond, *spans[1:]]
 
 
 def test_training_sequences_drop_conditions_at_the_configured_rate(cm3leon_checkpoint):
@@ -146,10 +155,14 @@ def test_training_sequences_drop_conditions_at_the_configured_rate(cm3leon_check
             # A dropped condition starts the sequence: nothing is retrieved before it.
             assert sum(sequence[0] == MASK for sequence in made) == expected
             assert sum(MASK in sequence for sequence in made) == expected
+            # Dropped, about half keep their image or caption after <mask> <break>; the others
+            # start <mask> <mask:0>, as the unconditional stream of guided infilling reads.
+            infills = [sequence for sequence in made if sequence[:2] == [MASK, sentinel(0)]]
+            assert len(infills) == 0 if rate == 0.0 else 16 <= len(infills) <= 48
             # Images are written in the joint vocabulary's image ids, as the engine reads and writes
             # them: every document (and every retrieved one) holds one image's worth, but an
             # image-first document whose condition (its image) was dropped holds none.
-            in_images = [sum(token >= text_vocab for token in sequence) for sequence in made]
+            in_images = [sum(token >= text_vocab for token in sequence) for sequence in made if sequence not in infills]
             assert all(count % image_tokens == 0 for count in in_images)
             assert all(in_images) if rate == 0.0 else any(in_images)
         for i in range(len(engine.model.bank)):
@@ -233,6 +246,8 @@ def test_training_writes_a_checkpoint_that_learned(cm3leon_checkpoint):
     # Better than a uniform guess over the joint vocabulary on held-out documents.
     assert metrics["heldout_loss"] < 0.8 * math.log(vocab)
     assert 0.0 <= metrics["vq_parser_agreement"] <= 1.0 and metrics["vq_heldout_rmse"] > 0
+    # How often retrieval skipped a near-duplicate of the training document, over its searches.
+    assert metrics["retrieval_searches"] > 0 and 0.0 <= metrics["retrieval_near_duplicate_rate"] <= 1.0
 
 
 def test_the_training_command_line_trains_a_checkpoint(tmp_path):
@@ -399,7 +414,9 @@ def test_the_retriever_learns_to_pair_captions_with_images_and_skips_near_duplic
     import numpy as np
     import torch
 
-    from patchwork.engines.cm3leon.retrieval import DualEncoder, MemoryBank, RetrievalConfig
+    import torch.nn.functional as F
+
+    from patchwork.engines.cm3leon.retrieval import DualEncoder, MemoryBank, Query, RetrievalConfig
     from patchwork.engines.cm3leon.vqvae import VqConfig, VqVae
     from patchwork.training.loop import Schedule, fit
 
@@ -424,25 +441,79 @@ def test_the_retriever_learns_to_pair_captions_with_images_and_skips_near_duplic
     fit(retriever.parameters(), lambda b: retriever.loss(*b), batch, Schedule(steps=150, batch_size=32, lr=5e-3),
         "retriever")
     with torch.no_grad():
-        similarity = retriever.embed_texts(captions[128:]) @ retriever.embed_images(codes[128:]).T
+        texts, images = retriever.embed_texts(captions), retriever.embed_images(codes)
+        similarity = texts[128:] @ images[128:].T
         recall = float((similarity.argmax(1) == torch.arange(32)).float().mean())
         assert recall > 4 / 32  # chance is 1/32
         bank = MemoryBank(config)
-        vectors = retriever.document_vectors(captions, codes)
-        bank.fill(vectors, [[i] for i in range(len(examples))])
-        found = bank.search(vectors[:5], count=3, exclude=[0, 1, 2, 3, -1])
+        bank.fill(texts, images, [[i] for i in range(len(examples))])
+        # Queries of both sides, as in training: each document's own entry excluded (the last: not in the bank).
+        found = bank.search(Query(bank.vectors[:5], texts=texts[:5], images=images[:5]), count=3,
+                            exclude=[0, 1, 2, 3, -1])
+    documents = F.normalize(texts + images, dim=-1)
     for query, indices in enumerate(found):
-        assert len(indices) == 3 and (query == 4 or query not in indices)
-        scores = (vectors[query] @ vectors[indices].T).tolist()
-        assert scores == sorted(scores, reverse=True) and max(scores) <= config.near_duplicate
+        assert len(indices) == 3 and query not in indices  # the last is its own near-duplicate: skipped too
+        scores = (bank.vectors[query] @ bank.vectors[indices].T).tolist()
+        assert scores == sorted(scores, reverse=True)
+        assert (documents[query] @ documents[indices].T).max() <= config.near_duplicate
     assert bank.document(7) == [7]
-    # Above the near-duplicate score a document is skipped, however close.
-    unit = MemoryBank(RetrievalConfig(dim=4, bank_size=4))
-    unit.fill(torch.eye(4) * torch.tensor([[1.0], [0.95], [0.5], [0.2]]), [[0], [1], [2], [3]])
-    assert unit.search(torch.eye(4)[:1] + torch.eye(4)[1:2] + torch.eye(4)[2:3], count=4) == [[2, 3]]
     copy = MemoryBank(config)
     copy.load_state_dict(bank.state_dict())
     assert copy.document(7) == [7] and len(copy) == len(examples)
+
+
+def test_near_duplicates_are_judged_document_to_document_and_counted():
+    import torch
+
+    from patchwork.engines.cm3leon.retrieval import MemoryBank, Query, RetrievalConfig
+
+    # Four documents whose text and image embeddings differ (cos 0): each one's
+    # retrieval vector scores at most 0.5 against a one-sided query from itself.
+    texts, images = torch.eye(8)[:4], torch.eye(8)[4:]
+    bank = MemoryBank(RetrievalConfig(dim=8, bank_size=4))
+    bank.fill(texts, images, [[0], [1], [2], [3]])
+    assert float(texts[1] @ bank.vectors[1]) == 0.5  # below 0.9: a score threshold could never fire
+    for query, kept in ((Query(texts[1:2], texts=texts[1:2]), [0, 2, 3]),
+                        (Query(images[2:3], images=images[2:3]), [0, 1, 3]),
+                        (Query(bank.vectors[3:4], texts=texts[3:4], images=images[3:4]), [0, 1, 2])):
+        assert sorted(bank.search(query, count=4)[0]) == kept
+    found = bank.search(Query(texts[1:2]), count=4)[0]  # nothing to judge duplicates by: nothing skipped
+    assert found[0] == 1 and sorted(found) == [0, 1, 2, 3]
+    # Three searches found their duplicate among the best and skipped it; one had nothing to skip.
+    assert (bank.searches, bank.deduplicated) == (4, 3)
+    far = Query(texts[0:1] + 0.2 * texts[2:3] - 0.1 * texts[1:2], texts=texts[1:2])  # the duplicate ranks last
+    assert bank.search(far, count=2) == [[0, 2]] and (bank.searches, bank.deduplicated) == (5, 3)
+
+
+def test_a_prompt_made_from_a_bank_document_does_not_retrieve_it(cm3leon_checkpoint):
+    import torch
+
+    from patchwork.engines.cm3leon.tokenizer import BREAK
+
+    engine = _engine(cm3leon_checkpoint[0], max_batch_size=1)
+    engine.close()
+    bank = engine.model.bank
+    for index in (0, 5, 17):
+        document = bank.document(index)
+        caption = engine.tokenizer.decode(document[:document.index(BREAK)])
+        before = bank.deduplicated
+        prompt = engine.image_prompt(caption, documents=2)
+        assert tuple(document) not in _documents_in(prompt.cond, engine) and bank.deduplicated == before + 1
+        codes = [t - engine.config.text_vocab for t in document if engine.config.text_vocab <= t < engine.config.image_end]
+        picture = engine.model.images(engine.model.image_ids(torch.tensor([codes])))[0].numpy()
+        assert tuple(document) not in _documents_in(engine.caption_prompt(picture, documents=2).cond, engine)
+
+
+def _documents_in(tokens, engine) -> set[tuple[int, ...]]:
+    """The retrieved documents a prompt starts with (each ends with <eos>)."""
+    from patchwork.engines.cm3leon.tokenizer import EOS
+
+    found, start = set(), 0
+    for i, token in enumerate(tokens):
+        if token == EOS:
+            found.add(tuple(tokens[start:i + 1]))
+            start = i + 1
+    return found
 
 
 def test_a_request_gets_the_retrieved_documents_it_asks_for(cm3leon_checkpoint):
@@ -459,7 +530,9 @@ def test_a_request_gets_the_retrieved_documents_it_asks_for(cm3leon_checkpoint):
             context = prompt.cond[: len(prompt.cond) - len(alone.cond)]
             assert list(context).count(EOS) == count  # each bank document ends with <eos>
             assert prompt.cond[len(context):] == alone.cond
-        assert engine.image_prompt(example.caption) == engine.image_prompt(example.caption, documents=2)
+        # Unset: the model's defaults, for images the family's (none), for text the config's (2).
+        assert engine.image_prompt(example.caption) == alone
+        assert engine.caption_prompt(example.image) == engine.caption_prompt(example.image, documents=2)
         with pytest.raises(InvalidRequest, match="^documents: 3 retrieved documents; this model takes 0 to 2"):
             engine.image_prompt(example.caption, documents=3)
         captioned = engine.caption_prompt(example.image, documents=1)
@@ -470,28 +543,100 @@ def test_a_request_gets_the_retrieved_documents_it_asks_for(cm3leon_checkpoint):
         engine.close()
 
 
+def test_a_request_names_only_what_it_changes_and_mixed_is_cfg_then_cd_k():
+    from patchwork.engines.api import InvalidRequest
+    from patchwork.engines.cm3leon.decoding import FAMILY_DEFAULTS, MIXED, Guidance, sample_params
+
+    image = FAMILY_DEFAULTS["image"]
+    (alone,) = sample_params(image, {}, 1, 0)
+    assert (alone.guidance, alone.guidance_scale, alone.temperature, alone.top_p) == (
+        image.guidance, image.guidance_scale, image.temperature, image.top_p)
+    (unconditional,) = sample_params(image, {"guidance_scale": 0.0}, 1, 0)
+    assert unconditional.guidance_scale == 0.0 and unconditional.top_p == image.top_p
+    mixed = sample_params(image, {"guidance": MIXED, "seed": 7, "contrastive_k": 2}, 5, 0)
+    assert [p.guidance for p in mixed] == [Guidance.CLASSIFIER_FREE] * 3 + [Guidance.CONTRASTIVE] * 2
+    assert [p.seed for p in mixed] == [7, 8, 9, 10, 11]
+    assert {(p.temperature, p.top_p, p.contrastive_k) for p in mixed} == {(image.temperature, image.top_p, 2)}
+    text = FAMILY_DEFAULTS["text"]
+    (caption,) = sample_params(text, {}, 1, 40)
+    assert (caption.guidance, caption.temperature, caption.max_new_bytes) == (Guidance.NONE, 0.0, 40)
+    with pytest.raises(InvalidRequest, match="^decoding.temperature: 0 .greedy. makes all 3 samples the same"):
+        sample_params(image, {"temperature": 0.0}, 3, 0)
+
+
+def test_decoding_defaults_come_from_the_manifest_the_evaluation_wrote(cm3leon_checkpoint, tmp_path):
+    import shutil
+
+    from patchwork.engines.checkpoint import CheckpointError, read_manifest, record_decoding
+    from patchwork.engines.cm3leon.decoding import FAMILY_DEFAULTS
+
+    path = tmp_path / "recorded"
+    shutil.copytree(cm3leon_checkpoint[0], path)
+    engine = _engine(path, max_batch_size=1)
+    engine.close()
+    assert engine.defaults["image"] == FAMILY_DEFAULTS["image"]  # nothing recorded
+    recorded = {"guidance": "contrastive", "temperature": 1.0, "top_p": 0.9, "contrastive_alpha": 0.3,
+                "contrastive_k": 2, "documents": 1, "chosen_by": "evaluation: CD-K a=0.3 K=2"}
+    record_decoding(path, {"image": recorded})
+    assert read_manifest(path).decoding == {"image": recorded}  # every hash still verifies
+    engine = _engine(path, max_batch_size=1)
+    engine.close()
+    assert engine.defaults["image"].model_dump(mode="json") == {**recorded, "guidance_scale": 3.0}
+    assert engine.defaults["text"] == FAMILY_DEFAULTS["text"].model_copy(update={"documents": 2})
+    assert engine.describe().defaults["image"]["chosen_by"] == "evaluation: CD-K a=0.3 K=2"
+    (params,) = engine.params("image", {"seed": 4})
+    assert (params.guidance.value, params.contrastive_alpha, params.contrastive_k, params.seed) == (
+        "contrastive", 0.3, 2, 4)
+    record_decoding(path, {"image": {**recorded, "top_p": 2.0}})
+    with pytest.raises(CheckpointError, match="recorded: manifest.json: decoding.image: top_p: Input should be"):
+        _engine(path, max_batch_size=1)
+
+
 def test_the_evaluation_runs_and_reports_every_measurement(cm3leon_checkpoint, tmp_path):
     import json
+    import shutil
 
     from PIL import Image
 
+    from patchwork.engines.checkpoint import read_manifest
+    from patchwork.engines.loading import load
+    from patchwork.engines.scheduler import SchedulerConfig
     from patchwork.training.cm3leon.evaluate import UNCONDITIONAL, main, modes
 
-    path, _ = cm3leon_checkpoint
+    path = tmp_path / "checkpoint"
+    shutil.copytree(cm3leon_checkpoint[0], path)
     out = tmp_path / "report.json"
-    assert main(["--checkpoint", str(path), "--prompts", "2", "--samples", "2", "--batch", "3",
-                 "--json", str(out), "--markdown", str(tmp_path / "report.md"), "--grid", str(tmp_path / "grid.png")]) == 0
+    assert main(["--checkpoint", str(path), "--prompts", "2", "--samples", "2", "--batch", "3", "--documents", "2",
+                 "--record", "--json", str(out), "--markdown", str(tmp_path / "report.md"),
+                 "--grid", str(tmp_path / "grid.png")]) == 0
     report = json.loads(out.read_text())
-    assert {(r["mode"], r["documents"]) for r in report["text_to_image"]} == {
-        (mode, documents) for mode in modes() for documents in (0, 1, 2)} | {(UNCONDITIONAL, 0)}
-    assert all(0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["best_ranked_accuracy"] <= 1.0 for r in report["text_to_image"])
+    rows = report["text_to_image"]
+    mixes = {(r["mode"], r["documents"]) for r in rows if r["mode"].startswith("mix CFG 3 + CD-K a=")}
+    assert {(r["mode"], r["documents"]) for r in rows} == {
+        (mode, 2) for mode in modes()} | {(UNCONDITIONAL, 0)} | mixes
+    assert [documents for _, documents in mixes] == [2]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["best_ranked_accuracy"] <= 1.0 for r in rows)
+    # CD-K's plausible set, per step of the 32x32 image's 8x8 codes, within the 256 codes, at least K.
+    for r in rows:
+        if r["mode"].startswith("CD-K a=") and "no top-p" not in r["mode"]:
+            k = int(r["mode"].split("K=")[1])
+            assert len(r["plausible_set"]) == 64 and all(k <= size <= 256 for size in r["plausible_set"])
+    # Each prompt searches the bank once per document count above 0 (here one: 2).
+    assert report["retrieval"]["searches"] == 2 and 0 <= report["retrieval"]["near_duplicates_skipped"] <= 2
+    # The best single mode is recorded in the manifest: the served default.
+    best = max((r for r in rows if r["mode"] in modes()), key=lambda r: r["accuracy"])
+    recorded = read_manifest(path).decoding["image"]
+    assert (report["best_decoding"]["mode"], recorded["documents"]) == (best["mode"], best["documents"])
+    engine = load(path, scheduler=SchedulerConfig(max_batch_size=1))
+    engine.close()
+    assert engine.defaults["image"].chosen_by == recorded["chosen_by"]
     assert set(report["image_to_text"]) == {"caption", "alt-text as given (noisy ones)",
                                             "caption re-aligning the alt-text (noisy ones)"}
     # More concurrent prompts (3) than held-out prompts (2): the speed runs reuse prompts.
     assert [p["prompts"] for p in report["speed"]["cfg_pairing"]] == [1, 3]
     assert all(p["speedup"] > 0 for p in report["speed"]["cfg_pairing"])
     assert set(report["speed"]["images_per_s"]) == {"1", "3"}
-    assert Image.open(tmp_path / "grid.png").size == (2 * 32 * 3, (len(modes()) + 1) * 32 * 3)
+    assert Image.open(tmp_path / "grid.png").size == (2 * 32 * 3, (len(modes()) + 2) * 32 * 3)  # the mix, the floor
     assert "| mode | documents |" in (tmp_path / "report.md").read_text()
     assert main(["--checkpoint", str(tmp_path / "missing")]) == 2
 

@@ -2,6 +2,7 @@
 both backbones (dense and Mixture-of-Transformers), bad input and fuzzing."""
 
 import io
+import json
 import struct
 import zlib
 
@@ -15,7 +16,7 @@ from PIL import Image
 from patchwork.engines.wav import resample, wav_bytes
 from patchwork.training.avworld import AudioVideoWorld
 from patchwork.training.imageworld import ImageWorld
-from tests.conftest import CM3LEON_MODEL, MOT_MODEL, run_patchwork, wait_serving
+from tests.conftest import CM3LEON_MODEL, MOT_MODEL, RECORDED_IMAGE_DEFAULTS, run_patchwork, wait_serving
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,8 @@ def test_images_are_generated_ranked_and_reproducible(mm, mpb2):
     assert len(response.images) == 4
     scores = [image.score for image in response.images]
     assert scores == sorted(scores, reverse=True) and all(s < 0 for s in scores)
-    assert sorted(image.guidance for image in response.images) == [mpb2.GUIDANCE_NONE] * 2 + [
+    # The paper's mix: half classifier-free, half CD-K.
+    assert sorted(image.guidance for image in response.images) == [mpb2.GUIDANCE_CLASSIFIER_FREE] * 2 + [
         mpb2.GUIDANCE_CONTRASTIVE] * 2
     for image in response.images:
         with Image.open(io.BytesIO(image.png)) as decoded:
@@ -66,6 +68,71 @@ def test_images_are_generated_ranked_and_reproducible(mm, mpb2):
         prompt="a small blue square at the bottom right", documents=0, model=CM3LEON_MODEL,
         decoding=mpb2.Decoding(guidance=mpb2.GUIDANCE_CLASSIFIER_FREE, guidance_scale=2.0)), timeout=120)
     assert len(guided.images) == 1 and guided.images[0].guidance == mpb2.GUIDANCE_CLASSIFIER_FREE
+
+
+def _pngs(mm, mpb2, **fields) -> list[bytes]:
+    return [image.png for image in mm.GenerateImage(mpb2.GenerateImageRequest(
+        prompt="a large green square at the top right", samples=2, **fields), timeout=120).images]
+
+
+def test_a_request_that_sets_nothing_gets_the_models_defaults_which_list_models_shows(mm, mpb2, channel):
+    from patchwork.engines.cm3leon.decoding import FAMILY_DEFAULTS
+    from patchwork.v1 import models_pb2, models_pb2_grpc
+
+    listed = {m.name: json.loads(m.defaults_json) for m in
+              models_pb2_grpc.ModelsStub(channel).ListModels(models_pb2.ListModelsRequest(), timeout=30).models}
+    assert listed[CM3LEON_MODEL]["image"] == RECORDED_IMAGE_DEFAULTS  # from the checkpoint's manifest
+    assert listed[MOT_MODEL]["image"] == FAMILY_DEFAULTS["image"].model_dump(mode="json")  # none recorded
+    assert listed[CM3LEON_MODEL]["text"]["temperature"] == 0.0 and listed["tiny"] == {}
+    guidance = {"classifier_free": mpb2.GUIDANCE_CLASSIFIER_FREE, "contrastive": mpb2.GUIDANCE_CONTRASTIVE}
+    for model in (CM3LEON_MODEL, MOT_MODEL):
+        defaults = listed[model]["image"]
+        spelled_out = mpb2.Decoding(guidance=guidance[defaults["guidance"]], **{name: defaults[name] for name in (
+            "guidance_scale", "temperature", "top_p", "contrastive_alpha", "contrastive_k")})
+        unset = _pngs(mm, mpb2, model=model)
+        assert unset == _pngs(mm, mpb2, model=model, decoding=spelled_out, documents=defaults["documents"])
+    # Each setting a request names replaces its default alone.
+    recorded = RECORDED_IMAGE_DEFAULTS
+    for changed in ({"guidance_scale": 0.0}, {"top_p": 1.0}, {"temperature": 0.5}):
+        alone = _pngs(mm, mpb2, model=CM3LEON_MODEL, decoding=mpb2.Decoding(**changed))
+        spelled_out = {"guidance": mpb2.GUIDANCE_CLASSIFIER_FREE, **{name: recorded[name] for name in (
+            "guidance_scale", "temperature", "top_p", "contrastive_alpha", "contrastive_k")}, **changed}
+        assert alone == _pngs(mm, mpb2, model=CM3LEON_MODEL, decoding=mpb2.Decoding(**spelled_out),
+                              documents=recorded["documents"])
+
+
+def test_a_request_passes_on_exactly_the_settings_it_names_zero_included(mpb2):
+    from patchwork.serving.config import Limits
+    from patchwork.serving.multimodal import explicit_decoding
+
+    limits = Limits()
+    assert explicit_decoding(mpb2.Decoding(), 0, limits) == {"seed": 0, "top_k": 0}  # the rest: the model's
+    named = mpb2.Decoding(guidance=mpb2.GUIDANCE_MIXED, guidance_scale=0.0, temperature=0.0, top_p=0.0, seed=3,
+                          contrastive_alpha=0.5, contrastive_k=1)
+    assert explicit_decoding(named, 0, limits) == {  # a scale of 0 is the unconditional stream, not "the default"
+        "seed": 3, "top_k": 0, "guidance_scale": 0.0, "temperature": 0.0, "top_p": 0.0, "contrastive_alpha": 0.5,
+        "contrastive_k": 1, "guidance": "mixed"}
+
+
+def test_a_captions_default_budget_is_what_the_context_leaves(mm, mpb2, cm3leon_checkpoint):
+    from patchwork.engines.cm3leon.tokenizer import TextTokenizer
+
+    positions = 512  # the tiny preset's context (the server's engine allows more)
+    tokenizer = TextTokenizer.from_json((cm3leon_checkpoint[0] / "tokenizer.json").read_text())
+    # <img> 64 codes </img> <break> alt-text <break>; "~" is a token of its own.
+    alt_text = "~" * (positions - 68 - 5)
+    assert len(tokenizer.encode(alt_text)) == len(alt_text)
+    image = encoded(ImageWorld(seed=12)[3].image)
+    fits = mm.Caption(mpb2.CaptionRequest(image=image, alt_text=alt_text, documents=0), timeout=120)
+    assert len(fits.text.encode()) <= 5  # the server's default (16) does not fit: the 5 positions left do
+    with pytest.raises(grpc.RpcError) as refusal:  # a budget the request names is its own
+        mm.Caption(mpb2.CaptionRequest(image=image, alt_text=alt_text, documents=0, max_new_bytes=16), timeout=120)
+    assert refusal.value.details() == (f"max_new_bytes: prompt ({positions - 5}) plus max_new_bytes (16) need "
+                                       f"{positions + 11} cache positions; a sequence may use at most {positions}")
+    with pytest.raises(grpc.RpcError) as refusal:
+        mm.Caption(mpb2.CaptionRequest(image=image, alt_text=alt_text + "~" * 5, documents=0), timeout=120)
+    assert refusal.value.details() == (f"alt_text: the prompt takes {positions} of the model's {positions} "
+                                       "positions and leaves none to write in")
 
 
 def test_captions_and_infills_come_back_as_text(mm, mpb2):
@@ -131,6 +198,9 @@ BAD = [
     ("GenerateImage", {"prompt": "x", "decoding": {"guidance_scale": 500.0}},
      "decoding.guidance_scale: Input should be less than or equal to 100"),
     ("GenerateImage", {"prompt": "x", "decoding": {"guidance": 9}}, "decoding.guidance: unknown value 9"),
+    ("GenerateImage", {"prompt": "x", "samples": 2, "decoding": {"temperature": 0.0}},
+     "decoding.temperature: 0 (greedy) makes all 2 samples the same; sample with a temperature above 0, or ask "
+     "for one sample"),
     ("GenerateImage", {"prompt": "x", "documents": 3}, "documents: 3 retrieved documents; this model takes 0 to 2"),
     ("GenerateImage", {"prompt": "x", "model": "tiny"},
      "model: 'tiny' (family blt) does not serve GenerateImage; it serves Generate, GenerateStream, Score"),

@@ -56,12 +56,13 @@ def test_the_config_file_builder_builds_the_application(tiny_checkpoint, tmp_pat
     from patchwork.engines.checkpoint import CheckpointError
     from patchwork.serving.app import build
 
-    app = build({"config": {"checkpoints": str(tiny_checkpoint.parent)}})
+    # The checkpoint itself: its folder gains the test server's checkpoints (one of a test family) when it starts.
+    app = build({"config": {"checkpoints": str(tiny_checkpoint)}})
     assert type(app).__name__ == "Application"
     with pytest.raises(CheckpointError, match="no checkpoints found"):
         build({"config": {"checkpoints": str(tmp_path)}})
     with pytest.raises(ValueError, match="grpc_port"):
-        build({"config": {"checkpoints": str(tiny_checkpoint.parent), "grpc_port": 0}})
+        build({"config": {"checkpoints": str(tiny_checkpoint), "grpc_port": 0}})
 
 
 # -- auth and discovery -------------------------------------------------------
@@ -118,6 +119,7 @@ def test_models_service_and_command(channel, grpc_target, tiny_checkpoint):
     listed = serving_cli("models", "--target", grpc_target, timeout=60)
     assert listed.returncode == 0 and "tiny (default): family=blt deployment=model-tiny" in listed.stdout
     assert "heldout_bits_per_byte" in listed.stdout
+    assert '  defaults[image] = {"chosen_by": "evaluation: CFG 2, top-p 0.8, one document"' in listed.stdout
 
 
 # -- status and scaling -------------------------------------------------------

@@ -1,14 +1,18 @@
-"""The README's Python examples run, as written, against the test server."""
+"""The README's examples of calling the server (its shell commands and its
+Python) run, as written, against the test server."""
 
 from __future__ import annotations
 
 import ast
+import glob
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 
-from tests.conftest import AUTH_TOKEN, REPO, run_patchwork
+from tests.conftest import AUTH_TOKEN, MOT_MODEL, REPO, run_patchwork
 
 
 def python_blocks(section: str) -> list[str]:
@@ -17,6 +21,46 @@ def python_blocks(section: str) -> list[str]:
     start = text.index(f"\n{section}\n")
     end = text.index("\n#", start + len(section) + 2)
     return re.findall(r"```python\n(.*?)```", text[start:end], flags=re.S)
+
+
+def shell_commands(section: str) -> list[list[str]]:
+    """The `patchwork` commands of the ```sh blocks from the README heading
+    ``section`` to the next heading of its level, without their comments."""
+    text = (REPO / "README.md").read_text()
+    start = text.index(f"\n{section}\n")
+    level = section.split()[0]
+    end = text.find(f"\n{level} ", start + len(section) + 2)
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", text[start:end if end > 0 else None], flags=re.S):
+        for line in block.splitlines():
+            words = shlex.split(line, comments=True)
+            if words[:1] == [".venv/bin/patchwork"]:
+                commands.append(words[1:])
+    return commands
+
+
+def test_every_command_the_readme_shows_for_calling_the_server_runs(grpc_target, mavil_engine, mavil_checkpoints,
+                                                                     tmp_path, monkeypatch):
+    monkeypatch.setenv("PATCHWORK_TARGET", grpc_target)
+    monkeypatch.setenv("PATCHWORK_AUTH_TOKEN", AUTH_TOKEN)
+    commands = shell_commands("## Calling the server")
+    assert [c[0] for c in commands].count("client") == 10 and {c[0] for c in commands} == {"client", "avworld", "index"}
+    # The README's names, as the test server and this folder have them.
+    shutil.copytree(mavil_checkpoints[1], tmp_path / "mavil")
+    names = {"mot-default": MOT_MODEL, "checkpoints/mavil-default": str(tmp_path / "mavil"), "DIR": "clips",
+             "NAME": "mine"}
+    audio, video = mavil_engine.config.audio, mavil_engine.config.video
+    for command in sorted(commands, key=lambda c: c[0] != "avworld"):  # the clips first: commands read them
+        if command[0] == "avworld":  # the clips at the served model's size
+            command += ["--seconds", str(audio.seconds), "--frames", str(video.frames),
+                        "--image-size", str(video.image_size)]
+            (tmp_path / "clip.wav").symlink_to(tmp_path / "clips" / "10000000" / "audio.wav")  # a user's recording
+        # The shell's work: file name patterns, and the README's model names the test server's.
+        command = [match for word in command for match in (sorted(glob.glob(word, root_dir=tmp_path)) or [word])]
+        command = [names.get(word, word) for word in command]
+        ran = run_patchwork(*command, cwd=tmp_path)
+        assert ran.returncode == 0, (command, ran.stderr)
+        assert ran.stdout.strip() or (tmp_path / "red.png").is_file() or command[0] != "client", command
 
 
 def test_the_client_examples_run_against_a_server(grpc_target, mavil_engine, tmp_path):

@@ -29,7 +29,7 @@ import pytest
 
 from patchwork.serving.cluster import DIRECT_HTTP_PORT
 from patchwork.serving.config import ServingConfig
-from tests.conftest import PATCHWORK, REPO
+from tests.conftest import PATCHWORK, REPO, SERVER_START_TIMEOUT_S
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
@@ -122,7 +122,8 @@ def server(tmp_path_factory, tiny_checkpoint, cm3leon_checkpoint, mavil_checkpoi
     config = ServingConfig(checkpoints=checkpoints, host="0.0.0.0", tls={"cert": cert, "key": key})
     try:
         up = namespaces.run(namespaces.server, [*PATCHWORK, "serve", "up", "--checkpoints", checkpoints, "--host",
-                                                config.host, "--tls-cert", cert, "--tls-key", key, "--detach"], env)
+                                                config.host, "--tls-cert", cert, "--tls-key", key, "--detach",
+                                                "--timeout", SERVER_START_TIMEOUT_S], env)
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
         assert f"on 0.0.0.0:{config.tls.port} (every interface) with TLS" in up.stdout
         yield namespaces, config, ca, env

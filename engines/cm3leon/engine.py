@@ -16,12 +16,22 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from patchwork.engines.api import EngineStats, Generation, InvalidRequest, ModelInfo, Usage
-from patchwork.engines.checkpoint import CheckpointError, Manifest, load_state
+from patchwork.engines.checkpoint import MANIFEST_FILE, CheckpointError, Manifest, load_state, validation_summary
 from patchwork.engines.cm3leon.audio import SAMPLE_RATE
 from patchwork.engines.cm3leon.config import FORMAT_VERSION, Cm3LeonConfig
-from patchwork.engines.cm3leon.decoding import Cm3Params, Cm3State, batch_scores, record
+from patchwork.engines.cm3leon.decoding import (
+    FAMILY_DEFAULTS,
+    OUTPUTS,
+    Cm3Params,
+    Cm3State,
+    DecodingDefaults,
+    batch_scores,
+    record,
+    sample_params,
+)
 from patchwork.engines.cm3leon.model import Cm3LeonModel
 from patchwork.engines.cm3leon.prompts import (
     AUDIO_MARKERS,
@@ -32,6 +42,7 @@ from patchwork.engines.cm3leon.prompts import (
     image_prompt,
     infill_prompt,
 )
+from patchwork.engines.cm3leon.retrieval import Query
 from patchwork.engines.cm3leon.tokenizer import (
     BREAK,
     EOS,
@@ -69,26 +80,48 @@ class Cm3LeonEngine:
         self.config: Cm3LeonConfig = model.config
         self.allowed = {task: allowed_tokens(task, self.config.text_vocab, self.config.image_end,
                                              self.config.vocab_size).to(device) for task in Task}
+        self.defaults = decoding_defaults(self.config, manifest, name)
         scheduler = scheduler or SchedulerConfig()
-        positions = min(scheduler.max_sequence_bytes, self.config.max_sequence)
-        self.scheduler = Scheduler(self, scheduler.model_copy(update={"max_sequence_bytes": positions}), device)
+        self.positions = min(scheduler.max_sequence_bytes, self.config.max_sequence)
+        self.scheduler = Scheduler(self, scheduler.model_copy(update={"max_sequence_bytes": self.positions}), device)
 
     # -- requests ------------------------------------------------------------
 
-    def _documents(self, count: int | None) -> int:
+    def _documents(self, count: int | None, output: str) -> int:
         retrieval = self.config.retrieval
-        count = retrieval.default_documents if count is None else count
+        count = self.defaults[output].documents if count is None else count
         if not 0 <= count <= retrieval.max_documents:
             raise InvalidRequest("documents", f"{count} retrieved documents; this model takes 0 to "
                                  f"{retrieval.max_documents}")
         return min(count, len(self.model.bank))
 
+    def params(self, output: str, explicit: dict, samples: int = 1, max_new_bytes: int = 0) -> list[Cm3Params]:
+        """Each sample's params: the request's ``explicit`` settings over this
+        model's defaults for ``output`` (``decoding.sample_params``); an
+        image's budget is its ``image_tokens`` codes."""
+        budget = self.config.image_tokens if output == "image" else max_new_bytes
+        return sample_params(self.defaults[output], explicit, samples, budget)
+
+    def text_budget(self, prompt: Cm3Prompt, requested: int, default: int, field: str) -> int:
+        """A caption's or an infill's ``max_new_bytes``: the ``requested``
+        budget as it is (the scheduler refuses one the context cannot hold),
+        or, when the request set none (0), ``default`` or what the context
+        leaves after the prompt, whichever is less."""
+        if requested:
+            return requested
+        left = self.positions - len(prompt.cond)
+        if left < 1:
+            raise InvalidRequest(field, f"the prompt takes {len(prompt.cond)} of the model's {self.positions} "
+                                 "positions and leaves none to write in")
+        return min(default, left)
+
     @torch.inference_mode()
     def image_prompt(self, text: str, documents: int | None = None) -> Cm3Prompt:
         """Text -> image, after ``documents`` bank documents retrieved for the text (the model's default if None)."""
         ids = self.tokenizer.encode(text)
-        count = self._documents(count=documents)
-        found = self.model.bank.search(self.model.retriever.embed_texts([ids or [PAD]]), count)[0] if count else []
+        count = self._documents(documents, "image")
+        embedded = self.model.retriever.embed_texts([ids or [PAD]])
+        found = self.model.bank.search(Query(embedded, texts=embedded), count)[0] if count else []
         return image_prompt(ids, [self.model.bank.document(i) for i in found])
 
     def _codes(self, image: np.ndarray) -> torch.Tensor:
@@ -104,8 +137,9 @@ class Cm3LeonEngine:
         """Image (uint8 (size, size, 3)) -> text, after ``documents`` bank
         documents retrieved for the image; an ``alt_text`` is re-aligned."""
         codes = self._codes(image)
-        count = self._documents(count=documents)
-        found = self.model.bank.search(self.model.retriever.embed_images(codes), count)[0] if count else []
+        count = self._documents(documents, "text")
+        embedded = self.model.retriever.embed_images(codes)
+        found = self.model.bank.search(Query(embedded, images=embedded), count)[0] if count else []
         ids = self.model.image_ids(codes)[0].tolist()
         return caption_prompt(ids, [self.model.bank.document(i) for i in found], self.tokenizer.encode(alt_text))
 
@@ -181,7 +215,8 @@ class Cm3LeonEngine:
 
     def describe(self) -> ModelInfo:
         metrics = dict(self.manifest.training.metrics) if self.manifest else {}
-        return ModelInfo(name=self.name, family=self.family, config=self.config.model_dump(), metrics=metrics)
+        return ModelInfo(name=self.name, family=self.family, config=self.config.model_dump(), metrics=metrics,
+                         defaults={output: d.model_dump(mode="json") for output, d in self.defaults.items()})
 
     def stats(self) -> EngineStats:
         return self.scheduler.stats()
@@ -292,6 +327,21 @@ class Cm3LeonEngine:
         )
 
 
+def decoding_defaults(config: Cm3LeonConfig, manifest: Manifest | None, name: str) -> dict[str, DecodingDefaults]:
+    """Per kind of output: the defaults the checkpoint's evaluation recorded,
+    else the family's; documents left to the config take its default."""
+    recorded = manifest.decoding if manifest else {}
+    defaults = {}
+    for output in OUTPUTS:
+        try:
+            chosen = DecodingDefaults.model_validate(recorded[output]) if output in recorded else FAMILY_DEFAULTS[output]
+        except ValidationError as e:
+            raise CheckpointError(f"{name}: {MANIFEST_FILE}: decoding.{output}: {validation_summary(e)}") from None
+        documents = config.retrieval.default_documents if chosen.documents is None else chosen.documents
+        defaults[output] = chosen.model_copy(update={"documents": min(documents, config.retrieval.max_documents)})
+    return defaults
+
+
 def build_engine(
     config: Cm3LeonConfig, weights: dict[str, torch.Tensor], *, device: torch.device, dtype: torch.dtype, name: str,
     manifest: Manifest | None = None, scheduler: SchedulerConfig | None = None, assets: dict[str, str] | None = None,
@@ -304,6 +354,7 @@ def build_engine(
                               f"text_vocab {config.text_vocab}")
     model = Cm3LeonModel(config)
     load_state(model, weights, name)
+    model.index_bank()
     model.to(device=device, dtype=dtype).eval()
     model.fuse()
     return Cm3LeonEngine(model, tokenizer, device, name, manifest, scheduler)

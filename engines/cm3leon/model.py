@@ -12,6 +12,7 @@ from torch import nn
 from patchwork.engines.cm3leon.audio import AudioTokenizer
 from patchwork.engines.cm3leon.config import Cm3LeonConfig
 from patchwork.engines.cm3leon.retrieval import DualEncoder, MemoryBank
+from patchwork.engines.cm3leon.tokenizer import BREAK, PAD
 from patchwork.engines.cm3leon.vqvae import VqVae
 from patchwork.engines.layers import CausalLM, fuse_projections
 from patchwork.engines.mot.model import MotLM
@@ -39,6 +40,19 @@ class Cm3LeonModel(nn.Module):
             self.lm.fuse()
         else:
             fuse_projections(self.lm)
+
+    @torch.no_grad()
+    def index_bank(self) -> None:
+        """The bank's near-duplicate keys from its stored documents (each
+        ``caption <break> <img> codes </img> <eos>``), after loading."""
+        if len(self.bank) == 0:
+            return
+        documents = [self.bank.document(i) for i in range(len(self.bank))]
+        captions = [document[:document.index(BREAK)] or [PAD] for document in documents]
+        codes = torch.tensor([[t - self.config.text_vocab for t in document
+                               if self.config.text_vocab <= t < self.config.image_end] for document in documents],
+                             device=self.bank.vectors.device)
+        self.bank.index(self.retriever.embed_texts(captions), self.retriever.embed_images(codes))
 
     def image_ids(self, codes: torch.Tensor) -> torch.Tensor:
         """The image tokenizer's code ids (b, image_tokens) -> image tokens of the joint vocabulary."""

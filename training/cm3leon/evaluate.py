@@ -1,7 +1,7 @@
 """What a CM3Leon checkpoint does, judged by the image world's ground truth.
 
     patchwork eval cm3leon --checkpoint DIR [--prompts 48] [--samples 4]
-        [--markdown OUT.md] [--grid OUT.png] [--json OUT.json]
+        [--documents 0,1,2] [--record] [--markdown OUT.md] [--grid OUT.png] [--json OUT.json]
 
 Everything runs in one process on the same checkpoint, so the numbers compare
 like with like on a shared machine:
@@ -10,13 +10,21 @@ like with like on a shared machine:
   scenes; the scene parser reads each generated image, and a prompt's facts
   (each shape's kind, colour and size, at its cell) count as right when the
   parsed shape in that cell has them. Per decoding mode and per number of
-  retrieved documents (0, 1, 2): the mean over every sample, and over the
-  best-ranked sample of each prompt (ranked by the model's likelihood of the
-  prompt as the image's caption). Modes: temperature 1, top-p 0.9, CFG at
-  scales 1, 2, 3, 5, 7 (with top-p 0.9), CD-K on a small (alpha, K) grid, and
-  the mix (half top-p, half CD-K, ranked together); and, as the floor every
-  mode must beat, images drawn from the unconditional stream alone (the
-  prompt's text replaced by ``<mask>``), judged against the same prompts;
+  retrieved documents: the mean over every sample, and over the best-ranked
+  sample of each prompt (ranked by the model's likelihood of the prompt as
+  the image's caption). Modes: temperature 1, top-p 0.9, CFG at scales 1, 2,
+  3, 5, 7, CD-K over K in {1, 2, 5} and alpha in {0.1, 0.3, 0.5} (all with
+  top-p 0.9), CD-K as first measured (K 5, alpha 0.1, no top-p), and the
+  paper's mix (half CFG 3, half the best CD-K cell of the same document
+  count, ranked together); and, as the floor every mode must beat, images
+  drawn from the unconditional stream alone (the prompt's text replaced by
+  ``<mask>``), judged against the same prompts. For CD-K, the plausible set's
+  size at each of the image's steps (read from the conditional stream along
+  the images drawn);
+- the best single mode by accuracy over every sample is what a request that
+  sets nothing should get: ``--record`` writes it into the checkpoint's
+  manifest (``engines.checkpoint.record_decoding``), where the server reads
+  its defaults;
 - image->text: precision and recall of the facts a greedy caption states,
   against the scene; and the same for captions written with a noisy alt-text
   to re-align, beside the alt-texts' own precision and recall;
@@ -38,11 +46,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from patchwork.engines.checkpoint import CheckpointError
+from patchwork.engines.api import InvalidRequest
+from patchwork.engines.checkpoint import CheckpointError, record_decoding
 from patchwork.engines.cm3leon.decoding import Cm3Params, Guidance
 from patchwork.engines.cm3leon.prompts import Cm3Prompt, Task
 from patchwork.engines.loading import load
 from patchwork.engines.scheduler import SchedulerConfig
+from patchwork.kernels.guidance import plausible
 from patchwork.training.cm3leon.train import HELDOUT_START
 from patchwork.training.imageworld import Example, ImageWorld, Scene, parse_image, read_caption
 
@@ -74,18 +84,29 @@ def precision_recall(texts: list[str], scenes: list[Scene]) -> tuple[float, floa
     return correct / max(1, sum(map(len, stated))), correct / max(1, sum(map(len, truth)))
 
 
+TOP_P = {"temperature": 1.0, "top_p": 0.9}
+CD_K_GRID = [(alpha, k) for k in (1, 2, 5) for alpha in (0.1, 0.3, 0.5)]
+MIX_CFG_SCALE = 3.0
+
+
+def cd_k(alpha: float, k: int) -> Cm3Params:
+    return Cm3Params(**TOP_P, guidance=Guidance.CONTRASTIVE, contrastive_alpha=alpha, contrastive_k=k)
+
+
 def modes() -> dict[str, list[Cm3Params]]:
-    """Decoding modes: name -> the params of its samples' first (seeds are added per sample)."""
-    top_p = {"temperature": 1.0, "top_p": 0.9}
-    table = {"temperature 1": [Cm3Params(temperature=1.0)], "top-p 0.9": [Cm3Params(**top_p)]}
+    """Single decoding modes: name -> its samples' params (seeds are added per sample)."""
+    table = {"temperature 1": [Cm3Params(temperature=1.0)], "top-p 0.9": [Cm3Params(**TOP_P)]}
     for scale in (1, 2, 3, 5, 7):
-        table[f"CFG {scale}"] = [Cm3Params(**top_p, guidance=Guidance.CLASSIFIER_FREE, guidance_scale=scale)]
-    for alpha, k in ((0.1, 5), (0.1, 20), (0.3, 5)):
-        table[f"CD-K a={alpha} K={k}"] = [Cm3Params(temperature=1.0, guidance=Guidance.CONTRASTIVE,
-                                                    contrastive_alpha=alpha, contrastive_k=k)]
-    table["mix top-p + CD-K"] = [Cm3Params(**top_p),
-                                 Cm3Params(temperature=1.0, guidance=Guidance.CONTRASTIVE, contrastive_alpha=0.1)]
+        table[f"CFG {scale}"] = [Cm3Params(**TOP_P, guidance=Guidance.CLASSIFIER_FREE, guidance_scale=scale)]
+    for alpha, k in CD_K_GRID:
+        table[f"CD-K a={alpha} K={k}"] = [cd_k(alpha, k)]
+    table["CD-K a=0.1 K=5, no top-p"] = [Cm3Params(temperature=1.0, guidance=Guidance.CONTRASTIVE)]
     return table
+
+
+def mix(contrastive: Cm3Params) -> list[Cm3Params]:
+    """The paper's mix: CFG with top-p for half the samples, ``contrastive`` for the rest."""
+    return [Cm3Params(**TOP_P, guidance=Guidance.CLASSIFIER_FREE, guidance_scale=MIX_CFG_SCALE), contrastive]
 
 
 def generate(engine, prompts: list[Cm3Prompt], params: list[Cm3Params]) -> list:
@@ -94,6 +115,20 @@ def generate(engine, prompts: list[Cm3Prompt], params: list[Cm3Params]) -> list:
 
 
 UNCONDITIONAL = "no prompt (unconditional stream)"
+
+
+@torch.inference_mode()
+def plausible_set_sizes(engine, prompts: list[Cm3Prompt], results: list, alpha: float, k: int) -> list[float]:
+    """CD-K's plausible-set size at each step of the images drawn (the mean
+    over images): the conditional stream re-read along each image."""
+    allowed = engine.allowed[Task.IMAGE]
+    sizes = []
+    for prompt, result in zip(prompts, results):
+        tokens = torch.tensor([[*prompt.cond, *result.details.tokens[:-1]]], device=engine.device)
+        logits = engine.model.lm(tokens)[0, len(prompt.cond) - 1:].float()  # [image_tokens, V]
+        log_cond = torch.log_softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+        sizes.append((plausible(log_cond, alpha, k) & allowed).sum(dim=-1).float())
+    return torch.stack(sizes).mean(dim=0).tolist()
 
 
 def judged(engine, examples: list[Example], prompts: list[Cm3Prompt], kinds: list[Cm3Params], samples: int) -> dict:
@@ -110,8 +145,16 @@ def judged(engine, examples: list[Example], prompts: list[Cm3Prompt], kinds: lis
         first = i * samples
         ranking = engine.caption_scores(results[first:first + samples], example.caption)
         best.append(first + int(np.argmax(ranking)))
-    return {"accuracy": float(np.mean(accuracy)), "best_ranked_accuracy": float(np.mean([accuracy[j] for j in best])),
-            "exact_scenes": float(np.mean([a == 1.0 for a in accuracy])), "best": [images[j] for j in best]}
+    outcome = {"accuracy": float(np.mean(accuracy)), "best_ranked_accuracy": float(np.mean([accuracy[j] for j in best])),
+               "exact_scenes": float(np.mean([a == 1.0 for a in accuracy])), "best": [images[j] for j in best]}
+    if len(kinds) == 1 and kinds[0].guidance is Guidance.CONTRASTIVE:
+        outcome["plausible_set"] = plausible_set_sizes(engine, [prompts[i] for i, _ in asks], results,
+                                                       kinds[0].contrastive_alpha, kinds[0].contrastive_k)
+    return outcome
+
+
+def _row(name: str, count: int, outcome: dict) -> dict:
+    return {"mode": name, "documents": count, **{k: v for k, v in outcome.items() if k != "best"}}
 
 
 def text_to_image(engine, examples: list[Example], samples: int, documents: list[int]) -> tuple[list[dict], dict]:
@@ -119,16 +162,35 @@ def text_to_image(engine, examples: list[Example], samples: int, documents: list
     prompts = [engine.image_prompt(e.caption, documents=0) for e in examples]
     unconditional = [Cm3Prompt(Task.IMAGE, p.uncond, p.uncond) for p in prompts]
     floor = judged(engine, examples, unconditional, [Cm3Params(temperature=1.0)], samples)
-    rows.append({"mode": UNCONDITIONAL, "documents": 0, **{k: v for k, v in floor.items() if k != "best"}})
+    rows.append(_row(UNCONDITIONAL, 0, floor))
+    table = modes()
     for count in documents:
         prompts = [engine.image_prompt(e.caption, documents=count) for e in examples]
-        for name, kinds in modes().items():
-            outcome = judged(engine, examples, prompts, kinds, samples)
+        outcomes = {name: judged(engine, examples, prompts, kinds, samples) for name, kinds in table.items()}
+        best_cd_k = max(CD_K_GRID, key=lambda cell: outcomes[f"CD-K a={cell[0]} K={cell[1]}"]["accuracy"])
+        mixed = f"mix CFG {MIX_CFG_SCALE:g} + CD-K a={best_cd_k[0]} K={best_cd_k[1]}"
+        outcomes[mixed] = judged(engine, examples, prompts, mix(cd_k(*best_cd_k)), samples)
+        for name, outcome in outcomes.items():
             if count == documents[-1]:
                 grid[name] = outcome["best"]
-            rows.append({"mode": name, "documents": count, **{k: v for k, v in outcome.items() if k != "best"}})
+            rows.append(_row(name, count, outcome))
     grid[UNCONDITIONAL] = floor["best"]
     return rows, grid
+
+
+def best_decoding(rows: list[dict], prompts: int, samples: int) -> dict:
+    """The single mode with the highest accuracy over every sample (its row's
+    mode and documents) and, as ``defaults``, the manifest's image decoding
+    defaults it makes (``engines.cm3leon.decoding.DecodingDefaults``)."""
+    table = modes()
+    best = max((r for r in rows if r["mode"] in table), key=lambda r: r["accuracy"])
+    (params,) = table[best["mode"]]
+    settings = params.model_dump(mode="json", include={"guidance", "guidance_scale", "temperature", "top_p",
+                                                       "contrastive_alpha", "contrastive_k"})
+    chosen_by = (f"evaluation: {best['mode']} with {best['documents']} documents, attribute accuracy "
+                 f"{best['accuracy']:.3f} over {prompts} prompts x {samples} samples")
+    return {"mode": best["mode"], "documents": best["documents"],
+            "defaults": {**settings, "documents": best["documents"], "chosen_by": chosen_by}}
 
 
 def image_to_text(engine, examples: list[Example]) -> dict:
@@ -193,8 +255,29 @@ def markdown(report: dict) -> str:
     lines = [f"Checkpoint `{report['checkpoint']}` on {report['machine']}; {report['prompts']} held-out prompts, "
              f"{report['samples']} samples each.", "", "| mode | documents | attribute accuracy | best-ranked sample "
              "| exact scenes |", "| --- | --- | --- | --- | --- |"]
+    rows = report["text_to_image"]
     lines += [f"| {r['mode']} | {r['documents']} | {r['accuracy']:.3f} | {r['best_ranked_accuracy']:.3f} "
-              f"| {r['exact_scenes']:.3f} |" for r in report["text_to_image"]]
+              f"| {r['exact_scenes']:.3f} |" for r in rows]
+    best = report["best_decoding"]
+    same_mode = [r for r in rows if r["mode"] == best["mode"]]
+    lines += ["", f"Best single mode (what `--record` makes the served default): {best['mode']} with "
+              f"{best['documents']} documents; the same mode with "
+              + ", ".join(f"{r['documents']} documents {r['accuracy']:.3f}" for r in same_mode) + "."]
+    retrieval = report["retrieval"]
+    lines += ["", f"Near-duplicate skipping fired in {retrieval['near_duplicates_skipped']} of the "
+              f"{retrieval['searches']} prompts' bank searches."]
+    lines += ["", "| CD-K (top-p 0.9) | documents | plausible set: mean size over steps | first step | last step |",
+              "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['mode']} | {r['documents']} | {np.mean(r['plausible_set']):.1f} | {r['plausible_set'][0]:.1f} "
+              f"| {r['plausible_set'][-1]:.1f} |" for r in rows if "plausible_set" in r]
+    lines += ["", "| documents | mix | its best-ranked sample | CFG 3 alone, best-ranked | its CD-K alone, "
+              "best-ranked |", "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r["mode"].startswith("mix "):
+            at = {x["mode"]: x for x in rows if x["documents"] == r["documents"]}
+            alone = r["mode"].split(" + ")[1]
+            lines.append(f"| {r['documents']} | {r['mode']} | {r['best_ranked_accuracy']:.3f} "
+                         f"| {at['CFG 3']['best_ranked_accuracy']:.3f} | {at[alone]['best_ranked_accuracy']:.3f} |")
     lines += ["", "| image -> text | precision | recall | texts |", "| --- | --- | --- | --- |"]
     lines += [f"| {name} | {v['precision']:.3f} | {v['recall']:.3f} | {v['count']} |"
               for name, v in report["image_to_text"].items()]
@@ -208,7 +291,8 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate(checkpoint: Path, prompts: int, samples: int, batch: int) -> tuple[dict, dict]:
+def evaluate(checkpoint: Path, prompts: int, samples: int, batch: int,
+             documents: list[int] | None = None) -> tuple[dict, dict]:
     torch.manual_seed(0)
     # Every sample of a mode is submitted at once: the queue holds them all.
     queue = prompts * samples
@@ -218,12 +302,18 @@ def evaluate(checkpoint: Path, prompts: int, samples: int, batch: int) -> tuple[
         world = engine.manifest.training.data.get("image_world", {}) if engine.manifest else {}
         examples = ImageWorld(seed=world.get("seed", 0), image_size=size,
                               jitter=world.get("jitter")).take(prompts, start=EVALUATION_START)
-        rows, grid = text_to_image(engine, examples, samples, [0, 1, 2][: engine.config.retrieval.max_documents + 1])
+        counts = list(range(engine.config.retrieval.max_documents + 1)) if documents is None else documents
+        for count in counts:
+            engine.image_prompt("", documents=count)  # a count the model cannot take: InvalidRequest, at once
+        bank = engine.model.bank
+        searched, skipped = bank.searches, bank.deduplicated
+        rows, grid = text_to_image(engine, examples, samples, counts)
+        retrieval = {"searches": bank.searches - searched, "near_duplicates_skipped": bank.deduplicated - skipped}
         report = {
             "checkpoint": str(checkpoint), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
             f"torch {torch.__version__}", "prompts": prompts, "samples": samples,
-            "text_to_image": rows, "image_to_text": image_to_text(engine, examples), "speed": speed(engine, examples,
-                                                                                                    batch),
+            "text_to_image": rows, "best_decoding": best_decoding(rows, prompts, samples), "retrieval": retrieval,
+            "image_to_text": image_to_text(engine, examples), "speed": speed(engine, examples, batch),
         }
     finally:
         engine.close()
@@ -236,15 +326,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--batch", type=int, default=16, help="concurrent requests in the speed measurements")
+    parser.add_argument("--documents", type=lambda text: [int(n) for n in text.split(",")],
+                        help="retrieved-document counts to measure, e.g. 0,2 (default: 0 to the model's most)")
+    parser.add_argument("--record", action="store_true",
+                        help="write the best single mode into the checkpoint's manifest: the served default")
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--grid", type=Path, help="PNG grid: a row per mode, the best-ranked image per prompt")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     try:
-        report, grid = evaluate(args.checkpoint, args.prompts, args.samples, args.batch)
-    except CheckpointError as e:
+        report, grid = evaluate(args.checkpoint, args.prompts, args.samples, args.batch, args.documents)
+    except (CheckpointError, InvalidRequest) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.record:
+        record_decoding(args.checkpoint, {"image": report["best_decoding"]["defaults"]})
     text = markdown(report)
     print(text)
     for path in (args.markdown, args.grid, args.json):

@@ -14,7 +14,10 @@ A document may have its condition (the part before the first ``<break>``)
 dropped to ``<mask>``: ``<mask> <break> <img> codes </img>``. That is what the
 unconditional stream of guided decoding reads (``engines.cm3leon.prompts``),
 so training on such documents teaches the model the unconditional
-distribution that classifier-free guidance and CD-K contrast against.
+distribution that classifier-free guidance and CD-K contrast against. The
+condition of infilling is the whole masked document: a CM3 sequence may have
+it dropped, ``<mask> <mask:0> span ... <eos>``, the shape guided infilling's
+unconditional stream reads.
 
 The CM3 objective masks n ~ clamp(Poisson(1), 1, 16) non-overlapping spans,
 each inside one part (so none crosses ``<break>``; the image markers are
@@ -108,6 +111,12 @@ def mask(tokens: Sequence[int], spans: Sequence[Part]) -> list[int]:
     return [*masked, *tokens[cursor:], *tail, EOS]
 
 
-def cm3(tokens: Sequence[int], parts: Sequence[Part], rng: random.Random) -> list[int]:
-    """One training sequence of a document under the CM3 objective."""
-    return mask(tokens, pick_spans(parts, span_count(rng), rng))
+def cm3(tokens: Sequence[int], parts: Sequence[Part], rng: random.Random, document_dropped: bool = False) -> list[int]:
+    """One training sequence of a document under the CM3 objective; with
+    ``document_dropped``, the masked document before the spans is ``<mask>``."""
+    spans = pick_spans(parts, span_count(rng), rng)
+    sequence = mask(tokens, spans)
+    if not document_dropped:
+        return sequence
+    tail = sum(1 + end - start for start, end in spans) + 1  # each span behind its sentinel, then <eos>
+    return [MASK, *sequence[-tail:]]

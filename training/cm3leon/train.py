@@ -11,8 +11,10 @@
    documents, each in a random order (caption -> image or image -> caption,
    half of the latter with the image's noisy alt-text before the caption),
    the tokenizers and retriever frozen. A ``condition_dropout`` fraction of
-   documents have their first part (the condition) replaced by ``<mask>`` and
-   no retrieved documents: the unconditional stream guided decoding reads.
+   documents have their condition replaced by ``<mask>`` and no retrieved
+   documents: the unconditional stream guided decoding reads. Half of them
+   drop their first part (the condition of text->image and image->text), the
+   other half the whole masked document (the condition of infilling).
    Every other document is preceded by 0 to ``max_documents`` retrieved
    bank documents (uniformly, one draw per batch), found with the
    prompt side's embedding (the caption's, or the image's) with 20% of its
@@ -48,6 +50,7 @@ from patchwork.engines.cm3leon.config import Cm3LeonConfig
 from patchwork.engines.cm3leon.engine import TOKENIZER_ASSET
 from patchwork.engines.cm3leon.model import Cm3LeonModel
 from patchwork.engines.cm3leon.prompts import AUDIO_MARKERS
+from patchwork.engines.cm3leon.retrieval import Query
 from patchwork.engines.cm3leon.tokenizer import PAD, TextTokenizer
 from patchwork.training.avworld import AudioVideoWorld
 from patchwork.training.cm3leon.audio import fit_audio_tokenizer, quantisation_error
@@ -78,6 +81,9 @@ def reconstruction_metrics(model: Cm3LeonModel, examples: list[Example]) -> dict
 QUERY_DROPOUT = 0.2
 # Image-first training documents that carry their alt-text before the caption.
 ALT_TEXT_FRACTION = 0.5
+# Of the documents whose condition is dropped, those that drop the whole masked
+# document (infilling's condition) instead of its first part.
+INFILL_DROPPED_FRACTION = 0.5
 
 
 @torch.no_grad()
@@ -91,7 +97,9 @@ def retrieved(model: Cm3LeonModel, captions: list[list[int]], codes: torch.Tenso
     keep = torch.rand(codes.shape, generator=generator) >= QUERY_DROPOUT
     by_text, by_image = model.retriever.embed_texts(texts), model.retriever.embed_images(codes, keep)
     queries = torch.where(torch.tensor(image_first)[:, None], by_image, by_text)
-    found = model.bank.search(queries, max(counts, default=0), exclude=own)
+    # Near-duplicates of the whole document are skipped, not just of its query side.
+    query = Query(queries, texts=model.retriever.embed_texts(captions), images=model.retriever.embed_images(codes))
+    found = model.bank.search(query, max(counts, default=0), exclude=own)
     return [[model.bank.document(i) for i in indices[:count]] for indices, count in zip(found, counts)]
 
 
@@ -113,6 +121,10 @@ def sequences(model: Cm3LeonModel, captions: list[list[int]], alt_texts: list[li
     images = model.image_ids(codes).tolist()  # the retriever reads code ids, the transformer joint-vocabulary ids
     for caption, alt, image, first, drop, documents in zip(captions, alt_texts, images, image_first, dropped, context):
         noted = alt if first and rng.random() < ALT_TEXT_FRACTION else None
+        if drop and rng.random() < INFILL_DROPPED_FRACTION:
+            tokens, parts = document(caption, image, image_first=first, alt_text=noted)
+            out.append(cm3(tokens, parts, rng, document_dropped=True))
+            continue
         tokens, parts = document(caption, image, image_first=first, alt_text=noted, condition_dropped=drop)
         out.append([*(t for d in documents for t in d), *cm3(tokens, parts, rng)])
     return out
@@ -278,10 +290,11 @@ def prepare(preset: Cm3LeonPreset, steps: int | None = None) -> tuple[Cm3LeonMod
     model.retriever.requires_grad_(False)
     if bank_size:
         with torch.no_grad():
-            bank_vectors = model.retriever.document_vectors(captions[:bank_size], codes[:bank_size])
+            bank_texts = model.retriever.embed_texts(captions[:bank_size])
+            bank_images = model.retriever.embed_images(codes[:bank_size])
         bank = [bank_document(caption, image)
                 for caption, image in zip(captions[:bank_size], model.image_ids(codes[:bank_size]).tolist())]
-        model.bank.fill(bank_vectors, bank)
+        model.bank.fill(bank_texts, bank_images, bank)
     metrics.update(retrieval_accuracy(model, [tokenizer.encode(e.caption) for e in heldout], heldout_codes))
 
     max_documents = config.retrieval.max_documents if bank_size else 0
@@ -319,6 +332,9 @@ def train_cm3leon(preset: Cm3LeonPreset, out: Path, command: str, steps: int | N
         "text_vocab": float(model.config.text_vocab),
         "parameters": float(sum(p.numel() for p in model.lm.parameters())),
         "vq_parameters": float(sum(p.numel() for p in model.vq.parameters())),
+        # Of the training documents' bank searches, those in which a near-duplicate was skipped.
+        "retrieval_searches": float(model.bank.searches),
+        "retrieval_near_duplicate_rate": model.bank.deduplicated / max(1, model.bank.searches),
         "train_seconds": time.monotonic() - started,
     }
     record = TrainingRecord(command=command, data=data, metrics=metrics)

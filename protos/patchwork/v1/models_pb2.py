@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19patchwork/v1/models.proto\x12\x0cpatchwork.v1\"\x13\n\x11ListModelsRequest\"\xcd\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\ndeployment\x18\x03 \x01(\t\x12\x12\n\nis_default\x18\x04 \x01(\x08\x12\x13\n\x0b\x63onfig_json\x18\x05 \x01(\t\x12\x35\n\x07metrics\x18\x06 \x03(\x0b\x32$.patchwork.v1.ModelInfo.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.patchwork.v1.ModelInfo2Y\n\x06Models\x12O\n\nListModels\x12\x1f.patchwork.v1.ListModelsRequest\x1a .patchwork.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19patchwork/v1/models.proto\x12\x0cpatchwork.v1\"\x13\n\x11ListModelsRequest\"\xe4\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\ndeployment\x18\x03 \x01(\t\x12\x12\n\nis_default\x18\x04 \x01(\x08\x12\x13\n\x0b\x63onfig_json\x18\x05 \x01(\t\x12\x35\n\x07metrics\x18\x06 \x03(\x0b\x32$.patchwork.v1.ModelInfo.MetricsEntry\x12\x15\n\rdefaults_json\x18\x07 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.patchwork.v1.ModelInfo2Y\n\x06Models\x12O\n\nListModels\x12\x1f.patchwork.v1.ListModelsRequest\x1a .patchwork.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,11 +36,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTMODELSREQUEST']._serialized_start=43
   _globals['_LISTMODELSREQUEST']._serialized_end=62
   _globals['_MODELINFO']._serialized_start=65
-  _globals['_MODELINFO']._serialized_end=270
-  _globals['_MODELINFO_METRICSENTRY']._serialized_start=224
-  _globals['_MODELINFO_METRICSENTRY']._serialized_end=270
-  _globals['_LISTMODELSRESPONSE']._serialized_start=272
-  _globals['_LISTMODELSRESPONSE']._serialized_end=333
-  _globals['_MODELS']._serialized_start=335
-  _globals['_MODELS']._serialized_end=424
+  _globals['_MODELINFO']._serialized_end=293
+  _globals['_MODELINFO_METRICSENTRY']._serialized_start=247
+  _globals['_MODELINFO_METRICSENTRY']._serialized_end=293
+  _globals['_LISTMODELSRESPONSE']._serialized_start=295
+  _globals['_LISTMODELSRESPONSE']._serialized_end=356
+  _globals['_MODELS']._serialized_start=358
+  _globals['_MODELS']._serialized_end=447
 # @@protoc_insertion_point(module_scope)

@@ -11,7 +11,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "family", "deployment", "is_default", "config_json", "metrics")
+    __slots__ = ("name", "family", "deployment", "is_default", "config_json", "metrics", "defaults_json")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -25,13 +25,15 @@ class ModelInfo(_message.Message):
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULTS_JSON_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     deployment: str
     is_default: bool
     config_json: str
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., deployment: _Optional[str] = ..., is_default: _Optional[bool] = ..., config_json: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    defaults_json: str
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., deployment: _Optional[str] = ..., is_default: _Optional[bool] = ..., config_json: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., defaults_json: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

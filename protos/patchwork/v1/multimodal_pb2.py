@@ -24,31 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpatchwork/v1/multimodal.proto\x12\x0cpatchwork.v1\"\xbf\x01\n\x08\x44\x65\x63oding\x12(\n\x08guidance\x18\x01 \x01(\x0e\x32\x16.patchwork.v1.Guidance\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x16\n\x0eguidance_scale\x18\x05 \x01(\x02\x12\x19\n\x11\x63ontrastive_alpha\x18\x06 \x01(\x02\x12\x15\n\rcontrastive_k\x18\x07 \x01(\r\x12\x0c\n\x04seed\x18\x08 \x01(\x04\"\x96\x01\n\x14GenerateImageRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0f\n\x07samples\x18\x02 \x01(\r\x12(\n\x08\x64\x65\x63oding\x18\x03 \x01(\x0b\x32\x16.patchwork.v1.Decoding\x12\x16\n\tdocuments\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05model\x18\x05 \x01(\tB\x0c\n\n_documents\"V\n\x0eGeneratedImage\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12(\n\x08guidance\x18\x02 \x01(\x0e\x32\x16.patchwork.v1.Guidance\x12\r\n\x05score\x18\x03 \x01(\x02\"T\n\x15GenerateImageResponse\x12,\n\x06images\x18\x01 \x03(\x0b\x32\x1c.patchwork.v1.GeneratedImage\x12\r\n\x05model\x18\x02 \x01(\t\"\xb6\x01\n\x0e\x43\x61ptionRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x10\n\x08\x61lt_text\x18\x02 \x01(\t\x12(\n\x08\x64\x65\x63oding\x18\x03 \x01(\x0b\x32\x16.patchwork.v1.Decoding\x12\x16\n\tdocuments\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x15\n\rmax_new_bytes\x18\x05 \x01(\r\x12\r\n\x05model\x18\x06 \x01(\t\x12\r\n\x05\x61udio\x18\x07 \x01(\x0c\x42\x0c\n\n_documents\".\n\x0f\x43\x61ptionResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"|\n\rInfillRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12(\n\x08\x64\x65\x63oding\x18\x03 \x01(\x0b\x32\x16.patchwork.v1.Decoding\x12\x15\n\rmax_new_bytes\x18\x04 \x01(\r\x12\r\n\x05model\x18\x05 \x01(\t\".\n\x0eInfillResponse\x12\r\n\x05spans\x18\x01 \x03(\t\x12\r\n\x05model\x18\x02 \x01(\t*\x83\x01\n\x08Guidance\x12\x18\n\x14GUIDANCE_UNSPECIFIED\x10\x00\x12\x11\n\rGUIDANCE_NONE\x10\x01\x12\x1c\n\x18GUIDANCE_CLASSIFIER_FREE\x10\x02\x12\x18\n\x14GUIDANCE_CONTRASTIVE\x10\x03\x12\x12\n\x0eGUIDANCE_MIXED\x10\x04\x32\xf3\x01\n\nMultimodal\x12X\n\rGenerateImage\x12\".patchwork.v1.GenerateImageRequest\x1a#.patchwork.v1.GenerateImageResponse\x12\x46\n\x07\x43\x61ption\x12\x1c.patchwork.v1.CaptionRequest\x1a\x1d.patchwork.v1.CaptionResponse\x12\x43\n\x06Infill\x12\x1b.patchwork.v1.InfillRequest\x1a\x1c.patchwork.v1.InfillResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpatchwork/v1/multimodal.proto\x12\x0cpatchwork.v1\"\xfb\x01\n\x08\x44\x65\x63oding\x12(\n\x08guidance\x18\x01 \x01(\x0e\x32\x16.patchwork.v1.Guidance\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x1b\n\x0eguidance_scale\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x19\n\x11\x63ontrastive_alpha\x18\x06 \x01(\x02\x12\x15\n\rcontrastive_k\x18\x07 \x01(\r\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x11\n\x0f_guidance_scale\"\x96\x01\n\x14GenerateImageRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0f\n\x07samples\x18\x02 \x01(\r\x12(\n\x08\x64\x65\x63oding\x18\x03 \x01(\x0b\x32\x16.patchwork.v1.Decoding\x12\x16\n\tdocuments\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05model\x18\x05 \x01(\tB\x0c\n\n_documents\"V\n\x0eGeneratedImage\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12(\n\x08guidance\x18\x02 \x01(\x0e\x32\x16.patchwork.v1.Guidance\x12\r\n\x05score\x18\x03 \x01(\x02\"T\n\x15GenerateImageResponse\x12,\n\x06images\x18\x01 \x03(\x0b\x32\x1c.patchwork.v1.GeneratedImage\x12\r\n\x05model\x18\x02 \x01(\t\"\xb6\x01\n\x0e\x43\x61ptionRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x10\n\x08\x61lt_text\x18\x02 \x01(\t\x12(\n\x08\x64\x65\x63oding\x18\x03 \x01(\x0b\x32\x16.patchwork.v1.Decoding\x12\x16\n\tdocuments\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x15\n\rmax_new_bytes\x18\x05 \x01(\r\x12\r\n\x05model\x18\x06 \x01(\t\x12\r\n\x05\x61udio\x18\x07 \x01(\x0c\x42\x0c\n\n_documents\".\n\x0f\x43\x61ptionResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"|\n\rInfillRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12(\n\x08\x64\x65\x63oding\x18\x03 \x01(\x0b\x32\x16.patchwork.v1.Decoding\x12\x15\n\rmax_new_bytes\x18\x04 \x01(\r\x12\r\n\x05model\x18\x05 \x01(\t\".\n\x0eInfillResponse\x12\r\n\x05spans\x18\x01 \x03(\t\x12\r\n\x05model\x18\x02 \x01(\t*\x83\x01\n\x08Guidance\x12\x18\n\x14GUIDANCE_UNSPECIFIED\x10\x00\x12\x11\n\rGUIDANCE_NONE\x10\x01\x12\x1c\n\x18GUIDANCE_CLASSIFIER_FREE\x10\x02\x12\x18\n\x14GUIDANCE_CONTRASTIVE\x10\x03\x12\x12\n\x0eGUIDANCE_MIXED\x10\x04\x32\xf3\x01\n\nMultimodal\x12X\n\rGenerateImage\x12\".patchwork.v1.GenerateImageRequest\x1a#.patchwork.v1.GenerateImageResponse\x12\x46\n\x07\x43\x61ption\x12\x1c.patchwork.v1.CaptionRequest\x1a\x1d.patchwork.v1.CaptionResponse\x12\x43\n\x06Infill\x12\x1b.patchwork.v1.InfillRequest\x1a\x1c.patchwork.v1.InfillResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'patchwork.v1.multimodal_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GUIDANCE']._serialized_start=976
-  _globals['_GUIDANCE']._serialized_end=1107
+  _globals['_GUIDANCE']._serialized_start=1036
+  _globals['_GUIDANCE']._serialized_end=1167
   _globals['_DECODING']._serialized_start=48
-  _globals['_DECODING']._serialized_end=239
-  _globals['_GENERATEIMAGEREQUEST']._serialized_start=242
-  _globals['_GENERATEIMAGEREQUEST']._serialized_end=392
-  _globals['_GENERATEDIMAGE']._serialized_start=394
-  _globals['_GENERATEDIMAGE']._serialized_end=480
-  _globals['_GENERATEIMAGERESPONSE']._serialized_start=482
-  _globals['_GENERATEIMAGERESPONSE']._serialized_end=566
-  _globals['_CAPTIONREQUEST']._serialized_start=569
-  _globals['_CAPTIONREQUEST']._serialized_end=751
-  _globals['_CAPTIONRESPONSE']._serialized_start=753
-  _globals['_CAPTIONRESPONSE']._serialized_end=799
-  _globals['_INFILLREQUEST']._serialized_start=801
-  _globals['_INFILLREQUEST']._serialized_end=925
-  _globals['_INFILLRESPONSE']._serialized_start=927
-  _globals['_INFILLRESPONSE']._serialized_end=973
-  _globals['_MULTIMODAL']._serialized_start=1110
-  _globals['_MULTIMODAL']._serialized_end=1353
+  _globals['_DECODING']._serialized_end=299
+  _globals['_GENERATEIMAGEREQUEST']._serialized_start=302
+  _globals['_GENERATEIMAGEREQUEST']._serialized_end=452
+  _globals['_GENERATEDIMAGE']._serialized_start=454
+  _globals['_GENERATEDIMAGE']._serialized_end=540
+  _globals['_GENERATEIMAGERESPONSE']._serialized_start=542
+  _globals['_GENERATEIMAGERESPONSE']._serialized_end=626
+  _globals['_CAPTIONREQUEST']._serialized_start=629
+  _globals['_CAPTIONREQUEST']._serialized_end=811
+  _globals['_CAPTIONRESPONSE']._serialized_start=813
+  _globals['_CAPTIONRESPONSE']._serialized_end=859
+  _globals['_INFILLREQUEST']._serialized_start=861
+  _globals['_INFILLREQUEST']._serialized_end=985
+  _globals['_INFILLRESPONSE']._serialized_start=987
+  _globals['_INFILLRESPONSE']._serialized_end=1033
+  _globals['_MULTIMODAL']._serialized_start=1170
+  _globals['_MULTIMODAL']._serialized_end=1413
 # @@protoc_insertion_point(module_scope)
