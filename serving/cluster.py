@@ -104,10 +104,11 @@ def _join(addresses: list[str]) -> dict:
     return {"runtime_env": {"worker_process_setup_hook": binding.SETUP_HOOK}}
 
 
-def _admits_this_process(gcs_address: str, timeout_s: float = 30.0) -> bool:
-    """Whether the cluster's GCS completes a connection with this process's
-    TLS settings: the first attempt either succeeds or fails (Ray's own client
-    would retry a refused handshake for many minutes instead)."""
+def _refuses_this_process(gcs_address: str, timeout_s: float = 30.0) -> bool:
+    """Whether the cluster's GCS fails this process's first connection with
+    its TLS settings (Ray's own client would retry a refused handshake for
+    many minutes); False when it connects, or says nothing in ``timeout_s``
+    (then ``ray.init`` decides)."""
     import threading
 
     import grpc
@@ -129,7 +130,7 @@ def _admits_this_process(gcs_address: str, timeout_s: float = 30.0) -> bool:
         channel.subscribe(seen, try_to_connect=True)
         settled.wait(timeout_s)
         channel.unsubscribe(seen)
-    return states[:1] == [grpc.ChannelConnectivity.READY]
+    return states[:1] == [grpc.ChannelConnectivity.TRANSIENT_FAILURE]
 
 
 def connect(**init_options) -> None:
@@ -149,7 +150,7 @@ def connect(**init_options) -> None:
             gcs_address = get_ray_address_from_environment("auto", None)
         except ConnectionError:
             gcs_address = None  # ray.init says that none runs
-        if gcs_address not in (None, "auto") and not _admits_this_process(gcs_address):
+        if gcs_address not in (None, "auto") and _refuses_this_process(gcs_address):
             raise ClusterError(f"the Ray cluster at {gcs_address} does not let this process in with the "
                                f"certificates in {cluster_tls.state_dir()}: run the command with the "
                                f"{cluster_tls.STATE_ENV} the cluster was started with")

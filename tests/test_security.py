@@ -147,8 +147,8 @@ def listening(namespaces: Namespaces, env: dict) -> list[tuple[str, int, str]]:
 
 def process_name(command: str) -> str:
     """What docs/security.md calls the process that runs ``command``."""
-    if command.startswith("ray::"):
-        name = command.split()[0]
+    if command.startswith("ray::"):  # an actor busy in a method says which: ray::Actor.method
+        name = command.split()[0].split(".")[0]
         return re.sub(r"model-[^\s]+$", "model-NAME", name)
     if command.startswith("nginx"):
         return "nginx"
