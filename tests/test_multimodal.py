@@ -4,6 +4,8 @@ both backbones (dense and Mixture-of-Transformers), bad input and fuzzing."""
 import io
 import json
 import struct
+import subprocess
+import sys
 import zlib
 
 import grpc
@@ -272,6 +274,11 @@ def test_the_client_writes_images_captions_and_spans(grpc_target, tmp_path):
     assert f"[{MOT_MODEL}]" in heard.stderr
     spans = client("infill", "a <mask> circle at the <mask>")
     assert len(spans.stdout.splitlines()) == 2
+    # The module runs the same code as the command, in an interpreter of its own, from any folder.
+    module = subprocess.run([sys.executable, "-m", "patchwork.serving.client", "--target", grpc_target, "--token",
+                             AUTH_TOKEN, "infill", "a <mask> circle at the <mask>"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert module.returncode == 0 and module.stdout == spans.stdout, module.stderr
     missing = run_patchwork("client", "--target", grpc_target, "caption",
                             str(tmp_path / "absent.png"))
     assert missing.returncode != 0 and "absent.png" in missing.stderr
