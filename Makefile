@@ -17,6 +17,8 @@ DIRECT_GRPC_PORT ?= 9010
 
 USERS ?= 16
 DURATION ?= 60s
+# The load test's RPCs and weights (`patchwork loadtest run --help`); all: every served family's.
+MIX ?= all
 TARGET ?= 127.0.0.1:$(DIRECT_GRPC_PORT)
 
 # Every install takes its versions from the committed locks (locks/*.txt, written by
@@ -98,18 +100,21 @@ test: $(VENV)/.installed-test
 test-fast: $(VENV)/.installed-test
 	$(PY) -m pytest -m "not checkpoints and not server"
 
-# Locust against a running server (one is started on $(CHECKPOINTS) if none answers).
+# Locust against a running server (one is started on $(CHECKPOINTS) if none answers),
+# calling the RPCs of every family it serves (unless MIX says otherwise).
 loadtest: setup train
-	$(PATCHWORK) loadtest run --target $(TARGET) --users $(USERS) --duration $(DURATION) \
+	$(PATCHWORK) loadtest run --target $(TARGET) --users $(USERS) --duration $(DURATION) --mix $(MIX) \
 		--start-if-down $(CHECKPOINTS) --out results/loadtest/users_$(USERS)
 
 # The BLT generation benchmark (docs/benchmarks.md), CM3Leon's evaluation
-# (docs/cm3leon.md; it records the best decoding in the checkpoint), MAViL's evaluation and speed (docs/mavil.md), and the
-# dense-versus-MoT study with the MoT step benchmark (docs/mot.md).
+# (docs/cm3leon.md; it records the best decoding in the checkpoint), MAViL's tower
+# check, evaluation and speed (docs/mavil.md), and the dense-versus-MoT study with the
+# MoT step benchmark (docs/mot.md).
 bench: $(VENV)/.installed-bench train
 	$(PATCHWORK) bench blt --checkpoint $(DEFAULT_CHECKPOINT) --json results/bench.json
 	$(PATCHWORK) eval cm3leon --checkpoint $(CM3LEON_CHECKPOINT) --record --json results/cm3leon.json \
 		--markdown results/cm3leon.md --grid results/cm3leon-grid.png
+	$(PATCHWORK) eval mavil --towers --json results/mavil-towers.json
 	$(PATCHWORK) eval mavil --model stage-1=$(MAVIL_TEACHER) --model stage-2=$(MAVIL_CHECKPOINT) \
 		--json results/mavil.json --markdown results/mavil.md
 	$(PATCHWORK) bench mavil --checkpoint $(MAVIL_CHECKPOINT) --serve --json results/mavil-bench.json

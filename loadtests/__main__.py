@@ -1,17 +1,25 @@
 """Load tests of a Patchwork server with Locust (headless, bounded in time, loopback only).
 
     patchwork loadtest run     [--target 127.0.0.1:9010] [--users 16] [--duration 60s] [--out DIR] [--slo-p99-ms MS]
+                               [--mix all] [--model NAME ...] [--max-new-bytes 64] [--samples 1]
     patchwork loadtest sweep   [--users-list 1,2,4,8,16,32] [--duration 30s] ...
     patchwork loadtest compare [--replicas 1,2] [--deployment model-blt-default] [--users 16] ...
     patchwork loadtest overhead --checkpoint DIR [--target ...] [--requests 200]
 
-Each run writes Locust's CSV files, a markdown summary (time to first byte,
-time per output byte, inter-byte and end-to-end latency: mean, p50, p90,
-p99; request and byte throughput; error rate) and PNG plots into --out.
+--mix says which RPCs the users call and how often, and --model which
+served model answers a family's RPCs (``plan``'s docstring); by default
+every RPC of every family the server serves. Each run writes Locust's CSV
+files, a markdown summary (each RPC's requests, failures, requests/s and
+output in its unit: bytes, images, captions, infills, clips per second;
+mean, p50, p90 and p99 of each RPC's end-to-end latency and of a stream's
+time to first byte, time per output byte and inter-byte latency; the error
+rate) and PNG plots into --out. A sweep adds the knee: the user count after
+which throughput stops growing.
 With --start-if-down a server is started (`serving up --detach`) when none
 answers at the target, its gateway answering at the target's port (direct
 ingress), and stopped afterwards. --slo-p99-ms makes the run
-exit with status 3 when the chosen p99 is over the threshold.
+exit with status 3 when the chosen p99 (a stream's time to first byte, or
+the largest end-to-end p99 of the mix's RPCs) is over the threshold.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from pathlib import Path
 
 from patchwork.client import CA_FILE_ENV
 from patchwork.loadtests import report
+from patchwork.loadtests.plan import PLAN_ENV, Plan, PlanError, make_plan, parse_mix
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 
@@ -70,11 +79,23 @@ def healthy(target: str, timeout_s: float = 10.0) -> bool:
             return False
 
 
-def locust(target: str, users: int, duration: float, prefix: Path, args: argparse.Namespace) -> report.RunSummary:
+def served_plan(args: argparse.Namespace) -> Plan:
+    """The plan of ``--mix`` and ``--model`` on the models the server at ``--target`` lists."""
+    from patchwork.client import Client
+
+    with Client(args.target, timeout=60) as client:
+        models = list(client.list_models().models)
+    plan = make_plan(args.mix, models, args.model or [], args.max_new_bytes, args.samples)
+    if args.slo_p99_ms is not None and args.slo_metric == "ttfb" and "GenerateStream" not in plan.rpcs:
+        raise UsageError(f"--slo-metric ttfb: the --mix {args.mix!r} has no GenerateStream (use --slo-metric e2e)")
+    print(f"mix: {plan.describe()}")
+    return plan
+
+
+def locust(target: str, users: int, duration: float, prefix: Path, plan: Plan,
+           args: argparse.Namespace) -> report.RunSummary:
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PATCHWORK_MAX_NEW_BYTES": str(args.max_new_bytes)}
-    if args.model:
-        env["PATCHWORK_MODEL"] = args.model
+    env = {**os.environ, PLAN_ENV: plan.model_dump_json()}
     command = [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
         "--host", target, "-u", str(users), "-r", str(args.spawn_rate or users), "-t", f"{int(duration)}s",
@@ -86,51 +107,55 @@ def locust(target: str, users: int, duration: float, prefix: Path, args: argpars
     return report.summarize(prefix, users, duration)
 
 
-def _slo_failed(summary: report.RunSummary, args: argparse.Namespace) -> bool:
+def _slo_failed(summary: report.RunSummary, plan: Plan, args: argparse.Namespace) -> bool:
     if args.slo_p99_ms is None:
         return False
-    latency = summary.ttfb if args.slo_metric == "ttfb" else summary.stream_e2e
-    p99 = latency.p99 if latency else float("inf")
-    failed = p99 > args.slo_p99_ms
-    print(f"SLO {args.slo_metric} p99 <= {args.slo_p99_ms} ms: {'FAILED' if failed else 'met'} (p99 {p99:.1f} ms)")
+    latencies = {"GenerateStream time to first byte": summary.ttfb} if args.slo_metric == "ttfb" else {
+        f"{rpc} end to end": summary.e2e(rpc) for rpc in plan.rpcs}
+    p99s = {name: latency.p99 if latency else float("inf") for name, latency in latencies.items()}
+    worst = max(p99s, key=p99s.get)
+    failed = p99s[worst] > args.slo_p99_ms
+    print(f"SLO {args.slo_metric} p99 <= {args.slo_p99_ms} ms: {'FAILED' if failed else 'met'} "
+          f"(p99 {p99s[worst]:.1f} ms, {worst})")
     return failed
 
 
-def run_one(args: argparse.Namespace) -> int:
-    summary = locust(args.target, args.users, seconds(args.duration), args.out / "run", args)
-    text = report.markdown(summary, f"{args.users} users against {args.target}")
+def run_one(args: argparse.Namespace, plan: Plan) -> int:
+    summary = locust(args.target, args.users, seconds(args.duration), args.out / "run", plan, args)
+    text = report.markdown(summary, f"{args.users} users against {args.target}", plan)
     (args.out / "summary.md").write_text(text)
     report.plot_history(args.out / "run", args.out / "latency_over_time.png")
     print(text)
-    return 3 if _slo_failed(summary, args) else 0
+    return 3 if _slo_failed(summary, plan, args) else 0
 
 
-def run_sweep(args: argparse.Namespace) -> int:
+def run_sweep(args: argparse.Namespace, plan: Plan) -> int:
     users_list = [int(u) for u in args.users_list.split(",")]
-    summaries = [locust(args.target, users, seconds(args.duration), args.out / f"users_{users}" / "run", args)
+    summaries = [locust(args.target, users, seconds(args.duration), args.out / f"users_{users}" / "run", plan, args)
                  for users in users_list]
-    text = report.sweep_markdown(summaries, report.knee(summaries))
-    (args.out / "sweep.md").write_text(text)
-    report.plot_sweep(summaries, args.out / "sweep.png")
+    text = report.sweep_markdown(summaries, plan) + "\n" + report.knee_line(report.knee(summaries))
+    (args.out / "sweep.md").write_text(f"mix: {plan.describe()}\n\n" + text)
+    report.plot_sweep(summaries, args.out / "sweep.png", plan)
     print(text)
-    return 3 if any(_slo_failed(s, args) for s in summaries) else 0
+    return 3 if any(_slo_failed(s, plan, args) for s in summaries) else 0
 
 
-def run_compare(args: argparse.Namespace) -> int:
+def run_compare(args: argparse.Namespace, plan: Plan) -> int:
     summaries = []
     for replicas in [int(r) for r in args.replicas.split(",")]:
         scaled = subprocess.run([sys.executable, "-m", "patchwork.serving", "scale", args.deployment, str(replicas)],
                                 capture_output=True, text=True, timeout=600)
         if scaled.returncode != 0:
             raise UsageError(f"scaling {args.deployment} to {replicas}: {scaled.stderr.strip()}")
-        summary = locust(args.target, args.users, seconds(args.duration), args.out / f"replicas_{replicas}" / "run", args)
+        summary = locust(args.target, args.users, seconds(args.duration), args.out / f"replicas_{replicas}" / "run",
+                         plan, args)
         summary.users = replicas  # the x axis of this comparison
         summaries.append(summary)
-    text = report.sweep_markdown(summaries, None, label="replicas")
+    text = report.sweep_markdown(summaries, plan, label="replicas")
     (args.out / "compare.md").write_text(f"{args.users} users, {args.deployment}\n\n" + text)
-    report.plot_sweep(summaries, args.out / "compare.png", label="replicas")
+    report.plot_sweep(summaries, args.out / "compare.png", plan, label="replicas")
     print(text)
-    return 3 if any(_slo_failed(s, args) for s in summaries) else 0
+    return 3 if any(_slo_failed(s, plan, args) for s in summaries) else 0
 
 
 def run_overhead(args: argparse.Namespace) -> int:
@@ -170,6 +195,12 @@ def run_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="patchwork loadtest", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -177,10 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         command = commands.add_parser(name)
         command.add_argument("--target", default="127.0.0.1:9010")
         command.add_argument("--out", type=Path, default=Path("results") / "loadtest" / name)
-        command.add_argument("--model", default="")
-        command.add_argument("--max-new-bytes", type=int, default=64)
+        command.add_argument("--max-new-bytes", type=_positive, default=64,
+                             help="bytes a generation, a caption or an infill may produce")
         command.add_argument("--duration", default="60s")
-        command.add_argument("--users", type=int, default=16)
+        command.add_argument("--users", type=_positive, default=16)
         command.add_argument("--spawn-rate", type=float, help="users started per second (default: all at once)")
         command.add_argument("--slo-p99-ms", type=float)
         command.add_argument("--slo-metric", choices=["ttfb", "e2e"], default="ttfb")
@@ -193,11 +224,20 @@ def main(argv: list[str] | None = None) -> int:
             command.add_argument("--replicas", default="1,2")
             command.add_argument("--deployment", default="model-blt-default")
         if name == "overhead":
+            command.add_argument("--model", default="")
             command.add_argument("--checkpoint", type=Path, required=True)
             command.add_argument("--requests", type=int, default=200)
+        else:
+            command.add_argument("--mix", default="all",
+                                 help="RPC=WEIGHT, a family (blt, cm3leon, mavil) or all, comma-separated")
+            command.add_argument("--model", action="append", metavar="NAME",
+                                 help="the served model that answers its family's RPCs (repeatable)")
+            command.add_argument("--samples", type=_positive, default=1, help="images a GenerateImage asks for")
     args = parser.parse_args(argv)
     try:
         seconds(args.duration)  # every run is bounded in time
+        if args.command != "overhead":
+            parse_mix(args.mix)  # before a server is looked for
         if args.ca_file is not None:
             if not args.ca_file.is_file():
                 raise UsageError(f"--ca-file {args.ca_file}: no such file")
@@ -211,12 +251,14 @@ def main(argv: list[str] | None = None) -> int:
                             str(args.start_if_down), "--direct-grpc-port", str(port)], check=True, timeout=900)
             started = True
         try:
-            handler = {"run": run_one, "sweep": run_sweep, "compare": run_compare, "overhead": run_overhead}
-            return handler[args.command](args)
+            if args.command == "overhead":
+                return run_overhead(args)
+            handler = {"run": run_one, "sweep": run_sweep, "compare": run_compare}
+            return handler[args.command](args, served_plan(args))
         finally:
             if started:
                 subprocess.run([sys.executable, "-m", "patchwork.serving", "down"], timeout=120)
-    except UsageError as e:
+    except (UsageError, PlanError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -128,13 +128,16 @@ class MavilServer(ModelServer):
         return await self._embedding(clip, deadline)
 
     async def classify(self, clip: Clip, count: int, deadline: float | None = None):
+        """(the head used, its best ``count`` labels, the windows read)."""
         self.engine.check_classifier()
-        return self.engine.classify(await self._embedding(clip, deadline), count)
+        embedding = await self._embedding(clip, deadline)
+        return *self.engine.classify(embedding, count), embedding.windows
 
     async def retrieve(self, clip: Clip, index: str, count: int, deadline: float | None = None):
+        """(the modality searched, the best ``count`` matches, the windows read)."""
         searched = self.engine.searched_modality(clip, index)
-        matches = self.engine.retrieve(await self._embedding(clip, deadline), index, searched, count)
-        return searched, matches
+        embedding = await self._embedding(clip, deadline)
+        return searched, self.engine.retrieve(embedding, index, searched, count), embedding.windows
 
 
 def _floats(vector) -> list[float]:
@@ -160,7 +163,9 @@ class AudioVideoHandlers:
             with model_errors(grpc_context):
                 embedding = await handle.embed.remote(clip, self.deadline(grpc_context))
             return pb2.EmbedResponse(audio=_floats(embedding.audio), video=_floats(embedding.video),
-                                     fused=_floats(embedding.fused), model=model)
+                                     fused=_floats(embedding.fused), shared_audio=_floats(embedding.shared_audio),
+                                     shared_video=_floats(embedding.shared_video), windows=embedding.windows,
+                                     model=model)
 
     async def Classify(self, request, grpc_context: RayServegRPCContext):
         from patchwork.v1 import audiovideo_pb2 as pb2
@@ -170,9 +175,9 @@ class AudioVideoHandlers:
             clip, count = self._clip(grpc_context, request.clip, "clip", request.top_k)
             model, handle = self.model(request.model, "Classify", grpc_context)
             with model_errors(grpc_context):
-                head, labels = await handle.classify.remote(clip, count, self.deadline(grpc_context))
+                head, labels, windows = await handle.classify.remote(clip, count, self.deadline(grpc_context))
             return pb2.ClassifyResponse(labels=[pb2.Label(name=name, score=score) for name, score in labels],
-                                        head=head, model=model)
+                                        head=head, windows=windows, model=model)
 
     async def Retrieve(self, request, grpc_context: RayServegRPCContext):
         from patchwork.v1 import audiovideo_pb2 as pb2
@@ -184,10 +189,10 @@ class AudioVideoHandlers:
             clip, count = self._clip(grpc_context, request.query, "query", request.top_k)
             model, handle = self.model(request.model, "Retrieve", grpc_context)
             with model_errors(grpc_context):
-                searched, matches = await handle.retrieve.remote(clip, request.index, count,
-                                                                 self.deadline(grpc_context))
+                searched, matches, windows = await handle.retrieve.remote(clip, request.index, count,
+                                                                          self.deadline(grpc_context))
             return pb2.RetrieveResponse(matches=[pb2.Match(id=i, score=score) for i, score in matches],
-                                        searched=searched, model=model)
+                                        searched=searched, windows=windows, model=model)
 
 
 SERVICE = GrpcService(

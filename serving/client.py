@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     infill = calls.add_parser("infill", help="fill the <mask> spans of TEXT")
     infill.add_argument("text")
     infill.add_argument("--image", type=Path, help="an image the text describes")
-    embed = calls.add_parser("embed", help="audio, video and fused embeddings of a clip (JSON on stdout)")
+    embed = calls.add_parser("embed", help="audio, video, fused and shared embeddings of a clip (JSON on stdout)")
     classify = calls.add_parser("classify", help="the most likely classes of a clip")
     retrieve = calls.add_parser("retrieve", help="clips of an index nearest a one-modality query")
     retrieve.add_argument("--index", required=True, help="the model's index to search")
@@ -144,18 +144,19 @@ def run_audiovideo(args: argparse.Namespace, client: Client) -> None:
     if args.call == "embed":
         response = client.embed(**clip, model=args.model)
         print(json.dumps({"audio": list(response.audio), "video": list(response.video),
-                          "fused": list(response.fused)}))
-        print(f"[{response.model}]", file=sys.stderr)
+                          "fused": list(response.fused), "shared_audio": list(response.shared_audio),
+                          "shared_video": list(response.shared_video)}))
+        print(f"[{response.model}] windows={response.windows}", file=sys.stderr)
     elif args.call == "classify":
         response = client.classify(**clip, top_k=args.top_k, model=args.model)
         for label in response.labels:
             print(f"{label.score:.4f}  {label.name}")
-        print(f"[{response.model}] head={response.head}", file=sys.stderr)
+        print(f"[{response.model}] head={response.head} windows={response.windows}", file=sys.stderr)
     else:
         response = client.retrieve(**clip, index=args.index, top_k=args.top_k, model=args.model)
         for match in response.matches:
             print(f"{match.score:.4f}  {match.id}")
-        print(f"[{response.model}] searched={response.searched}", file=sys.stderr)
+        print(f"[{response.model}] searched={response.searched} windows={response.windows}", file=sys.stderr)
 
 
 def run_bytelm(args: argparse.Namespace, client: Client) -> None:

@@ -81,6 +81,40 @@ def test_embed_returns_what_the_engine_computes(av, apb2, local, world):
     np.testing.assert_allclose(np.array(audio_only.audio), expected.audio, atol=1e-4)
 
 
+def test_embed_gives_shared_vectors_a_client_can_retrieve_with(av, apb2, local, world):
+    query, candidates = world[HELDOUT_START + 6], world.take(4, start=HELDOUT_START + 7)
+    heard = av.Embed(apb2.EmbedRequest(clip=files_clip(apb2, query, video=False)), timeout=120)
+    assert heard.windows == 1 and not heard.shared_video
+    shared_audio = np.array(heard.shared_audio)
+    assert shared_audio.shape == (local.config.embed_dim,) and abs(np.linalg.norm(shared_audio) - 1) < 1e-5
+    np.testing.assert_allclose(shared_audio, local_embedding(local, query, video=False).shared_audio, atol=1e-5)
+    # A client's own index of video vectors ranks as the server's Retrieve scores.
+    seen = [np.array(av.Embed(apb2.EmbedRequest(clip=files_clip(apb2, clip, audio=False)), timeout=120).shared_video)
+            for clip in candidates]
+    mine = [float(vector @ shared_audio) for vector in seen]
+    expected = local.retrieve(local_embedding(local, query, video=False), "heldout", "video", 256)
+    theirs = dict(expected)
+    for clip, score in zip(candidates, mine):
+        assert abs(theirs[f"{clip.index:06d}"] - score) < 1e-4
+
+
+def test_sound_longer_than_the_models_clip_is_windowed_and_pooled(av, apb2, local, world):
+    clips = world.take(3, start=HELDOUT_START + 12)
+    sound = np.concatenate([clip.waveform for clip in clips])[: round(2.5 * len(clips[0].waveform))]
+    frames = np.concatenate([clip.frames for clip in clips])
+    clip = apb2.Clip(audio=array(apb2, sound), sample_rate=16000, video=array(apb2, frames))
+    response = av.Embed(apb2.EmbedRequest(clip=clip), timeout=120)
+    expected = local.embed(Clip(sound, frames.astype(np.float32) / 255)).result()
+    assert response.windows == expected.windows == 3
+    for field in ("audio", "video", "fused", "shared_audio", "shared_video"):
+        np.testing.assert_allclose(np.array(getattr(response, field)), getattr(expected, field), atol=1e-4)
+    classified = av.Classify(apb2.ClassifyRequest(clip=clip, top_k=2), timeout=120)
+    assert classified.windows == 3 and classified.head == "fused"
+    heard = apb2.Clip(audio=array(apb2, sound), sample_rate=16000)
+    retrieved = av.Retrieve(apb2.RetrieveRequest(query=heard, index="heldout", top_k=2), timeout=120)
+    assert retrieved.windows == 3 and retrieved.searched == "video"
+
+
 def test_raw_arrays_and_other_sample_rates_are_read(av, apb2, local, world):
     clip = world[HELDOUT_START + 1]
     raw = apb2.Clip(audio=array(apb2, clip.waveform), sample_rate=16000, video=array(apb2, clip.frames))
@@ -146,7 +180,8 @@ def test_concurrent_clips_of_mixed_modalities_get_their_own_answers(av, apb2, lo
 def _bad(apb2, world, local):
     clip = world[0]
     good_wav, good_png = wav_bytes(clip.waveform, 16000), png(clip.frames[0])
-    too_long = np.zeros(round(local.config.audio.seconds * 16000) + 160, dtype=np.float32)
+    too_short = np.zeros(round(local.config.audio.seconds * 16000 / 4) - 160, dtype=np.float32)
+    over_the_limit = np.zeros(31 * 8000, dtype=np.int16)  # 31 s at 8 kHz: within the size bound, over 30 s
     nan = clip.waveform.copy()
     nan[3] = np.nan
     return [
@@ -162,7 +197,8 @@ def _bad(apb2, world, local):
         (apb2.Clip(audio=apb2.Array(shape=[10], dtype="complex64", data=b"\0" * 80), sample_rate=16000),
          "clip.audio.dtype: 'complex64'"),
         (apb2.Clip(audio=array(apb2, np.zeros((2, 5), np.float32)), sample_rate=16000), "clip.audio.shape"),
-        (apb2.Clip(audio=array(apb2, too_long), sample_rate=16000), "clip.audio: .* reads at most"),
+        (apb2.Clip(audio=array(apb2, too_short), sample_rate=16000), "clip.audio: .* reads at least"),
+        (apb2.Clip(audio=array(apb2, over_the_limit), sample_rate=8000), "clip.audio: 31.00 s; at most 30 s"),
         (apb2.Clip(frames=[good_png, b"not a png"]), r"clip.frames\[1\]: not a PNG or JPEG"),
         (apb2.Clip(frames=[good_png, png(np.zeros((16, 16, 3), np.uint8))]), r"clip.frames\[1\]: 16x16 pixels"),
         (apb2.Clip(frames=[good_png] * 65), "clip.frames: 65 frames; at most 64"),
@@ -211,8 +247,10 @@ def test_the_client_embeds_classifies_and_retrieves(grpc_target, tmp_path, world
         assert run.returncode == 0, run.stderr
         return run
 
-    embedded = json.loads(client("embed", "--wav", str(directory / "audio.wav"), "--frames", *frames).stdout)
+    embedding = client("embed", "--wav", str(directory / "audio.wav"), "--frames", *frames)
+    embedded = json.loads(embedding.stdout)
     assert len(embedded["audio"]) == len(embedded["video"]) == len(embedded["fused"]) > 0
+    assert len(embedded["shared_audio"]) == len(embedded["shared_video"]) > 0 and "windows=1" in embedding.stderr
     classified = client("classify", "--wav", str(directory / "audio.wav"), "--frames", *frames, "--top-k", "2")
     assert len(classified.stdout.splitlines()) == 2 and "head=fused" in classified.stderr
     retrieved = client("retrieve", "--index", "heldout", "--wav", str(directory / "audio.wav"))

@@ -1,9 +1,12 @@
 """The load-test tooling, briefly, against the test server (real Locust, real gRPC)."""
 
 import csv
+import re
 import subprocess
 
-from tests.conftest import PATCHWORK, REPO
+from patchwork.loadtests.plan import FAMILIES, RPCS
+from patchwork.serving.families import SERVED
+from tests.conftest import CM3LEON_MODEL, MAVIL_MODEL, PATCHWORK, REPO
 
 
 def loadtests(*args, timeout=300):
@@ -21,17 +24,22 @@ ROWS = {
 }
 
 
+def stats(prefix) -> dict[str, dict]:
+    """Locust's statistics of a run (``run_stats.csv``) by entry name."""
+    with open(f"{prefix}_stats.csv", newline="") as f:
+        return {row["Name"]: row for row in csv.DictReader(f)}
+
+
 def test_a_short_run_writes_csv_summary_and_plot_and_checks_the_slo(grpc_target, tmp_path):
-    common = ["--target", grpc_target, "--users", "2", "--duration", "6s", "--max-new-bytes", "8"]
+    common = ["--target", grpc_target, "--mix", "blt", "--users", "2", "--duration", "6s", "--max-new-bytes", "8"]
     result = loadtests("run", *common, "--out", str(tmp_path / "ok"), "--slo-p99-ms", "100000")
     assert result.returncode == 0, result.stderr
     summary = (tmp_path / "ok" / "summary.md").read_text()
     assert "0 failed (error rate 0.00%)" in summary
-    with open(tmp_path / "ok" / "run_stats.csv", newline="") as stats:
-        counts = {row["Name"]: int(row["Request Count"]) for row in csv.DictReader(stats)}
+    counts = {name: int(row["Request Count"]) for name, row in stats(tmp_path / "ok" / "run").items()}
     assert counts["Aggregated"] > 0
-    # Which methods a short run calls is random (weighted tasks): every row
-    # whose statistic has samples reports them, and an empty one says so.
+    # Which methods a short run reaches is random (a round's order is): every
+    # row whose statistic has samples reports them, and an empty one says so.
     for row, name in ROWS.items():
         line = next(line for line in summary.splitlines() if line.startswith(f"| {row} |"))
         assert line.endswith("| - |") == (counts.get(name, 0) == 0), (row, counts)
@@ -42,13 +50,87 @@ def test_a_short_run_writes_csv_summary_and_plot_and_checks_the_slo(grpc_target,
     assert strict.returncode == 3 and "FAILED" in strict.stdout
 
 
-def test_a_sweep_finds_throughput_per_user_count(grpc_target, tmp_path):
-    result = loadtests("sweep", "--target", grpc_target, "--users-list", "1,2", "--duration", "3s",
-                       "--max-new-bytes", "8", "--out", str(tmp_path))
+# RPC -> its service, as Locust's entries name calls.
+SERVICES = {rpc: {"blt": "ByteLM", "cm3leon": "Multimodal", "mavil": "AudioVideo"}[spec.family]
+            for rpc, spec in RPCS.items()}
+
+
+def test_a_mixed_run_calls_every_rpc_of_every_family_and_reports_each_in_its_unit(grpc_target, tmp_path):
+    # Every RPC at the same weight, and two images a GenerateImage; as many users as RPCs, so
+    # each RPC is some user's first call (however busy the machine).
+    mix = ",".join(f"{rpc}=1" for rpc in RPCS)
+    result = loadtests("run", "--target", grpc_target, "--mix", mix, "--users", str(len(RPCS)), "--duration", "10s",
+                       "--max-new-bytes", "8", "--samples", "2", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    table = (tmp_path / "sweep.md").read_text().splitlines()
-    assert [line.split("|")[1].strip() for line in table[2:4]] == ["1", "2"]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "0 failed (error rate 0.00%)" in summary
+    rows = stats(tmp_path / "run")
+    # The server's default model answers ByteLM; each other family its first model by name.
+    models = {"blt": "tiny", "cm3leon": CM3LEON_MODEL, "mavil": MAVIL_MODEL}
+    for rpc, spec in RPCS.items():
+        row = rows[f"/patchwork.v1.{SERVICES[rpc]}/{rpc}"]
+        requests = int(row["Request Count"])
+        assert requests > 0 and int(row["Failure Count"]) == 0, rpc
+        line = next(line for line in summary.splitlines() if line.startswith(f"| {rpc} |"))
+        assert line.startswith(f"| {rpc} | {models[spec.family]} | 1 | {requests} | 0 |")
+        assert line.endswith(f" {spec.unit}/s |")
+        assert f"| end to end, {rpc} |" in summary
+    image = rows["/patchwork.v1.Multimodal/GenerateImage"]
+    assert float(image["Average Content Size"]) == 2.0  # images a response holds
+    assert all(float(rows[f"/patchwork.v1.AudioVideo/{rpc}"]["Average Content Size"]) == 1.0
+               for rpc in ("Embed", "Classify", "Retrieve"))  # one clip a request
+    outputs = re.search(r"output throughput (.*)\.$", summary, flags=re.M).group(1)
+    units = [re.fullmatch(r"[0-9.]+ ([a-z ]+)/s", part).group(1) for part in outputs.split(", ")]
+    assert units == ["bytes", "scored bytes", "images", "captions", "infills", "clips"]
+    assert (tmp_path / "latency_over_time.png").stat().st_size > 0
+
+
+def test_a_family_sweep_reports_its_units_and_knee(grpc_target, tmp_path):
+    result = loadtests("sweep", "--target", grpc_target, "--mix", "cm3leon", "--users-list", "1,2",
+                       "--duration", "4s", "--max-new-bytes", "8", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "sweep.md").read_text().splitlines()
+    family = ("GenerateImage", "Caption", "Infill")
+    assert lines[0] == "mix: " + ", ".join(f"{rpc}=1 ({CM3LEON_MODEL})" for rpc in family)
+    assert lines[2] == "| users | requests/s | images/s | captions/s | infills/s | errors |"
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in lines[4:6]]
+    assert [row[0] for row in rows] == ["1", "2"] and [row[-1] for row in rows] == ["0.00%", "0.00%"]
+    latency = lines.index("End to end (ms):")
+    assert lines[latency + 2].startswith("| users | GenerateImage p50 | GenerateImage p99 | Caption p50 |")
+    assert [line.split("|")[1].strip() for line in lines[latency + 4:latency + 6]] == ["1", "2"]
+    # The knee: where two users did not add 10% requests per second (none failed) to one's.
+    one, two = (float(row[1]) for row in rows)
+    assert lines[-1] == ("Knee: throughput (successful requests/s) stops growing (under 10% more at the next user "
+                         "count) at 1 users." if two < 1.1 * one else
+                         "No knee: throughput (successful requests/s) grew by 10% or more at every step.")
     assert (tmp_path / "sweep.png").stat().st_size > 0
+
+
+def test_a_mix_or_model_that_cannot_run_is_refused_naming_the_flag(tmp_path):
+    nobody = ["--target", "127.0.0.1:1", "--duration", "2s", "--out", str(tmp_path)]
+    for mix, message in [("Generate=3,Reverse=1", "--mix 'Generate=3,Reverse=1': unknown RPC 'Reverse'"),
+                         ("Embed=two", "--mix 'Embed=two': the weight of Embed must be a whole number"),
+                         ("bytes", "--mix 'bytes': 'bytes' is neither RPC=WEIGHT, a family")]:
+        refused = loadtests("run", "--mix", mix, *nobody)  # checked before any server is looked for
+        assert refused.returncode == 2 and f"error: {message}" in refused.stderr, refused.stderr
+
+
+def test_a_mix_or_model_the_server_cannot_answer_is_refused_naming_the_flag(grpc_target, tmp_path):
+    common = ["--target", grpc_target, "--duration", "2s", "--out", str(tmp_path)]
+    for flags, message in [(["--model", "nosuch"], "--model nosuch: not served (served: bounded, cm3leon, echo,"),
+                           (["--model", "echo"], "--model echo: its family 'echo' has no load-test users"),
+                           (["--model", "tiny", "--model", "wide"], "--model wide: tiny is already blt's model"),
+                           (["--mix", "Generate=0"], "--mix 'Generate=0': no RPC left to call"),
+                           (["--mix", "mavil", "--slo-p99-ms", "100"],
+                            "--slo-metric ttfb: the --mix 'mavil' has no GenerateStream")]:
+        refused = loadtests("run", *flags, *common)
+        assert refused.returncode == 2 and f"error: {message}" in refused.stderr, (flags, refused.stderr)
+    assert not (tmp_path / "run_stats.csv").exists()
+
+
+def test_the_load_tests_call_every_rpc_of_the_families_they_drive():
+    for family in FAMILIES:
+        assert {rpc for rpc, spec in RPCS.items() if spec.family == family} == SERVED[family].rpcs
 
 
 def test_only_loopback_targets_and_bounded_runs(tmp_path):
@@ -63,8 +145,8 @@ def test_only_loopback_targets_and_bounded_runs(tmp_path):
 def test_a_replica_comparison_scales_runs_and_reports(grpc_target, tmp_path):
     # One replica count, the one model-tiny already has: the whole path (scale,
     # run, report, plot) without changing what other tests see.
-    result = loadtests("compare", "--target", grpc_target, "--replicas", "1", "--deployment", "model-tiny",
-                       "--users", "1", "--duration", "3s", "--max-new-bytes", "8", "--out", str(tmp_path))
+    result = loadtests("compare", "--target", grpc_target, "--mix", "blt", "--replicas", "1", "--deployment",
+                       "model-tiny", "--users", "1", "--duration", "3s", "--max-new-bytes", "8", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     table = (tmp_path / "compare.md").read_text().splitlines()
     assert table[0] == "1 users, model-tiny"

@@ -47,6 +47,18 @@ def test_patches_and_tubelets_are_the_blocks_they_say():
     assert torch.equal(tubes[0, 6 + 3 + 2].reshape(2, 8, 8, 3), video[0, 2:4, 8:16, 16:24])
 
 
+def test_each_audio_window_reads_the_frames_of_its_span():
+    from patchwork.engines.mavil.engine import window_frames
+
+    frames = np.arange(10).reshape(10, 1, 1, 1) * np.ones((1, 2, 2, 3))
+    # 2.5 clips of sound in three windows (starting at 0, 0.75 and 1.5 clips); 10 frames over it.
+    parts = window_frames(10, [0, 3, 6], 4, 10, frames)
+    assert [part[:, 0, 0, 0].tolist() for part in parts] == [[0, 1, 2, 3], [3, 4, 5, 6], [6, 7, 8, 9]]
+    # Fewer frames than windows: each window reads the frame nearest its middle.
+    assert [part[:, 0, 0, 0].tolist() for part in window_frames(1, [0, 3, 6], 4, 10, frames[:1])] == [[0]] * 3
+    assert window_frames(10, [0], 4, 3, frames) == [frames]
+
+
 def test_frames_are_picked_evenly():
     assert pick_frames(16, 8) == [1, 3, 5, 7, 9, 11, 13, 15]
     assert pick_frames(8, 8) == list(range(8))
@@ -55,12 +67,22 @@ def test_frames_are_picked_evenly():
     assert video_tubelets(frames, VideoInput(frames=8, image_size=32)).shape == (1, 64, 384)
 
 
-def test_short_audio_is_padded_with_silence():
-    audio = AudioInput(mel_bins=64, frames=32, patch=16, seconds=0.5)
+def test_short_audio_is_padded_with_the_quietest_level_training_heard():
+    from patchwork.training.avworld import AudioVideoWorld
+    from patchwork.training.mavil.train import filterbank_statistics
+
+    audio = filterbank_statistics(AudioVideoWorld(seconds=0.5).take(64), AudioInput(mel_bins=64, frames=32, patch=16,
+                                                                                     seconds=0.5))
     clip = torch.from_numpy(_noisy_chirp(0.5))
-    short = audio_patches(clip[None, :4000], audio)
-    padded = audio_patches(torch.cat([clip[:4000], torch.zeros(8000 - 4000)])[None], audio)
-    assert short.shape == (1, audio.tokens, 256) and torch.allclose(short, padded)
+    whole = log_mel(clip[None, :4000], audio.mel_bins)  # [1, 23, 64]: the frames the sound has
+    grid = audio_patches(clip[None, :4000], audio).reshape(1, 2, 4, 16, 16).permute(0, 1, 3, 2, 4).reshape(1, 32, 64)
+    assert torch.allclose(grid[0, :whole.shape[1]], (whole[0] - audio.mean) / audio.std, atol=1e-5)
+    padding = grid[0, whole.shape[1]:]
+    assert torch.allclose(padding, torch.full_like(padding, (audio.floor - audio.mean) / audio.std))
+    # In the distribution the encoder was trained on: digital silence lies far below it.
+    assert -3 < padding[0, 0] < -1
+    silent = AudioInput(**{**audio.model_dump(), "floor": None})
+    assert audio_patches(clip[None, :4000], silent).reshape(-1)[-1] < -5
     with pytest.raises(ValueError, match="need 5472 samples, more than 0.3 s"):
         AudioInput(mel_bins=64, frames=32, patch=16, seconds=0.3)
     assert samples_for(32) == 5472

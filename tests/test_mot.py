@@ -211,10 +211,47 @@ def test_the_flops_fraction_is_read_between_evaluations():
 
     dense = [{"flops": 100.0, "heldout_loss_text": 3.0}, {"flops": 200.0, "heldout_loss_text": 2.0}]
     crossing = [{"flops": 100.0, "heldout_loss_text": 2.5}, {"flops": 200.0, "heldout_loss_text": 1.5}]
-    assert flops_fraction(crossing, dense, "text") == {"fraction": 0.75, "upper_bound": False}
+    assert flops_fraction(crossing, dense, "heldout_loss_text") == {"fraction": 0.75, "upper_bound": False}
     early = [{"flops": 100.0, "heldout_loss_text": 1.9}, {"flops": 200.0, "heldout_loss_text": 1.5}]
-    assert flops_fraction(early, dense, "text") == {"fraction": 0.5, "upper_bound": True}
-    assert flops_fraction([{"flops": 200.0, "heldout_loss_text": 2.1}], dense, "text") is None
+    assert flops_fraction(early, dense, "heldout_loss_text") == {"fraction": 0.5, "upper_bound": True}
+    assert flops_fraction([{"flops": 200.0, "heldout_loss_text": 2.1}], dense, "heldout_loss_text") is None
+
+
+def _law_curve(law, flops, noise=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"flops": f, "heldout_loss_text": law(f) + noise * rng.standard_normal()} for f in flops]
+
+
+def test_fitted_fractions_and_their_intervals_recover_a_known_speed_up():
+    from patchwork.training.mot.fractions import PowerLaw, fitted_fraction, interval
+
+    # A MoT run that needs 80% of the dense run's FLOPs for any loss: its curve is dense's, FLOPs scaled by 0.8.
+    dense = PowerLaw(a=1.0, b=2.0, c=0.5, scale=1.0)
+    faster = PowerLaw(a=1.0, b=2.0 * 0.8 ** 0.5, c=0.5, scale=1.0)
+    flops = list(np.linspace(0.05, 1.0, 24))
+    assert fitted_fraction(_law_curve(faster, flops), _law_curve(dense, flops), "heldout_loss_text") == \
+        pytest.approx(0.8, abs=1e-3)
+    # Through noise of 0.01 nats per point, three seeds: each near 0.8, the interval around it.
+    fractions = [fitted_fraction(_law_curve(faster, flops, 0.01, seed), _law_curve(dense, flops, 0.01, 10 + seed),
+                                 "heldout_loss_text") for seed in range(3)]
+    assert all(abs(f - 0.8) < 0.1 for f in fractions), fractions
+    spread = interval(fractions)
+    assert spread.low < 0.8 < spread.high and spread.n == 3
+    # A run slower than dense never reaches the dense run's final loss within its FLOPs.
+    slower = PowerLaw(a=1.0, b=2.0 * 1.2 ** 0.5, c=0.5, scale=1.0)
+    assert fitted_fraction(_law_curve(slower, flops), _law_curve(dense, flops), "heldout_loss_text") is None
+    # Student's t with 2 degrees of freedom: 4.303 standard errors for 95%.
+    assert interval([1.0, 2.0, 3.0]).high == pytest.approx(2.0 + 4.3027 / 3 ** 0.5, abs=1e-3)
+    assert interval([0.5]).low == interval([0.5]).high == 0.5
+
+
+def test_the_study_evaluates_four_times_as_often_in_the_last_quarter():
+    from patchwork.training.mot.study import evaluation_steps
+
+    steps = evaluation_steps(800, 16)
+    assert steps[:12] == list(range(50, 601, 50)) and steps[-1] == 800
+    late = [step for step in steps if step >= 600]
+    assert max(b - a for a, b in zip(late, late[1:])) <= 12 and len(late) == 21
 
 
 def test_the_study_counts_every_matmul_weight_a_token_runs_through(cm3leon_checkpoint):
@@ -238,20 +275,28 @@ def test_the_study_command_trains_every_backbone_on_the_same_data(tmp_path):
 
     out = tmp_path / "study"
     run = run_patchwork("train", "mot-study", "--preset", "tiny", "--steps", "6",
-                        "--evaluations", "2", "--out", str(out))
+                        "--evaluations", "3", "--seeds", "2", "--out", str(out))
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads((out / "study.json").read_text())
-    assert list(report["runs"]) == ["dense", "mot-ffn", "mot-ffn-attention", "mot-all"]
-    curves = [run["curve"] for run in report["runs"].values()]
-    for curve in curves:
-        assert [point["step"] for point in curve] == [3, 6]
-        assert all(math.isfinite(point[f"heldout_loss_{m}"]) for point in curve for m in ("text", "image", "audio"))
-    # The same batches and the same FLOPs per token: every run saw the same tokens and FLOPs.
-    assert len({tuple((p["tokens"], p["flops"]) for p in curve) for curve in curves}) == 1
-    parameters = {name: run["non_embedding_parameters"] for name, run in report["runs"].items()}
+    assert list(report["runs"]) == ["dense", "mot-ffn", "mot-ffn-attention", "mot-all"] and report["seeds"] == 2
+    for seed in range(2):
+        curves = [seeds[seed]["curve"] for seeds in report["runs"].values()]
+        for curve in curves:
+            assert [point["step"] for point in curve] == [2, 4, 5, 6]  # denser in the last quarter
+            assert all(math.isfinite(point[key]) for point in curve
+                       for key in ("heldout_loss", "heldout_loss_text", "heldout_loss_image", "heldout_loss_audio"))
+        # The same batches and the same FLOPs per token: every run of a seed saw the same tokens and FLOPs.
+        assert len({tuple((p["tokens"], p["flops"]) for p in curve) for curve in curves}) == 1
+    # Another seed, other batches.
+    assert report["runs"]["dense"][0]["curve"][-1]["tokens"] != report["runs"]["dense"][1]["curve"][-1]["tokens"]
+    parameters = {name: seeds[0]["non_embedding_parameters"] for name, seeds in report["runs"].items()}
     assert parameters["dense"] < parameters["mot-ffn"] < parameters["mot-ffn-attention"] < parameters["mot-all"]
-    assert set(report["summary"]["flops_fraction"]) == {"mot-ffn", "mot-ffn-attention", "mot-all"}
-    assert sorted(report["summary"]["ranking_by_mean_final_loss"]) == sorted(report["runs"])
+    summary = report["summary"]
+    assert set(summary["flops_fraction"]) == {"mot-ffn", "mot-ffn-attention", "mot-all"}
+    assert set(summary["flops_fraction"]["mot-all"]) == {"text", "image", "audio", "overall"}
+    assert all(len(fraction["per_seed"]) == 2 for fraction in summary["flops_fraction"]["mot-all"].values())
+    assert summary["final_loss"]["dense"]["overall"]["n"] == 2
+    assert sorted(summary["ranking_by_overall_final_loss"]) == sorted(report["runs"])
     assert all(seconds > 0 for seconds in report["step_seconds"].values())
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "| mot-all |" in (out / "study.md").read_text()
 

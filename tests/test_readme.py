@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 
-from tests.conftest import AUTH_TOKEN, MOT_MODEL, REPO, run_patchwork
+from tests.conftest import AUTH_TOKEN, MOT_MODEL, PATCHWORK, REPO, run_patchwork
 
 
 def python_blocks(section: str) -> list[str]:
@@ -25,13 +25,14 @@ def python_blocks(section: str) -> list[str]:
 
 def shell_commands(section: str) -> list[list[str]]:
     """The `patchwork` commands of the ```sh blocks from the README heading
-    ``section`` to the next heading of its level, without their comments."""
+    ``section`` to the next heading of its level or a higher one (but the
+    title's: a shell comment starts with "# " too), without their comments."""
     text = (REPO / "README.md").read_text()
     start = text.index(f"\n{section}\n")
-    level = section.split()[0]
-    end = text.find(f"\n{level} ", start + len(section) + 2)
+    level = len(section.split()[0])
+    end = re.compile(rf"\n#{{2,{level}}} ").search(text, start + len(section) + 2)
     commands = []
-    for block in re.findall(r"```sh\n(.*?)```", text[start:end if end > 0 else None], flags=re.S):
+    for block in re.findall(r"```sh\n(.*?)```", text[start:end.start() if end else None], flags=re.S):
         for line in block.splitlines():
             words = shlex.split(line, comments=True)
             if words[:1] == [".venv/bin/patchwork"]:
@@ -81,3 +82,27 @@ def test_the_client_examples_run_against_a_server(grpc_target, mavil_engine, tmp
     spans, labels, matches, texts, models = (ast.literal_eval(line) for line in lines[-5:])  # lists they print
     assert (len(spans), len(labels), len(matches), len(texts)) == (2, 3, 3, 3)
     assert "tiny" in models
+
+
+# The load-test commands' sizes, shrunk to seconds of load on the test server.
+SHRUNK = {"--users": "1", "--users-list": "1", "--duration": "2s", "--replicas": "1", "--requests": "5"}
+
+
+def test_every_load_test_command_the_readme_shows_runs(grpc_target, tiny_checkpoint, tmp_path):
+    commands = shell_commands("### Load testing")
+    assert sorted(c[1] for c in commands) == ["compare", "overhead", "run", "run", "sweep"]
+    names = {"model-blt-default": "model-tiny", "checkpoints/blt-default": str(tiny_checkpoint)}
+    reports = {"run": "summary.md", "sweep": "sweep.md", "compare": "compare.md", "overhead": "overhead.md"}
+    for number, command in enumerate(commands):
+        flags = {flag: SHRUNK.get(flag, value) for flag, value in zip(command[2::2], command[3::2], strict=True)}
+        flags.setdefault("--duration", SHRUNK["--duration"])
+        if command[1] == "overhead":
+            flags.setdefault("--requests", SHRUNK["--requests"])
+        out = tmp_path / str(number)
+        words = [*command[:2], *(word for flag, value in flags.items() for word in (flag, names.get(value, value))),
+                 "--target", grpc_target, "--out", str(out)]
+        ran = subprocess.run([*PATCHWORK, *words], cwd=REPO, capture_output=True, text=True, timeout=300)
+        # A p99 objective is met or not on a busy machine: the exit status says which.
+        failed_slo = "--slo-p99-ms" in flags and "FAILED" in ran.stdout
+        assert ran.returncode == (3 if failed_slo else 0), (words, ran.stderr)
+        assert (out / reports[command[1]]).stat().st_size > 0, words

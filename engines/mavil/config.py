@@ -13,10 +13,12 @@ FORMAT_VERSION = 1
 
 
 class AudioInput(BaseModel):
-    """The audio encoder's input: clips of at most ``seconds`` at 16 kHz, whose
-    first ``frames`` filterbank frames of ``mel_bins`` bins (10 ms hop) are cut
-    into ``patch`` x ``patch`` patches, after normalising with the training
-    set's ``mean`` and ``std``."""
+    """The audio encoder's input: clips of ``seconds`` at 16 kHz, whose first
+    ``frames`` filterbank frames of ``mel_bins`` bins (10 ms hop) are cut into
+    ``patch`` x ``patch`` patches, after normalising with the training set's
+    ``mean`` and ``std``. Frames a shorter sound lacks take ``floor``, the
+    training set's 1st percentile of log-mel values (the quietest the encoder
+    has heard); a checkpoint without one pads with digital silence."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -27,6 +29,7 @@ class AudioInput(BaseModel):
     patch: int = Field(default=16, ge=1)
     mean: float = 0.0
     std: float = Field(default=1.0, gt=0)
+    floor: float | None = None
 
     @model_validator(mode="after")
     def _whole_patches(self) -> "AudioInput":

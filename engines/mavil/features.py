@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from patchwork.engines.filterbank import fit_frames, log_mel, samples_for
+from patchwork.engines.filterbank import LOG_FLOOR, fit_frames, log_mel
 
 if TYPE_CHECKING:
     from patchwork.engines.mavil.config import AudioInput, VideoInput
@@ -43,12 +43,11 @@ def resize_frames(video: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def audio_patches(waveforms: torch.Tensor, audio: AudioInput) -> torch.Tensor:
-    """Waveforms [B, samples] at 16 kHz (at most ``audio.seconds``; shorter
-    ones padded with silence) -> normalised spectrogram patches [B, Na, patch * patch]."""
-    needed = samples_for(audio.frames)
-    if waveforms.shape[-1] < needed:
-        waveforms = F.pad(waveforms, (0, needed - waveforms.shape[-1]))
-    spectrogram = fit_frames(log_mel(waveforms, audio.mel_bins, audio.sample_rate), audio.frames, 0.0)
+    """Waveforms [B, samples] at 16 kHz (at least one 25 ms window) -> normalised
+    spectrogram patches [B, Na, patch * patch]: the first ``audio.frames``
+    filterbank frames, the frames a shorter sound lacks set to ``audio.floor``."""
+    pad = audio.floor if audio.floor is not None else math.log(LOG_FLOOR)
+    spectrogram = fit_frames(log_mel(waveforms, audio.mel_bins, audio.sample_rate), audio.frames, pad)
     return spectrogram_patches((spectrogram - audio.mean) / audio.std, audio.patch)
 
 

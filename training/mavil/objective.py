@@ -9,9 +9,14 @@ the encoders read what is left, the fusion encoder joins it, and
   hidden patches, each patch normalised to zero mean and unit variance, as MAE
   does);
 - inter-modal InfoNCE pulls each clip's pooled audio and video embeddings
-  (in the shared space) together against the other clips of the batch;
-- intra-modal InfoNCE does the same between two differently masked views of
-  one modality.
+  (in the shared space) together against the other clips of the batch. It
+  reads a second, lightly masked view of each modality (``contrastive_masking``
+  hidden): at the reconstruction's masking a small moving shape is often
+  hidden altogether, and the pair would teach the shared space nothing;
+- intra-modal InfoNCE pulls the heavily and the lightly masked view of one
+  modality together, through projection heads of its own
+  (``TrainingHeads``, dropped after training), so that what makes two views
+  of one clip alike does not have to live in the shared audio-video space.
 
 Stage 2 (``stage_two_loss``): a student with masked inputs predicts, through
 the same decoders, the frozen stage-1 teacher's fused tokens of the whole
@@ -55,12 +60,18 @@ class MaskedDecoder(nn.Module):
         return self.out(self.norm(self.stack.encode(h, places)))
 
 
-class Decoders(nn.Module):
+class TrainingHeads(nn.Module):
+    """What training adds to the model and drops afterwards: a masked decoder
+    per modality (``audio_out`` / ``video_out`` values per place) and the
+    intra-modal projection heads (pooled tokens -> the intra-modal space)."""
+
     def __init__(self, model: MavilModel, preset: MavilPreset, audio_out: int, video_out: int):
         super().__init__()
         config = model.config
         self.audio = MaskedDecoder(config.dim, preset.decoder, config.audio.tokens, audio_out)
         self.video = MaskedDecoder(config.dim, preset.decoder, config.video.tokens, video_out)
+        self.intra_audio = nn.Linear(config.dim, config.embed_dim, bias=False)
+        self.intra_video = nn.Linear(config.dim, config.embed_dim, bias=False)
 
 
 @dataclass
@@ -97,22 +108,27 @@ def _masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tens
     return ((prediction - target).pow(2).mean(-1) * mask).sum() / mask.sum().clamp(min=1)
 
 
-def _contrastive(model: MavilModel, batch: Batch, preset: MavilPreset, generator: torch.Generator,
-                 audio: torch.Tensor, video: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Inter- and intra-modal InfoNCE, given the masked views' audio and video tokens."""
+def _contrastive(model: MavilModel, heads: TrainingHeads, batch: Batch, preset: MavilPreset,
+                 generator: torch.Generator, audio: torch.Tensor, video: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Inter- and intra-modal InfoNCE, given the heavily masked views' audio and video tokens."""
+    if not (preset.inter_weight or preset.intra_weight):
+        return {}
+    config = model.config
+    light_audio = model.encode_audio(
+        batch.audio, kept_places(len(batch.audio), config.audio.tokens, preset.contrastive_masking, generator))[0]
+    light_video = model.encode_video(
+        batch.video, kept_places(len(batch.video), config.video.tokens, preset.contrastive_masking, generator))[0]
     losses = {}
-    shared_audio, shared_video = model.shared_audio(audio.mean(1)), model.shared_video(video.mean(1))
     if preset.inter_weight:
-        losses["inter"] = preset.inter_weight * info_nce(shared_audio, shared_video, preset.temperature)
+        losses["inter"] = preset.inter_weight * info_nce(
+            model.shared_audio(light_audio.mean(1)), model.shared_video(light_video.mean(1)), preset.temperature)
     if preset.intra_weight:
-        config = model.config
-        second_audio = model.encode_audio(
-            batch.audio, kept_places(len(batch.audio), config.audio.tokens, preset.audio_masking, generator))[0]
-        second_video = model.encode_video(
-            batch.video, kept_places(len(batch.video), config.video.tokens, preset.video_masking, generator))[0]
-        losses["intra"] = preset.intra_weight * (
-            info_nce(shared_audio, model.shared_audio(second_audio.mean(1)), preset.temperature)
-            + info_nce(shared_video, model.shared_video(second_video.mean(1)), preset.temperature)) / 2
+        def intra(head: nn.Linear, heavy: torch.Tensor, light: torch.Tensor) -> torch.Tensor:
+            return info_nce(F.normalize(head(heavy.mean(1)), dim=-1), F.normalize(head(light.mean(1)), dim=-1),
+                            preset.temperature)
+
+        losses["intra"] = preset.intra_weight * (intra(heads.intra_audio, audio, light_audio)
+                                                 + intra(heads.intra_video, video, light_video)) / 2
     return losses
 
 
@@ -126,19 +142,19 @@ def _masked_forward(model: MavilModel, batch: Batch, preset: MavilPreset, genera
     return audio, audio_keep, video, video_keep, fused
 
 
-def stage_one_loss(model: MavilModel, decoders: Decoders, batch: Batch, preset: MavilPreset,
+def stage_one_loss(model: MavilModel, heads: TrainingHeads, batch: Batch, preset: MavilPreset,
                    generator: torch.Generator, objective: str = "full") -> dict[str, torch.Tensor]:
     """The stage-1 loss terms (their sum is the loss) of one batch."""
     audio, audio_keep, video, video_keep, fused = _masked_forward(model, batch, preset, generator)
     losses = {}
     if objective in ("full", "reconstruction"):
         fused_audio, fused_video = fused[:, : audio.shape[1]], fused[:, audio.shape[1]:]
-        losses["audio"] = _masked_mse(decoders.audio(fused_audio, audio_keep), normalised_patches(batch.audio),
+        losses["audio"] = _masked_mse(heads.audio(fused_audio, audio_keep), normalised_patches(batch.audio),
                                       hidden(audio_keep, batch.audio.shape[1]))
-        losses["video"] = _masked_mse(decoders.video(fused_video, video_keep), normalised_patches(batch.video),
+        losses["video"] = _masked_mse(heads.video(fused_video, video_keep), normalised_patches(batch.video),
                                       hidden(video_keep, batch.video.shape[1]))
     if objective in ("full", "contrastive"):
-        losses.update(_contrastive(model, batch, preset, generator, audio, video))
+        losses.update(_contrastive(model, heads, batch, preset, generator, audio, video))
     return losses
 
 
@@ -149,17 +165,17 @@ def teacher_targets(teacher: MavilModel, batch: Batch) -> torch.Tensor:
     return F.layer_norm(fused, fused.shape[-1:])
 
 
-def stage_two_loss(model: MavilModel, decoders: Decoders, teacher: MavilModel, batch: Batch, preset: MavilPreset,
+def stage_two_loss(model: MavilModel, heads: TrainingHeads, teacher: MavilModel, batch: Batch, preset: MavilPreset,
                    generator: torch.Generator) -> dict[str, torch.Tensor]:
     """The stage-2 loss terms of one batch: the teacher's features at the hidden places, and the contrastive terms."""
     targets = teacher_targets(teacher, batch)
     audio, audio_keep, video, video_keep, fused = _masked_forward(model, batch, preset, generator)
     tokens = batch.audio.shape[1]
     losses = {
-        "audio": _masked_mse(decoders.audio(fused[:, : audio.shape[1]], audio_keep), targets[:, :tokens],
+        "audio": _masked_mse(heads.audio(fused[:, : audio.shape[1]], audio_keep), targets[:, :tokens],
                              hidden(audio_keep, tokens)),
-        "video": _masked_mse(decoders.video(fused[:, audio.shape[1]:], video_keep), targets[:, tokens:],
+        "video": _masked_mse(heads.video(fused[:, audio.shape[1]:], video_keep), targets[:, tokens:],
                              hidden(video_keep, batch.video.shape[1])),
     }
-    losses.update(_contrastive(model, batch, preset, generator, audio, video))
+    losses.update(_contrastive(model, heads, batch, preset, generator, audio, video))
     return losses

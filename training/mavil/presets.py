@@ -31,6 +31,8 @@ class MavilPreset(BaseModel):
     # Fractions of the audio patches and of the video tubelets hidden from the encoders in training.
     audio_masking: float = Field(default=0.8, ge=0.0, lt=1.0)
     video_masking: float = Field(default=0.8, ge=0.0, lt=1.0)
+    # The fraction hidden in the second, lightly masked view of each modality the contrastive terms read.
+    contrastive_masking: float = Field(default=0.2, ge=0.0, lt=1.0)
     # InfoNCE temperature, and the weights of the inter-modal (audio-video)
     # and intra-modal (two masked views of one modality) terms.
     temperature: float = Field(default=0.1, gt=0)
@@ -47,7 +49,7 @@ def _tiny() -> MavilPreset:
         train_clips=96,
         heldout_clips=32,
         audio=AudioInput(mel_bins=64, frames=32, patch=16, seconds=0.5),
-        video=VideoInput(frames=4, image_size=32, tubelet_frames=2, patch=8),
+        video=VideoInput(frames=4, image_size=32, tubelet_frames=4, patch=8),
         audio_encoder=TransformerConfig(dim=32, n_layers=1, n_heads=2),
         video_encoder=TransformerConfig(dim=32, n_layers=1, n_heads=2),
         fusion=TransformerConfig(dim=32, n_layers=1, n_heads=2),
@@ -59,15 +61,16 @@ def _tiny() -> MavilPreset:
 
 
 def _default() -> MavilPreset:
-    # Sized to train both stages in about a minute each on 2 CPU cores, beside the other defaults.
+    # Sized to train each stage in a few minutes on 2 CPU cores (docs/mavil.md has the measured times).
     return MavilPreset(
         train_clips=2000,
         heldout_clips=256,
+        video=VideoInput(tubelet_frames=8, patch=4),
         audio_encoder=TransformerConfig(dim=64, n_layers=2, n_heads=4),
         video_encoder=TransformerConfig(dim=64, n_layers=2, n_heads=4),
         fusion=TransformerConfig(dim=64, n_layers=2, n_heads=4),
         decoder=TransformerConfig(dim=48, n_layers=1, n_heads=4),
-        schedule=Schedule(steps=200, batch_size=48, lr=2e-3),
+        schedule=Schedule(steps=300, batch_size=96, lr=2e-3),
     )
 
 

@@ -64,3 +64,18 @@ def retrieval_recall(shared_audio: torch.Tensor, shared_video: torch.Tensor, ks=
         for k in ks:
             metrics[f"{direction}_recall@{k}"] = (ranked[:, :k] == truth).any(1).float().mean().item()
     return metrics
+
+
+def attribute_probes(train: dict[str, torch.Tensor], train_attributes: dict[str, dict[str, torch.Tensor]],
+                     heldout: dict[str, torch.Tensor], heldout_attributes: dict[str, dict[str, torch.Tensor]],
+                     steps: int) -> dict[str, float]:
+    """Held-out accuracy of a linear probe of each attribute each modality
+    carries, on that modality's pooled embeddings: ``{"audio kind": ...}``.
+    The attributes are ``training.mavil.attributes.labels`` of the clips, per modality."""
+    metrics = {}
+    for modality, attributes in train_attributes.items():
+        for name, labels in attributes.items():
+            metrics[f"{modality} {name}"] = linear_probe(train[modality], labels, heldout[modality],
+                                                         heldout_attributes[modality][name],
+                                                         int(labels.max()) + 1, steps)[0]
+    return metrics

@@ -36,7 +36,7 @@ from patchwork.engines.mavil.model import MODALITIES, MavilModel
 from patchwork.training.avworld import LABELS, AudioVideoWorld, Clip
 from patchwork.training.loop import fit
 from patchwork.training.mavil.index import build_index
-from patchwork.training.mavil.objective import Batch, Decoders, stage_one_loss, stage_two_loss
+from patchwork.training.mavil.objective import Batch, TrainingHeads, stage_one_loss, stage_two_loss
 from patchwork.training.mavil.presets import MavilPreset
 from patchwork.training.mavil.probe import clip_embeddings, linear_probe, retrieval_recall
 
@@ -49,11 +49,14 @@ def clip_id(clip: Clip) -> str:
     return f"{clip.index:06d}"
 
 
-def filterbank_statistics(clips: list[Clip], audio: AudioInput) -> tuple[float, float]:
-    """Mean and deviation of the training clips' log-mel filterbanks (what normalises the encoder's input)."""
+def filterbank_statistics(clips: list[Clip], audio: AudioInput) -> AudioInput:
+    """``audio`` with the mean and deviation of the training clips' log-mel
+    filterbanks (what normalises the encoder's input) and their 1st percentile
+    (what a shorter sound is padded with)."""
     waveforms = torch.from_numpy(np.stack([clip.waveform for clip in clips[:512]]))
     spectrogram = fit_frames(log_mel(waveforms, audio.mel_bins, audio.sample_rate), audio.frames, 0.0)
-    return spectrogram.mean().item(), spectrogram.std().item()
+    return audio.model_copy(update={"mean": spectrogram.mean().item(), "std": spectrogram.std().item(),
+                                    "floor": spectrogram.flatten().quantile(0.01).item()})
 
 
 def encoder_inputs(clips: list[Clip], config: MavilConfig, chunk: int = 256) -> Batch:
@@ -105,8 +108,7 @@ def train_mavil(preset: MavilPreset, out: Path, command: str, stage: int = 1, te
     train_clips = world.take(preset.train_clips)
     heldout_clips = world.take(preset.heldout_clips, start=HELDOUT_START)
     if teacher_model is None:
-        mean, std = filterbank_statistics(train_clips, audio)
-        audio = audio.model_copy(update={"mean": mean, "std": std})
+        audio = filterbank_statistics(train_clips, audio)
     config = MavilConfig(audio=audio, video=video, audio_encoder=preset.audio_encoder,
                          video_encoder=preset.video_encoder, fusion=preset.fusion, embed_dim=preset.embed_dim,
                          labels=list(LABELS), stage=stage)
@@ -116,22 +118,22 @@ def train_mavil(preset: MavilPreset, out: Path, command: str, stage: int = 1, te
     heldout_labels = torch.tensor([clip.label for clip in heldout_clips])
 
     if teacher_model is None:
-        decoders = Decoders(model, preset, config.audio.patch_values, config.video.patch_values)
+        heads = TrainingHeads(model, preset, config.audio.patch_values, config.video.patch_values)
 
         def loss_of(batch: Batch) -> torch.Tensor:
-            return sum(stage_one_loss(model, decoders, batch, preset, generator, objective).values())
+            return sum(stage_one_loss(model, heads, batch, preset, generator, objective).values())
     else:
-        decoders = Decoders(model, preset, teacher_model.config.dim, teacher_model.config.dim)
+        heads = TrainingHeads(model, preset, teacher_model.config.dim, teacher_model.config.dim)
 
         def loss_of(batch: Batch) -> torch.Tensor:
-            return sum(stage_two_loss(model, decoders, teacher_model, batch, preset, generator).values())
+            return sum(stage_two_loss(model, heads, teacher_model, batch, preset, generator).values())
 
     def next_batch() -> Batch:
         picks = torch.randint(len(train_clips), (schedule.batch_size,), generator=generator)
         return Batch(train.audio[picks], train.video[picks])
 
     model.train()
-    fit([*model.parameters(), *decoders.parameters()], loss_of, next_batch, schedule, f"mavil stage {stage}")
+    fit([*model.parameters(), *heads.parameters()], loss_of, next_batch, schedule, f"mavil stage {stage}")
     model.eval()
     metrics = probe_and_heads(model, train, train_labels, heldout, heldout_labels, preset.probe_steps)
     metrics["parameters"] = float(sum(p.numel() for p in model.parameters()))

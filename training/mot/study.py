@@ -1,6 +1,6 @@
 """Dense against Mixture-of-Transformers: the same data, FLOPs and schedule.
 
-    patchwork train mot-study --preset tiny|default --out DIR [--steps N] [--evaluations K]
+    patchwork train mot-study --preset tiny|default --out DIR [--steps N] [--evaluations K] [--seeds S]
 
 One corpus (``training.cm3leon.train.prepare``: text, images and sounds; no
 retrieval, so every document is its own) and one stream of training batches
@@ -11,13 +11,22 @@ paper's model). Every token costs the same FLOPs in all four (each token runs
 through one set of weights of the dense shape), so the runs compare loss at
 equal training FLOPs.
 
-Every ``steps / evaluations`` steps each run measures its held-out loss per
-modality of the predicted token. The study writes ``study.json`` (every
-curve and summary), ``study.md`` (the tables) and ``loss.png`` (loss per
-modality against training FLOPs), and reports per modality the fraction of
-the dense run's training FLOPs at which each MoT run first reaches the dense
-run's final loss (linear between evaluations; an upper bound when the first
-evaluation is already there; none if it never does).
+The whole comparison runs once per seed (``--seeds``, 3 by default): a
+seed sets every run's initial weights and the stream of batches, which the
+four runs of one seed share. Every ``steps / evaluations`` steps each run
+measures its held-out loss per modality of the predicted token and over all
+of them (``overall``), and four times as often in the last quarter of
+training, where the fractions are read. The study writes ``study.json``
+(every curve and summary), ``study.md`` (the tables) and ``loss.png`` (loss
+per modality against training FLOPs, every seed's points and fitted curve).
+
+Per modality and overall, for each MoT run: the fraction of the dense run's
+training FLOPs at which its fitted curve reaches the dense run's fitted final
+loss (``training.mot.fractions``), per seed and as a mean with its 95%
+interval over the seeds that reach it; beside it the raw first crossing of
+the points (linear between evaluations), what a single noisy curve gives. And
+each run's final loss minus the dense run's of the same seed (same batches:
+a paired difference), with its interval.
 
 Training FLOPs per token are 3x the forward pass's: 2 per weight of every
 matmul a token runs through (blocks and output head) plus the attention's
@@ -46,6 +55,7 @@ from patchwork.training.cm3leon.presets import PRESETS, Cm3LeonPreset
 from patchwork.training.cm3leon.train import Corpus, heldout_losses, lm_loss, prepare
 from patchwork.training.loop import fit
 from patchwork.training.machine import machine
+from patchwork.training.mot.fractions import curve_fit, fitted_fraction, interval
 
 # Run name -> (backbone, untied).
 RUNS = {
@@ -56,12 +66,33 @@ RUNS = {
 }
 
 
+# A seed's runs draw their weights and batches from seeds this far apart.
+SEED_STRIDE = 1000
+OVERALL = "overall"
+
+
 class StudyPreset(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     corpus: Cm3LeonPreset
     evaluations: int
     timing_rounds: int
+    seeds: int = 3
+
+
+def loss_keys(modalities) -> dict[str, str]:
+    """What the study reads: each modality's held-out loss, and the loss over every token."""
+    return {**{m: f"heldout_loss_{m}" for m in modalities}, OVERALL: "heldout_loss"}
+
+
+def evaluation_steps(steps: int, evaluations: int) -> list[int]:
+    """Every ``steps / evaluations`` steps, four times as often in the last
+    quarter of training, and the last step."""
+    every = max(1, steps // evaluations)
+    late = max(1, every // 4)
+    regular = range(every, steps + 1, every)
+    dense_end = range(steps - steps // 4, steps + 1, late)
+    return sorted({*regular, *(step for step in dense_end if step > 0), steps})
 
 
 def _study(base: Cm3LeonPreset, evaluations: int, timing_rounds: int) -> StudyPreset:
@@ -106,11 +137,12 @@ def _real_tokens(batch: torch.Tensor) -> int:
     return int((batch[:, 1:] != PAD).sum())
 
 
-def train_run(model: Cm3LeonModel, corpus: Corpus, preset: Cm3LeonPreset, evaluations: int, name: str) -> dict:
-    """Trains ``model.lm`` on the study's batches; its held-out curve and timing."""
+def train_run(model: Cm3LeonModel, corpus: Corpus, preset: Cm3LeonPreset, evaluations: int, name: str,
+              seed: int = 0) -> dict:
+    """Trains ``model.lm`` on seed ``seed``'s batches; its held-out curve and timing."""
     schedule = preset.lm_schedule
-    rng = random.Random(preset.seed + 1)  # the same batches for every run
-    every = max(1, schedule.steps // evaluations)
+    rng = random.Random(preset.seed + 1 + SEED_STRIDE * seed)  # the same batches for every run of a seed
+    measured = set(evaluation_steps(schedule.steps, evaluations))
     curve, seen = [], {"tokens": 0, "flops": 0.0}
 
     def next_batch() -> torch.Tensor:
@@ -120,7 +152,7 @@ def train_run(model: Cm3LeonModel, corpus: Corpus, preset: Cm3LeonPreset, evalua
         return batch
 
     def evaluate(step: int) -> None:
-        if (step + 1) % every == 0 or step + 1 == schedule.steps:
+        if step + 1 in measured:
             model.lm.eval()
             curve.append({"step": step + 1, "tokens": seen["tokens"], "flops": seen["flops"],
                           **heldout_losses(model, corpus.heldout)})
@@ -157,12 +189,11 @@ def step_seconds(models: dict[str, Cm3LeonModel], corpus: Corpus, preset: Cm3Leo
     return {name: sorted(values)[len(values) // 2] for name, values in times.items()}
 
 
-def flops_fraction(run: list[dict], dense: list[dict], modality: str) -> dict | None:
+def flops_fraction(run: list[dict], dense: list[dict], key: str) -> dict | None:
     """The fraction of the dense run's training FLOPs at which ``run`` first
-    reaches the dense run's final loss on ``modality`` (linear between
-    evaluations), and whether it is only an upper bound (reached by the
-    first evaluation); None if it never does."""
-    key = f"heldout_loss_{modality}"
+    reaches the dense run's final loss ``key`` (linear between evaluations),
+    and whether it is only an upper bound (reached by the first evaluation);
+    None if it never does."""
     target, total = dense[-1][key], dense[-1]["flops"]
     previous = None
     for point in run:
@@ -182,28 +213,46 @@ def _fraction_cell(fraction: dict | None) -> str:
     return ("≤ " if fraction["upper_bound"] else "") + f"{fraction['fraction']:.1%}"
 
 
-def summarise(runs: dict[str, dict], modalities: tuple[str, ...]) -> dict:
-    dense = runs["dense"]["curve"]
-    fractions = {name: {m: flops_fraction(run["curve"], dense, m) for m in modalities}
-                 for name, run in runs.items() if name != "dense"}
-    final = {name: {m: run["curve"][-1][f"heldout_loss_{m}"] for m in modalities} for name, run in runs.items()}
-    ranking = sorted(runs, key=lambda name: sum(final[name].values()) / len(modalities))
-    return {"flops_fraction": fractions, "final_loss": final, "ranking_by_mean_final_loss": ranking}
+def summarise(runs: dict[str, list[dict]], modalities: tuple[str, ...]) -> dict:
+    """``runs``: each run's result per seed (the seeds in the same order for every run)."""
+    keys = loss_keys(modalities)
+    dense = [seed["curve"] for seed in runs["dense"]]
+    fractions, raw, final, gap = {}, {}, {}, {}
+    for name, seeds in runs.items():
+        curves = [seed["curve"] for seed in seeds]
+        final[name] = {m: interval([c[-1][key] for c in curves]).as_dict() for m, key in keys.items()}
+        if name == "dense":
+            continue
+        fractions[name], raw[name], gap[name] = {}, {}, {}
+        for m, key in keys.items():
+            per_seed = [fitted_fraction(c, d, key) for c, d in zip(curves, dense)]
+            reached = [f for f in per_seed if f is not None]
+            fractions[name][m] = {"per_seed": per_seed,
+                                  "reached": interval(reached).as_dict() if reached else None}
+            raw[name][m] = [flops_fraction(c, d, key) for c, d in zip(curves, dense)]
+            gap[name][m] = interval([c[-1][key] - d[-1][key] for c, d in zip(curves, dense)]).as_dict()
+    ranking = sorted(runs, key=lambda name: final[name][OVERALL]["mean"])
+    return {"flops_fraction": fractions, "raw_first_crossing": raw, "final_loss": final,
+            "final_loss_minus_dense": gap, "ranking_by_overall_final_loss": ranking}
 
 
-def plot(runs: dict[str, dict], modalities: tuple[str, ...], out: Path) -> None:
+def plot(runs: dict[str, list[dict]], modalities: tuple[str, ...], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(modalities), figsize=(5 * len(modalities), 4))
-    for axis, modality in zip(axes, modalities):
-        for name, run in runs.items():
-            curve = run["curve"]
-            axis.plot([p["flops"] for p in curve], [p[f"heldout_loss_{modality}"] for p in curve], marker=".",
-                      label=name)
-        axis.set_title(f"{modality} tokens")
+    keys = loss_keys(modalities)
+    figure, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4))
+    for axis, (modality, key) in zip(axes, keys.items()):
+        for colour, (name, seeds) in enumerate(runs.items()):
+            for number, seed in enumerate(seeds):
+                flops = [p["flops"] for p in seed["curve"]]
+                axis.plot(flops, [p[key] for p in seed["curve"]], ".", color=f"C{colour}", alpha=0.35, markersize=3)
+                law = curve_fit(seed["curve"], key)
+                axis.plot(flops, [law(f) for f in flops], color=f"C{colour}", linewidth=1,
+                          label=name if number == 0 else None)
+        axis.set_title(f"{modality} tokens" if modality != OVERALL else "every token")
         axis.set_xlabel("training FLOPs")
         axis.set_ylabel("held-out loss (nats/token)")
         axis.grid(alpha=0.3)
@@ -213,40 +262,68 @@ def plot(runs: dict[str, dict], modalities: tuple[str, ...], out: Path) -> None:
     plt.close(figure)
 
 
+def _interval_cell(value: dict, percent: bool = False) -> str:
+    if percent:
+        return f"{value['mean']:.1%} [{value['low']:.1%}, {value['high']:.1%}]"
+    return f"{value['mean']:.3f} [{value['low']:.3f}, {value['high']:.3f}]"
+
+
+def _fitted_cell(fraction: dict) -> str:
+    seeds = len(fraction["per_seed"])
+    if fraction["reached"] is None:
+        return f"never (0 of {seeds})"
+    reached = fraction["reached"]
+    cell = _interval_cell(reached, percent=True)
+    return cell if reached["n"] == seeds else f"{cell}, {reached['n']} of {seeds} (never in the rest)"
+
+
 def markdown(report: dict) -> str:
-    modalities = report["modalities"]
-    lines = ["| run | " + " | ".join(f"final {m} loss" for m in modalities) + " | non-embedding parameters "
-             "| s/step (side by side) |", "|" + "---|" * (len(modalities) + 3)]
-    for name, run in report["runs"].items():
-        final = report["summary"]["final_loss"][name]
-        lines.append(f"| {name} | " + " | ".join(f"{final[m]:.3f}" for m in modalities)
-                     + f" | {run['non_embedding_parameters']:,} | {report['step_seconds'][name]:.3f} |")
-    lines += ["", "Fraction of the dense run's training FLOPs at which each run first reaches the dense run's "
-              "final loss:", "", "| run | " + " | ".join(modalities) + " |", "|" + "---|" * (len(modalities) + 1)]
-    for name, fractions in report["summary"]["flops_fraction"].items():
-        cells = [_fraction_cell(fractions[m]) for m in modalities]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Ranking by mean final loss over the modalities: "
-              + ", ".join(report["summary"]["ranking_by_mean_final_loss"]) + "."]
+    summary, seeds = report["summary"], report["seeds"]
+    columns = [*report["modalities"], OVERALL]
+    header = "| run | " + " | ".join(columns) + " |"
+    rule = "|" + "---|" * (len(columns) + 1)
+    lines = [f"{seeds} seeds; mean [95% interval] over them.", "", "Final held-out loss:", "", header, rule]
+    for name, final in summary["final_loss"].items():
+        lines.append(f"| {name} | " + " | ".join(_interval_cell(final[m]) for m in columns) + " |")
+    lines += ["", "Final loss minus the dense run's of the same seed (negative: better than dense):", "", header, rule]
+    for name, gap in summary["final_loss_minus_dense"].items():
+        lines.append(f"| {name} | " + " | ".join(_interval_cell(gap[m]) for m in columns) + " |")
+    lines += ["", "Fraction of the dense run's training FLOPs at which each run's fitted curve reaches the dense "
+              "run's fitted final loss:", "", header, rule]
+    for name, fractions in summary["flops_fraction"].items():
+        lines.append(f"| {name} | " + " | ".join(_fitted_cell(fractions[m]) for m in columns) + " |")
+    lines += ["", "The raw first crossing of the points, per seed:", "", header, rule]
+    for name, crossings in summary["raw_first_crossing"].items():
+        lines.append(f"| {name} | " + " | ".join(", ".join(_fraction_cell(c) for c in crossings[m]) for m in columns)
+                     + " |")
+    lines += ["", "| run | non-embedding parameters | s/step (side by side) |", "|---|---|---|"]
+    for name, seeds_of_run in report["runs"].items():
+        lines.append(f"| {name} | {seeds_of_run[0]['non_embedding_parameters']:,} | "
+                     f"{report['step_seconds'][name]:.3f} |")
+    lines += ["", "Ranking by mean overall final loss: " + ", ".join(summary["ranking_by_overall_final_loss"]) + "."]
     return "\n".join(lines) + "\n"
 
 
 def run_study(preset: StudyPreset, out: Path, command: str, steps: int | None = None,
-              evaluations: int | None = None) -> dict:
+              evaluations: int | None = None, seeds: int | None = None) -> dict:
     corpus_preset = preset.corpus
     if steps is not None:
         corpus_preset = corpus_preset.model_copy(update={
             "lm_schedule": corpus_preset.lm_schedule.model_copy(update={"steps": steps})})
+    seeds = seeds or preset.seeds
     started = time.monotonic()
     source, corpus, corpus_metrics, data = prepare(corpus_preset)
     modalities = source.config.modalities
-    models, runs = {}, {}
-    for name, (backbone, untied) in RUNS.items():
-        models[name] = with_backbone(source, backbone, untied, corpus_preset.seed)
-        runs[name] = train_run(models[name], corpus, corpus_preset, evaluations or preset.evaluations, name)
+    models, runs = {}, {name: [] for name in RUNS}
+    for seed in range(seeds):
+        for name, (backbone, untied) in RUNS.items():
+            models[name] = with_backbone(source, backbone, untied, corpus_preset.seed + SEED_STRIDE * seed)
+            runs[name].append(train_run(models[name], corpus, corpus_preset, evaluations or preset.evaluations,
+                                        f"{name} (seed {seed + 1} of {seeds})", seed))
     report = {
         "command": command,
         "machine": machine(),
+        "seeds": seeds,
         "modalities": list(modalities),
         "corpus": {"data": data, "metrics": corpus_metrics, "batch_size": corpus_preset.lm_schedule.batch_size,
                    "steps": corpus_preset.lm_schedule.steps, "transformer": corpus_preset.transformer.model_dump(),
@@ -268,11 +345,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="directory for study.json, study.md and loss.png")
     parser.add_argument("--steps", type=positive_int, help="override the preset's training steps of every run")
     parser.add_argument("--evaluations", type=positive_int, help="held-out evaluations per run")
+    parser.add_argument("--seeds", type=positive_int, help="repetitions of the comparison (default: the preset's)")
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     report = run_study(STUDY_PRESETS[args.preset](), args.out, command_line(argv),
-                       steps=args.steps, evaluations=args.evaluations)
+                       steps=args.steps, evaluations=args.evaluations, seeds=args.seeds)
     print(markdown(report), end="")
     print(f"written: {args.out / 'study.json'}, {args.out / 'study.md'}, {args.out / 'loss.png'}")
     return 0

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpatchwork/v1/audiovideo.proto\x12\x0cpatchwork.v1\"3\n\x05\x41rray\x12\r\n\x05shape\x18\x01 \x03(\r\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x80\x01\n\x04\x43lip\x12\x0b\n\x03wav\x18\x01 \x01(\x0c\x12\x0e\n\x06\x66rames\x18\x02 \x03(\x0c\x12\"\n\x05\x61udio\x18\x03 \x01(\x0b\x32\x13.patchwork.v1.Array\x12\x13\n\x0bsample_rate\x18\x04 \x01(\r\x12\"\n\x05video\x18\x05 \x01(\x0b\x32\x13.patchwork.v1.Array\"?\n\x0c\x45mbedRequest\x12 \n\x04\x63lip\x18\x01 \x01(\x0b\x32\x12.patchwork.v1.Clip\x12\r\n\x05model\x18\x02 \x01(\t\"K\n\rEmbedResponse\x12\r\n\x05\x61udio\x18\x01 \x03(\x02\x12\r\n\x05video\x18\x02 \x03(\x02\x12\r\n\x05\x66used\x18\x03 \x03(\x02\x12\r\n\x05model\x18\x04 \x01(\t\"Q\n\x0f\x43lassifyRequest\x12 \n\x04\x63lip\x18\x01 \x01(\x0b\x32\x12.patchwork.v1.Clip\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05model\x18\x03 \x01(\t\"$\n\x05Label\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"T\n\x10\x43lassifyResponse\x12#\n\x06labels\x18\x01 \x03(\x0b\x32\x13.patchwork.v1.Label\x12\x0c\n\x04head\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\"a\n\x0fRetrieveRequest\x12!\n\x05query\x18\x01 \x01(\x0b\x32\x12.patchwork.v1.Clip\x12\r\n\x05index\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\"\"\n\x05Match\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"Y\n\x10RetrieveResponse\x12$\n\x07matches\x18\x01 \x03(\x0b\x32\x13.patchwork.v1.Match\x12\x10\n\x08searched\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t2\xe4\x01\n\nAudioVideo\x12@\n\x05\x45mbed\x12\x1a.patchwork.v1.EmbedRequest\x1a\x1b.patchwork.v1.EmbedResponse\x12I\n\x08\x43lassify\x12\x1d.patchwork.v1.ClassifyRequest\x1a\x1e.patchwork.v1.ClassifyResponse\x12I\n\x08Retrieve\x12\x1d.patchwork.v1.RetrieveRequest\x1a\x1e.patchwork.v1.RetrieveResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpatchwork/v1/audiovideo.proto\x12\x0cpatchwork.v1\"3\n\x05\x41rray\x12\r\n\x05shape\x18\x01 \x03(\r\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x80\x01\n\x04\x43lip\x12\x0b\n\x03wav\x18\x01 \x01(\x0c\x12\x0e\n\x06\x66rames\x18\x02 \x03(\x0c\x12\"\n\x05\x61udio\x18\x03 \x01(\x0b\x32\x13.patchwork.v1.Array\x12\x13\n\x0bsample_rate\x18\x04 \x01(\r\x12\"\n\x05video\x18\x05 \x01(\x0b\x32\x13.patchwork.v1.Array\"?\n\x0c\x45mbedRequest\x12 \n\x04\x63lip\x18\x01 \x01(\x0b\x32\x12.patchwork.v1.Clip\x12\r\n\x05model\x18\x02 \x01(\t\"\x88\x01\n\rEmbedResponse\x12\r\n\x05\x61udio\x18\x01 \x03(\x02\x12\r\n\x05video\x18\x02 \x03(\x02\x12\r\n\x05\x66used\x18\x03 \x03(\x02\x12\r\n\x05model\x18\x04 \x01(\t\x12\x14\n\x0cshared_audio\x18\x05 \x03(\x02\x12\x14\n\x0cshared_video\x18\x06 \x03(\x02\x12\x0f\n\x07windows\x18\x07 \x01(\r\"Q\n\x0f\x43lassifyRequest\x12 \n\x04\x63lip\x18\x01 \x01(\x0b\x32\x12.patchwork.v1.Clip\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05model\x18\x03 \x01(\t\"$\n\x05Label\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"e\n\x10\x43lassifyResponse\x12#\n\x06labels\x18\x01 \x03(\x0b\x32\x13.patchwork.v1.Label\x12\x0c\n\x04head\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07windows\x18\x04 \x01(\r\"a\n\x0fRetrieveRequest\x12!\n\x05query\x18\x01 \x01(\x0b\x32\x12.patchwork.v1.Clip\x12\r\n\x05index\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\"\"\n\x05Match\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"j\n\x10RetrieveResponse\x12$\n\x07matches\x18\x01 \x03(\x0b\x32\x13.patchwork.v1.Match\x12\x10\n\x08searched\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07windows\x18\x04 \x01(\r2\xe4\x01\n\nAudioVideo\x12@\n\x05\x45mbed\x12\x1a.patchwork.v1.EmbedRequest\x1a\x1b.patchwork.v1.EmbedResponse\x12I\n\x08\x43lassify\x12\x1d.patchwork.v1.ClassifyRequest\x1a\x1e.patchwork.v1.ClassifyResponse\x12I\n\x08Retrieve\x12\x1d.patchwork.v1.RetrieveRequest\x1a\x1e.patchwork.v1.RetrieveResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,20 +37,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLIP']._serialized_end=229
   _globals['_EMBEDREQUEST']._serialized_start=231
   _globals['_EMBEDREQUEST']._serialized_end=294
-  _globals['_EMBEDRESPONSE']._serialized_start=296
-  _globals['_EMBEDRESPONSE']._serialized_end=371
-  _globals['_CLASSIFYREQUEST']._serialized_start=373
-  _globals['_CLASSIFYREQUEST']._serialized_end=454
-  _globals['_LABEL']._serialized_start=456
-  _globals['_LABEL']._serialized_end=492
-  _globals['_CLASSIFYRESPONSE']._serialized_start=494
-  _globals['_CLASSIFYRESPONSE']._serialized_end=578
-  _globals['_RETRIEVEREQUEST']._serialized_start=580
-  _globals['_RETRIEVEREQUEST']._serialized_end=677
-  _globals['_MATCH']._serialized_start=679
-  _globals['_MATCH']._serialized_end=713
-  _globals['_RETRIEVERESPONSE']._serialized_start=715
-  _globals['_RETRIEVERESPONSE']._serialized_end=804
-  _globals['_AUDIOVIDEO']._serialized_start=807
-  _globals['_AUDIOVIDEO']._serialized_end=1035
+  _globals['_EMBEDRESPONSE']._serialized_start=297
+  _globals['_EMBEDRESPONSE']._serialized_end=433
+  _globals['_CLASSIFYREQUEST']._serialized_start=435
+  _globals['_CLASSIFYREQUEST']._serialized_end=516
+  _globals['_LABEL']._serialized_start=518
+  _globals['_LABEL']._serialized_end=554
+  _globals['_CLASSIFYRESPONSE']._serialized_start=556
+  _globals['_CLASSIFYRESPONSE']._serialized_end=657
+  _globals['_RETRIEVEREQUEST']._serialized_start=659
+  _globals['_RETRIEVEREQUEST']._serialized_end=756
+  _globals['_MATCH']._serialized_start=758
+  _globals['_MATCH']._serialized_end=792
+  _globals['_RETRIEVERESPONSE']._serialized_start=794
+  _globals['_RETRIEVERESPONSE']._serialized_end=900
+  _globals['_AUDIOVIDEO']._serialized_start=903
+  _globals['_AUDIOVIDEO']._serialized_end=1131
 # @@protoc_insertion_point(module_scope)

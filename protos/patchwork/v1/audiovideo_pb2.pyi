@@ -39,16 +39,22 @@ class EmbedRequest(_message.Message):
     def __init__(self, clip: _Optional[_Union[Clip, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
-    __slots__ = ("audio", "video", "fused", "model")
+    __slots__ = ("audio", "video", "fused", "model", "shared_audio", "shared_video", "windows")
     AUDIO_FIELD_NUMBER: _ClassVar[int]
     VIDEO_FIELD_NUMBER: _ClassVar[int]
     FUSED_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    SHARED_AUDIO_FIELD_NUMBER: _ClassVar[int]
+    SHARED_VIDEO_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
     audio: _containers.RepeatedScalarFieldContainer[float]
     video: _containers.RepeatedScalarFieldContainer[float]
     fused: _containers.RepeatedScalarFieldContainer[float]
     model: str
-    def __init__(self, audio: _Optional[_Iterable[float]] = ..., video: _Optional[_Iterable[float]] = ..., fused: _Optional[_Iterable[float]] = ..., model: _Optional[str] = ...) -> None: ...
+    shared_audio: _containers.RepeatedScalarFieldContainer[float]
+    shared_video: _containers.RepeatedScalarFieldContainer[float]
+    windows: int
+    def __init__(self, audio: _Optional[_Iterable[float]] = ..., video: _Optional[_Iterable[float]] = ..., fused: _Optional[_Iterable[float]] = ..., model: _Optional[str] = ..., shared_audio: _Optional[_Iterable[float]] = ..., shared_video: _Optional[_Iterable[float]] = ..., windows: _Optional[int] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
     __slots__ = ("clip", "top_k", "model")
@@ -69,14 +75,16 @@ class Label(_message.Message):
     def __init__(self, name: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("labels", "head", "model")
+    __slots__ = ("labels", "head", "model", "windows")
     LABELS_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
     labels: _containers.RepeatedCompositeFieldContainer[Label]
     head: str
     model: str
-    def __init__(self, labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., head: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+    windows: int
+    def __init__(self, labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., head: _Optional[str] = ..., model: _Optional[str] = ..., windows: _Optional[int] = ...) -> None: ...
 
 class RetrieveRequest(_message.Message):
     __slots__ = ("query", "index", "top_k", "model")
@@ -99,11 +107,13 @@ class Match(_message.Message):
     def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
-    __slots__ = ("matches", "searched", "model")
+    __slots__ = ("matches", "searched", "model", "windows")
     MATCHES_FIELD_NUMBER: _ClassVar[int]
     SEARCHED_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
     matches: _containers.RepeatedCompositeFieldContainer[Match]
     searched: str
     model: str
-    def __init__(self, matches: _Optional[_Iterable[_Union[Match, _Mapping]]] = ..., searched: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+    windows: int
+    def __init__(self, matches: _Optional[_Iterable[_Union[Match, _Mapping]]] = ..., searched: _Optional[str] = ..., model: _Optional[str] = ..., windows: _Optional[int] = ...) -> None: ...
