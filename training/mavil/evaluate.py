@@ -78,10 +78,10 @@ def evaluate(models: dict[str, Path], probe_steps: int = 300, seed: int = 0) -> 
     heldout_attributes = {modality: labels(heldout_clips, modality) for modality in CARRIED}
     results = {REFERENCES: {name: reference_recall(heldout_clips, key) for name, key in SHARED.items()}}
     for name, model in loaded.items():  # each reads the clips with its own input settings
-        train, heldout = encoder_inputs(train_clips, model.config), encoder_inputs(heldout_clips, model.config)
+        train = clip_embeddings(model, encoder_inputs(train_clips, model.config))
+        heldout = clip_embeddings(model, encoder_inputs(heldout_clips, model.config))
         results[name] = probe_and_heads(model, train, train_labels, heldout, heldout_labels, probe_steps)
-        results[name].update(attribute_probes(clip_embeddings(model, train), train_attributes,
-                                              clip_embeddings(model, heldout), heldout_attributes, probe_steps))
+        results[name].update(attribute_probes(train, train_attributes, heldout, heldout_attributes, probe_steps))
     return results
 
 
@@ -111,8 +111,6 @@ def towers_markdown(results: dict[str, dict[str, float]]) -> str:
 
 
 def run_towers(args: argparse.Namespace) -> int:
-    from patchwork.training.mavil.presets import PRESETS
-
     check = TowerCheck()
     if args.steps:
         check = check.model_copy(update={"schedule": check.schedule.model_copy(update={"steps": args.steps})})

@@ -70,7 +70,7 @@ def _default() -> MavilPreset:
         video_encoder=TransformerConfig(dim=64, n_layers=2, n_heads=4),
         fusion=TransformerConfig(dim=64, n_layers=2, n_heads=4),
         decoder=TransformerConfig(dim=48, n_layers=1, n_heads=4),
-        schedule=Schedule(steps=300, batch_size=96, lr=2e-3),
+        schedule=Schedule(steps=800, batch_size=96, lr=2e-3),
     )
 
 

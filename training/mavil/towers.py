@@ -79,7 +79,9 @@ def check_towers(preset: MavilPreset, check: TowerCheck | None = None, seed: int
             return sum(F.cross_entropy(head(pooled), train_labels[name][picks]) for name, head in heads.items())
 
         model.train()
-        fit([*model.parameters(), *heads.parameters()], loss_of, next_batch, check.schedule, f"{modality} tower")
+        parts = tuple(f"{modality}_{part}" for part in ("embed", "places", "encoder", "norm"))
+        tower = [p for name, p in model.named_parameters() if name.startswith(parts)]
+        fit([*tower, *heads.parameters()], loss_of, next_batch, check.schedule, f"{modality} tower")
         model.eval()
         with torch.no_grad():
             pooled = encode(heldout_inputs)[0].mean(1)

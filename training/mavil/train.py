@@ -70,10 +70,11 @@ def encoder_inputs(clips: list[Clip], config: MavilConfig, chunk: int = 256) -> 
     return Batch(torch.cat(audio), torch.cat(video))
 
 
-def probe_and_heads(model: MavilModel, train: Batch, train_labels: torch.Tensor, heldout: Batch,
-                    heldout_labels: torch.Tensor, steps: int) -> dict[str, float]:
-    """Trains the linear heads into ``model`` and returns the held-out metrics."""
-    train_embeddings, heldout_embeddings = clip_embeddings(model, train), clip_embeddings(model, heldout)
+def probe_and_heads(model: MavilModel, train_embeddings: dict[str, torch.Tensor], train_labels: torch.Tensor,
+                    heldout_embeddings: dict[str, torch.Tensor], heldout_labels: torch.Tensor,
+                    steps: int) -> dict[str, float]:
+    """Trains the linear heads into ``model`` on its ``clip_embeddings`` of the
+    training clips and returns the held-out metrics."""
     metrics = {}
     for modality in MODALITIES:
         accuracy, weight, bias = linear_probe(train_embeddings[modality], train_labels, heldout_embeddings[modality],
@@ -135,7 +136,8 @@ def train_mavil(preset: MavilPreset, out: Path, command: str, stage: int = 1, te
     model.train()
     fit([*model.parameters(), *heads.parameters()], loss_of, next_batch, schedule, f"mavil stage {stage}")
     model.eval()
-    metrics = probe_and_heads(model, train, train_labels, heldout, heldout_labels, preset.probe_steps)
+    metrics = probe_and_heads(model, clip_embeddings(model, train), train_labels, clip_embeddings(model, heldout),
+                              heldout_labels, preset.probe_steps)
     metrics["parameters"] = float(sum(p.numel() for p in model.parameters()))
     metrics["train_seconds"] = time.monotonic() - started
     data = {"avworld": {"seed": preset.world_seed, "frames": video.frames, "image_size": video.image_size,
