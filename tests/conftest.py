@@ -295,8 +295,9 @@ def serving_config(tiny_checkpoint, cm3leon_checkpoint, mot_checkpoint, mavil_ch
     in the engine's queue behind a generous Ray Serve bound, so the engine's
     own queue bound is what refuses; the tests that kill a replica have it to
     themselves); ``echo``, a model of the test family in
-    ``tests/echo_family.py``; ``cm3leon``, CM3Leon's tiny preset; ``mot``,
-    its mot-tiny preset (Mixture-of-Transformers, with sound); and
+    ``tests/echo_family.py``; ``cm3leon``, CM3Leon's tiny preset (4 slots and
+    16 places in its engine's queue); ``mot``, its mot-tiny preset
+    (Mixture-of-Transformers, with sound); and
     ``mavil``, MAViL's tiny preset after stage 2 (8 clips a batch, 32
     requests in flight); ``local``, the tiny checkpoint once more, run by the
     gateway's replica itself (no hop to a model deployment). ``cm3leon``'s
@@ -347,6 +348,8 @@ def serving_config(tiny_checkpoint, cm3leon_checkpoint, mot_checkpoint, mavil_ch
         engine_overrides={WIDE_MODEL: SchedulerConfig(max_batch_size=32, max_sequence_bytes=2000, max_queue=64,
                                                       prefill_budget=128),
                           BOUNDED_MODEL: SchedulerConfig(max_batch_size=2, max_sequence_bytes=2000, max_queue=2),
+                          # Room for a GenerateImage of two samples from each of the mixed load test's users.
+                          CM3LEON_MODEL: SchedulerConfig(max_batch_size=4, max_sequence_bytes=2000, max_queue=16),
                           MAVIL_MODEL: SchedulerConfig(max_batch_size=8, max_sequence_bytes=2000, max_queue=32)},
     )
 

@@ -6,7 +6,7 @@ import subprocess
 
 from patchwork.loadtests.plan import FAMILIES, RPCS
 from patchwork.serving.families import SERVED
-from tests.conftest import CM3LEON_MODEL, MAVIL_MODEL, PATCHWORK, REPO
+from tests.conftest import CM3LEON_MODEL, MAVIL_MODEL, PATCHWORK, REPO, WIDE_MODEL
 
 
 def loadtests(*args, timeout=300):
@@ -55,18 +55,26 @@ SERVICES = {rpc: {"blt": "ByteLM", "cm3leon": "Multimodal", "mavil": "AudioVideo
             for rpc, spec in RPCS.items()}
 
 
-def test_a_mixed_run_calls_every_rpc_of_every_family_and_reports_each_in_its_unit(grpc_target, tmp_path):
+def test_a_mixed_run_calls_every_rpc_of_every_family_and_reports_each_in_its_unit(grpc_target, serving_config,
+                                                                                   tmp_path):
     # Every RPC at the same weight, and two images a GenerateImage; as many users as RPCs, so
-    # each RPC is some user's first call (however busy the machine).
+    # each RPC is some user's first call (however busy the machine). A user has one call in
+    # flight, so every model must take all users at once (a GenerateImage's samples are a
+    # sequence each) for no call to be refused however the calls bunch up: ByteLM goes to
+    # `wide`, the model with room for that.
+    users, samples = len(RPCS), 2
+    models = {"blt": WIDE_MODEL, "cm3leon": CM3LEON_MODEL, "mavil": MAVIL_MODEL}
+    for family, model in models.items():
+        options, engine = serving_config.options_for(model), serving_config.engine_for(model)
+        assert users <= options.max_ongoing_requests and (
+            users * (samples if family == "cm3leon" else 1) <= engine.max_batch_size + engine.max_queue), model
     mix = ",".join(f"{rpc}=1" for rpc in RPCS)
-    result = loadtests("run", "--target", grpc_target, "--mix", mix, "--users", str(len(RPCS)), "--duration", "10s",
-                       "--max-new-bytes", "8", "--samples", "2", "--out", str(tmp_path))
+    result = loadtests("run", "--target", grpc_target, "--mix", mix, "--model", WIDE_MODEL, "--users", str(users),
+                       "--duration", "10s", "--max-new-bytes", "8", "--samples", str(samples), "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     summary = (tmp_path / "summary.md").read_text()
     assert "0 failed (error rate 0.00%)" in summary
     rows = stats(tmp_path / "run")
-    # The server's default model answers ByteLM; each other family its first model by name.
-    models = {"blt": "tiny", "cm3leon": CM3LEON_MODEL, "mavil": MAVIL_MODEL}
     for rpc, spec in RPCS.items():
         row = rows[f"/patchwork.v1.{SERVICES[rpc]}/{rpc}"]
         requests = int(row["Request Count"])
