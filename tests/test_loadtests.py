@@ -36,6 +36,8 @@ def test_a_short_run_writes_csv_summary_and_plot_and_checks_the_slo(grpc_target,
     assert result.returncode == 0, result.stderr
     summary = (tmp_path / "ok" / "summary.md").read_text()
     assert "0 failed (error rate 0.00%)" in summary
+    # Without --model, the server's default model answers ByteLM.
+    assert all(f"| {rpc} | tiny | {spec.weight} |" in summary for rpc, spec in RPCS.items() if spec.family == "blt")
     counts = {name: int(row["Request Count"]) for name, row in stats(tmp_path / "ok" / "run").items()}
     assert counts["Aggregated"] > 0
     # Which methods a short run reaches is random (a round's order is): every
