@@ -3,6 +3,8 @@ embeddings equal one-at-a-time ones and the embeddings the probes read),
 the micro-batcher, heads, indexes and their command."""
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -377,5 +379,7 @@ def test_the_tower_check_command_reports_every_attribute_and_fails_below_the_bar
     results = json.loads((tmp_path / "towers.json").read_text())
     assert set(results["audio"]) == {"kind", "size", "speed", "glide", "material"}
     assert "| video | direction |" in run.stdout and "tower check failed: video speed" in run.stderr
-    nothing = run_patchwork("eval", "mavil")
+    # The module runs as the command does, in an interpreter of its own, from any folder.
+    nothing = subprocess.run([sys.executable, "-m", "patchwork.training.mavil.evaluate"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
     assert nothing.returncode == 2 and "--model NAME=DIR (or --towers)" in nothing.stderr
