@@ -17,6 +17,9 @@ eager; the grouped linear at least 60% of the dense matmul's TFLOP/s.
 ``--all`` runs every kernel and, given ``--blt-checkpoint``, the BLT
 generation benchmark on the same device.
 
+Each phase (the peaks, each kernel) says on stderr when it starts and what it
+measured when it ends (``benchmarks.progress``).
+
 On a CPU, Triton runs in its interpreter (``TRITON_INTERPRET=1 patchwork
 bench kernels --device cpu ...``): the numbers there say nothing about
 speed; the mode exists so that the test suite runs the benchmark end to end.
@@ -34,10 +37,13 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from patchwork.benchmarks.progress import Phases
 
 # Each case: the module whose ``bench_case`` builds it, and that function's options.
 KERNELS = {
@@ -125,13 +131,31 @@ def difference(actual: Any, expected: Any, tolerance: tuple[float, float]) -> di
     return {"max_abs_error": error, "mismatched": mismatched, "ok": close and not mismatched}
 
 
+@contextmanager
+def checking_threads(device):
+    """The correctness check runs torch on one CPU thread: with two, the eager
+    entropy of a process's first check was seen 2e-4 nats off its float64
+    value (the kernel's was 1e-6 off), and never with one. Serving engines
+    run one thread per scheduler anyway; the timings keep every thread."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def measure(name: str, scale: int, device, dtype, repeats: int, peak: dict) -> dict:
     from patchwork.kernels import dispatch
 
     module, options = KERNELS[name]
     case = importlib.import_module(module).bench_case(scale, device, dtype, **options)
     launches = sum(dispatch.launches.values())
-    check = difference(case.triton(*case.inputs[0]), case.baseline(*case.inputs[0]), case.tolerance)
+    with checking_threads(device):
+        check = difference(case.triton(*case.inputs[0]), case.baseline(*case.inputs[0]), case.tolerance)
     if sum(dispatch.launches.values()) == launches:
         raise RuntimeError(f"{name}: the Triton call launched no Triton kernel")
     triton_s = median_seconds(case.triton, case.inputs, repeats, device)
@@ -200,18 +224,26 @@ def main(argv: list[str] | None = None) -> int:
 
     dtype = getattr(torch, args.dtype)
     scale = args.scale or (64 if device.type == "cuda" else 1)
-    peak = peaks(device, dtype)
     names = sorted(KERNELS) if args.all else args.kernel
+    phases = Phases("bench kernels", 1 + len(names))
+    with phases("the device's copy bandwidth and matmul peak") as phase:
+        peak = peaks(device, dtype)
+        phase.result = f"{peak['copy_bytes_per_s'] / 1e9:.1f} GB/s, {peak['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s"
+    kernels = {}
+    for name in names:
+        with phases(f"kernel {name}") as phase:
+            kernels[name] = measure(name, scale, device, dtype, args.repeats, peak)
+            phase.result = (f"{'correct' if kernels[name]['ok'] else 'WRONG'}, {kernels[name]['speedup']:.2f}x eager, "
+                            f"{kernels[name]['bytes_per_s'] / 1e9:.1f} GB/s")
     result: dict = {
         "machine": {
             "device": str(device), "torch": torch.__version__, "triton": triton.__version__,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
             or platform.machine(),
         },
-        "dtype": args.dtype, "scale": scale, "repeats": args.repeats, "peaks": peak,
-        "kernels": {name: measure(name, scale, device, dtype, args.repeats, peak) for name in names},
+        "dtype": args.dtype, "scale": scale, "repeats": args.repeats, "peaks": peak, "kernels": kernels,
     }
-    if args.all and args.blt_checkpoint:
+    if args.all and args.blt_checkpoint:  # the BLT benchmark reports its own phases
         from patchwork.benchmarks import blt as blt_bench
 
         result["blt"] = blt_bench.run(blt_bench.parse_args([

@@ -9,7 +9,8 @@ world clips with both modalities): one clip per pass, then 32 per pass. The
 served numbers need a server: ``--target`` measures a running one (``--model``
 names the MAViL model), ``--serve`` starts a local one serving only this
 checkpoint (one CPU replica) and stops it afterwards. Each served run sends
-the same clips as Embed requests, as WAV and PNG files.
+the same clips as Embed requests, as WAV and PNG files. Each phase says on
+stderr when it starts and what it measured when it ends (``benchmarks.progress``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from patchwork.benchmarks.progress import Phases
 from patchwork.engines.checkpoint import CheckpointError
 from patchwork.engines.mavil.engine import Clip, load_mavil
 
@@ -144,15 +146,25 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    phases = Phases("bench mavil", 2 + bool(args.target or args.serve))
     try:
-        clips = world_clips(engine, args.clips)
-        results = {"threads": torch.get_num_threads(), "clips": len(clips), **encoder_throughput(engine, clips)}
+        with phases(f"{args.clips} clips of the procedural world") as phase:
+            clips = world_clips(engine, args.clips)
+            phase.result = f"{len(clips)} clips"
+        with phases("the encoder at batch 1 and at batch 32") as phase:
+            results = {"threads": torch.get_num_threads(), "clips": len(clips), **encoder_throughput(engine, clips)}
+            phase.result = (f"{results['encoder_clips_per_s_batch_1']:.1f} clips/s at batch 1, "
+                            f"{results['encoder_clips_per_s_batch_32']:.1f} at batch 32")
     finally:
         engine.close()
-    if args.target:
-        results.update(served_throughput(args.target, args.model, clips, args.token))
-    elif args.serve:
-        results.update(serve_and_measure(args.checkpoint, clips, args.token))
+    if args.target or args.serve:
+        where = args.target or "a local server of this checkpoint alone"
+        with phases(f"Embed through {where}: one client, then {CONCURRENT_CLIENTS}") as phase:
+            results.update(served_throughput(args.target, args.model, clips, args.token) if args.target
+                           else serve_and_measure(args.checkpoint, clips, args.token))
+            phase.result = (f"{results['served_clips_per_s_one_client']:.1f} clips/s from one client, "
+                            f"{results[f'served_clips_per_s_{CONCURRENT_CLIENTS}_clients']:.1f} from "
+                            f"{CONCURRENT_CLIENTS}")
     for name, value in results.items():
         print(f"{name}: {value:.2f}" if isinstance(value, float) else f"{name}: {value}")
     if args.json:

@@ -13,7 +13,8 @@ modalities mixed, as the scheduler steps sequences writing captions, image
 codes and sounds together. A prefill is the same rows reading ``--context``
 tokens of interleaved modalities. Every configuration runs in turn within
 each round (so machine noise falls on all alike); the median over the
-rounds is reported, with MoT / dense ratios.
+rounds is reported, with MoT / dense ratios. Each phase says on stderr when it
+starts and what it measured when it ends (``benchmarks.progress``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from patchwork.benchmarks.progress import Phases
 from patchwork.engines.layers import CausalLM, TransformerConfig, fuse_projections
 from patchwork.engines.mot.config import Untied
 from patchwork.engines.mot.model import MotLM
@@ -60,7 +62,10 @@ def _tokens(rows: int, width: int, mixed: bool, generator: torch.Generator) -> t
 
 @torch.inference_mode()
 def measure(cfg: TransformerConfig, batch: int, context: int, rounds: int) -> dict:
-    models = _models(cfg)
+    phases = Phases("bench mot", 3)
+    with phases("building the dense and MoT models") as phase:
+        models = _models(cfg)
+        phase.result = ", ".join(models)
     generator = torch.Generator().manual_seed(1)
     cases = {}  # name -> a call that runs it once
     for name, model in models.items():
@@ -80,15 +85,19 @@ def measure(cfg: TransformerConfig, batch: int, context: int, rounds: int) -> di
 
             cases[f"{name} decode, {label}"] = decode
             cases[f"{name} prefill, {label}"] = lambda model=model, tokens=prefill_tokens: model(tokens)
-    for run in cases.values():
-        run()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(rounds):
-        for name, run in cases.items():
-            started = time.perf_counter()
+    with phases("a warm-up of every case") as phase:
+        for run in cases.values():
             run()
-            times[name].append(time.perf_counter() - started)
-    milliseconds = {name: 1000 * sorted(values)[len(values) // 2] for name, values in times.items()}
+        phase.result = f"{len(cases)} cases"
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    with phases(f"{rounds} rounds of every case") as phase:
+        for _ in range(rounds):
+            for name, run in cases.items():
+                started = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - started)
+        milliseconds = {name: 1000 * sorted(values)[len(values) // 2] for name, values in times.items()}
+        phase.result = ", ".join(f"{name} {ms:.2f} ms" for name, ms in milliseconds.items() if "decode" in name)
     ratios = {f"{kind}, {label}": milliseconds[f"mot-all {kind}, {label}"] / milliseconds[f"dense {kind}, {label}"]
               for kind in ("decode", "prefill") for label in ("one modality", "mixed")}
     parameters = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}

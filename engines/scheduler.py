@@ -65,7 +65,7 @@ from patchwork.engines.api import (
     SamplingParams,
 )
 from patchwork.engines.generation import Decoding
-from patchwork.engines.sampling import choose_rows
+from patchwork.engines.sampling import INVALID, choose_rows
 
 logger = logging.getLogger(__name__)
 
@@ -500,12 +500,11 @@ class Scheduler:
         a request whose row or record fails fails alone."""
         errors: dict[int, Exception] = {}
         try:
-            chosen, errors = choose_rows(self.model.mask_logits(logits), [r.decoding for r in requests])
+            chosen, failed = choose_rows(self.model.mask_logits(logits), [r.decoding for r in requests])
             ahead = self._run_ahead(requests, chosen)
-            if ahead is None:
-                symbols, aheads = chosen.tolist(), [None] * len(requests)
-            else:
-                symbols, aheads = torch.stack([chosen, ahead.long()]).tolist()
+            read = torch.stack([chosen, failed.long(), *([] if ahead is None else [ahead.long()])]).tolist()
+            symbols, aheads = read[0], read[2] if ahead is not None else [None] * len(requests)
+            errors = {i: RuntimeError(INVALID) for i, row_failed in enumerate(read[1]) if row_failed}
         except Exception as error:
             logger.exception("choosing the next symbols failed; failing their %d requests", len(requests))
             symbols = aheads = [None] * len(requests)

@@ -4,7 +4,7 @@
                                [--mix all] [--model NAME ...] [--max-new-bytes 64] [--samples 1]
     patchwork loadtest sweep   [--users-list 1,2,4,8,16,32] [--duration 30s] ...
     patchwork loadtest compare [--replicas 1,2] [--deployment model-blt-default] [--users 16] ...
-    patchwork loadtest overhead --checkpoint DIR [--target ...] [--requests 200]
+    patchwork loadtest overhead --checkpoint DIR [--model NAME] ... [--target ...] [--requests 200]
 
 --mix says which RPCs the users call and how often, and --model which
 served model answers a family's RPCs (``plan``'s docstring); by default
@@ -14,7 +14,8 @@ output in its unit: bytes, images, captions, infills, clips per second;
 mean, p50, p90 and p99 of each RPC's end-to-end latency and of a stream's
 time to first byte, time per output byte and inter-byte latency; the error
 rate) and PNG plots into --out. A sweep adds the knee: the user count after
-which throughput stops growing.
+which throughput stops growing. ``overhead`` measures what serving adds to
+the smallest call of the checkpoint's family (``loadtests/overhead.py``).
 With --start-if-down a server is started (`serving up --detach`) when none
 answers at the target, its gateway answering at the target's port (direct
 ingress), and stopped afterwards. --slo-p99-ms makes the run
@@ -28,10 +29,8 @@ import argparse
 import ipaddress
 import os
 import socket
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from patchwork.client import CA_FILE_ENV
@@ -159,36 +158,18 @@ def run_compare(args: argparse.Namespace, plan: Plan) -> int:
 
 
 def run_overhead(args: argparse.Namespace) -> int:
-    """p50 of a 1-byte Generate through gRPC and Ray Serve minus the same call
-    on the engine in this process (same checkpoint, sequential calls)."""
+    """What serving adds to the checkpoint's family's smallest call (``overhead``)."""
     from patchwork.client import NO_RETRY, Client
-    from patchwork.engines.api import SamplingParams
-    from patchwork.engines.loading import load
+    from patchwork.loadtests import overhead
 
-    engine = load(args.checkpoint)
-    params = SamplingParams(max_new_bytes=1)
-    prompt = b"def "
-    in_process = []
-    for _ in range(args.requests):
-        start = time.perf_counter()
-        engine.generate_one(prompt, params)
-        in_process.append(time.perf_counter() - start)
-    served = []
+    models = args.model or [""] * len(args.checkpoint)
+    if len(models) != len(args.checkpoint):
+        raise UsageError(f"{len(args.checkpoint)} --checkpoint and {len(models)} --model: give one model per "
+                         "checkpoint, or none (each family's RPCs then go to the server's choice)")
     with Client(args.target, token=os.environ.get("PATCHWORK_AUTH_TOKEN") or None, timeout=60,
                 retry=NO_RETRY) as client:
-        client.generate(prompt, max_new_bytes=1, model=args.model)
-        for _ in range(args.requests):
-            start = time.perf_counter()
-            client.generate(prompt, max_new_bytes=1, model=args.model)
-            served.append(time.perf_counter() - start)
-    p50_local, p50_served = statistics.median(in_process), statistics.median(served)
-    text = (
-        f"1-byte generation, {args.requests} sequential calls each:\n"
-        f"- in-process engine p50: {1000 * p50_local:.2f} ms\n"
-        f"- through gRPC + Ray Serve p50: {1000 * p50_served:.2f} ms "
-        f"(p90 {1000 * statistics.quantiles(served, n=10)[-1]:.2f} ms)\n"
-        f"- overhead p50: {1000 * (p50_served - p50_local):.2f} ms\n"
-    )
+        text = "\n".join(overhead.markdown(overhead.measure(checkpoint, client, model, args.requests))
+                         for checkpoint, model in zip(args.checkpoint, models))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overhead.md").write_text(text)
     print(text)
@@ -224,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
             command.add_argument("--replicas", default="1,2")
             command.add_argument("--deployment", default="model-blt-default")
         if name == "overhead":
-            command.add_argument("--model", default="")
-            command.add_argument("--checkpoint", type=Path, required=True)
+            command.add_argument("--checkpoint", type=Path, action="append", required=True,
+                                 help="the served model's checkpoint (repeatable: one measurement each)")
+            command.add_argument("--model", action="append",
+                                 help="the served model of each --checkpoint, in order (default: the server's choice)")
             command.add_argument("--requests", type=int, default=200)
         else:
             command.add_argument("--mix", default="all",

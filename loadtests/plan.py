@@ -154,7 +154,7 @@ def choose_models(models: list, named: list[str]) -> dict[str, Any]:
     return chosen
 
 
-def _clip_inputs(config: dict) -> ClipInputs:
+def clip_inputs(config: dict) -> ClipInputs:
     indexes = sorted(config.get("indexes", {}), key=lambda name: name != "heldout")
     return ClipInputs(seconds=config["audio"]["seconds"], sample_rate=config["audio"]["sample_rate"],
                       frames=config["video"]["frames"], frame_size=config["video"]["image_size"],
@@ -176,7 +176,7 @@ def make_plan(mix: str, models: list, named: list[str], max_new_bytes: int, samp
     config = {family: json.loads(model.config_json) for family, model in chosen.items()}
     plan = Plan(calls=calls, max_new_bytes=max_new_bytes, samples=samples,
                 images=ImageInputs(image_size=config["cm3leon"]["vq"]["image_size"]) if "cm3leon" in config else None,
-                clips=_clip_inputs(config["mavil"]) if "mavil" in config else None)
+                clips=clip_inputs(config["mavil"]) if "mavil" in config else None)
     if "Retrieve" in weights and plan.clips.index is None:
         raise PlanError(f"--mix {mix!r}: Retrieve needs an index and {chosen['mavil'].name} has none "
                         "(Retrieve=0 drops it)")

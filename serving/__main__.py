@@ -168,7 +168,7 @@ def config_file(args: argparse.Namespace) -> int:
 def status_command(args: argparse.Namespace) -> int:
     from patchwork.serving import ops
 
-    report = ops.status()
+    report = ops.status(placement=True)
     print(json.dumps(report, indent=2) if args.json else ops.format_status(report))
     return 0
 
@@ -200,8 +200,9 @@ def _setup_arguments(parser: argparse.ArgumentParser) -> None:
                         help="direct (default): the gateway also answers gRPC itself, one hop less; proxy: only the proxy")
     parser.add_argument("--direct-grpc-port", type=int, help="the first gateway replica's own gRPC port (direct ingress)")
     parser.add_argument("--gateway-models",
-                        help="models the gateway runs itself, no hop: auto (default: the model, when only one is "
-                             "served), none, or names separated by commas")
+                        help="models the gateway runs itself, no hop: auto (default: the model when only one "
+                             "is served, else each without options of its own while models get one CPU replica "
+                             "each), none, or names separated by commas")
     parser.add_argument("--metrics-port", type=int)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
 

@@ -5,8 +5,9 @@ model, named after its directory, served by its own deployment
 (``model-<name>``) of its family's deployment class, with the replicas and
 resources of ``ServingConfig.models`` (or of ``model_overrides[name]``),
 unless the gateway runs it itself (``ServingConfig.gateway_models``; by
-default the model, when only one is served): then the gateway's replicas
-load it and answer its RPCs with no hop. The gateway answers the services of
+default the model when only one is served, and of several each that can
+share the gateway's one replica: ``ServingConfig.shares_gateway``): then the
+gateway's replicas load it and answer its RPCs with no hop. The gateway answers the services of
 every known family. ``build`` is the
 application builder that Ray Serve config files name
 (``import_path: serving.app:build``).

@@ -208,10 +208,15 @@ class ServingConfig(BaseModel):
         )
     )
     # Models the gateway's replicas run themselves, with no hop to a model
-    # deployment; "auto": the model, when only one is served. Such a model
-    # has no deployment of its own: it scales with the gateway, whose
-    # replicas take its Ray resources (`models`/`model_overrides`) on top of
-    # their own, and Ray Serve's bounds on the gateway are its bounds.
+    # deployment. "auto": the model, when only one is served; of several,
+    # every model that can share the gateway's replica as it is
+    # (`shares_gateway`: no `model_overrides` entry, and `models` asks for one
+    # fixed replica and no GPU), while one that is scaled on its own
+    # (replicas, autoscaling) or asks for resources of its own keeps its own
+    # deployment. A model run in the gateway has no deployment: it scales
+    # with the gateway, whose replicas take its Ray resources on top of their
+    # own, and Ray Serve's bounds on the gateway are its bounds (its engine's
+    # queue still refuses with RESOURCE_EXHAUSTED past its own bound).
     gateway_models: list[str] | Literal["auto"] = "auto"
     # Options of every model deployment, unless `model_overrides` names the model.
     models: DeploymentOptions = Field(default_factory=DeploymentOptions)
@@ -264,10 +269,18 @@ class ServingConfig(BaseModel):
     def engine_for(self, model: str) -> SchedulerConfig:
         return self.engine_overrides.get(model, self.engine)
 
+    def shares_gateway(self, model: str) -> bool:
+        """Whether ``auto`` runs ``model`` in the gateway's replicas: it has no
+        options of its own and the shared ones ask for one fixed replica on
+        the CPU, so the gateway's one replica can hold it."""
+        shared = self.models
+        return (model not in self.model_overrides and shared.autoscaling_config is None
+                and shared.num_replicas == 1 and shared.ray_actor_options.num_gpus == 0)
+
     def in_gateway(self, models: list[str]) -> list[str]:
         """Which of the served ``models`` the gateway runs itself."""
         if self.gateway_models == "auto":
-            return list(models) if len(models) == 1 else []
+            return sorted(models if len(models) == 1 else [model for model in models if self.shares_gateway(model)])
         unknown = sorted(set(self.gateway_models) - set(models))
         if unknown:
             raise ValueError(f"gateway_models names {unknown}, which are not among the served models {sorted(models)}")

@@ -11,7 +11,9 @@ mixin's methods use ``serving`` (drain, auth, INTERNAL), ``model`` (the
 named model's deployment, if its family serves the RPC), ``deadline`` and
 ``parse``, ``abort`` and ``model_errors`` from here. Protobuf classes are
 imported inside the methods, so the deployment never captures them when it is
-defined.
+defined. A refused call ends with its status and an empty response rather than
+an exception (``answering_refusals``), so Ray Serve logs no traceback for a
+client's mistake.
 
 Status codes: INVALID_ARGUMENT names the offending field (including a request
 that can never fit a cache slot, and a model whose family does not serve the
@@ -36,11 +38,14 @@ state and is replaced.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
+import inspect
 import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,26 +135,43 @@ class ModelHealth:
     answer is not serving.
 
     Made on a running event loop (Ray Serve runs a replica's constructor on
-    its event loop)."""
+    its event loop). The readings run on a thread of their own until ``stop``
+    (the replica is stopping), after which nothing is read or logged. With
+    no model deployment to watch (every model runs here) nothing is read:
+    a reading costs the replica a controller call and its (un)pickling, which
+    would compete with the requests for the interpreter."""
 
     def __init__(self, deployments: list[str], local: list | None = None):
         self.deployments = deployments
         self.local = local or []
         self.serving = False
         self.read_at = float("-inf")
-        self._reader = asyncio.get_running_loop().create_task(self._read_forever())
+        self.stopped = False
+        self._loop = asyncio.get_running_loop()
+        self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="health") if deployments else None
+        self._reader = self._loop.create_task(self._read_forever()) if deployments else None
 
     def current(self) -> bool:
-        fresh = self.serving and time.monotonic() - self.read_at < HEALTH_STALE_S
+        fresh = not self.deployments or (self.serving and time.monotonic() - self.read_at < HEALTH_STALE_S)
         return fresh and all(server.problem() is None for server in self.local)
 
+    def stop(self) -> None:
+        """Ends the readings; callable from any thread, more than once."""
+        self.stopped = True
+        if self._reader is None:
+            return
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._reader.cancel)
+        self._reads.shutdown(wait=False, cancel_futures=True)
+
     async def _read_forever(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
+        while not self.stopped:
             try:
-                status = await loop.run_in_executor(None, serve.status)
+                status = await self._loop.run_in_executor(self._reads, serve.status)
                 self.serving = self._all_running(status)
             except Exception:
+                if self.stopped:  # the replica is stopping: what failed was the reading's end
+                    return
                 logger.warning("reading the deployments' status failed", exc_info=True)
                 self.serving = False
             self.read_at = time.monotonic()
@@ -200,11 +222,26 @@ class GatewayCore:
         for model in self.local.values():
             await model.server.reconfigure(config)
 
+    def __del__(self) -> None:
+        """Ray Serve calls this when it stops the replica: the health readings
+        end and the models run here close their engines."""
+        health = getattr(self, "health", None)  # absent when the constructor failed
+        if health is not None:
+            health.stop()
+        for model in getattr(self, "local", {}).values():
+            model.server.close()
+
     def check_health(self) -> None:
         """Ray Serve's replica check: fails when a model this replica runs
         itself cannot serve (Ray Serve then replaces the replica)."""
         for model in self.local.values():
             model.server.check_health()
+
+    def placement(self) -> dict[str, list[str]]:
+        """Which models each deployment runs: this gateway's own, and each
+        model deployment's one (``patchwork serve status`` shows it)."""
+        return {GATEWAY: sorted(self.local), **{model_deployment(name): [name] for name in sorted(self.models)
+                                                if name not in self.local}}
 
     def model_stats(self, name: str) -> dict:
         """The engine stats of a model this replica runs itself (what a model
@@ -304,8 +341,59 @@ class GatewayCore:
         return health_pb2.HealthCheckResponse(status=status)
 
 
+# The RPCs GatewayCore answers itself, by service.
+CORE_RPCS = {"patchwork.v1.Models": ("ListModels",), "grpc.health.v1.Health": ("Check",)}
+
+
 def gateway_deployment(services: list[GrpcService]):
     """The ingress deployment answering ``services`` besides Models and health."""
     handlers = tuple(service.handlers for service in services)
     names = GatewayCore.services + tuple(service.name for service in services)
-    return serve.deployment(type("Gateway", (*handlers, GatewayCore), {"services": names}))
+    gateway = type("Gateway", (*handlers, GatewayCore), {"services": names})
+    rpcs = {**CORE_RPCS, **{service.name: tuple(sorted(service.rpcs)) for service in services}}
+    for service, methods in rpcs.items():
+        for method in methods:
+            setattr(gateway, method, answering_refusals(getattr(gateway, method), service, method))
+    return serve.deployment(gateway)
+
+
+def answering_refusals(handler, service: str, method: str):
+    """``handler`` with a refused call (``abort``: its code and details
+    already on the context) ending as a normal return, an empty response or
+    the end of a stream, which carries that status to the client: Ray Serve
+    logs a traceback for whatever a replica's method raises, and a client's
+    bad request is no server error. (INTERNAL's traceback is logged by
+    ``GatewayCore.serving``, under the request id.)"""
+    if inspect.isasyncgenfunction(handler):
+        async def stream(self, request, grpc_context):
+            try:
+                async for item in handler(self, request, grpc_context):
+                    yield item
+            except _Abort:
+                return
+
+        return functools.wraps(handler)(stream)
+
+    async def unary(self, request, grpc_context):
+        try:
+            return await handler(self, request, grpc_context)
+        except _Abort:
+            response = empty_response(service, method)
+            if response is None:  # a service without a protobuf descriptor: refused as before, by raising
+                raise
+            return response
+
+    return functools.wraps(handler)(unary)
+
+
+def empty_response(service: str, method: str):
+    """An empty message of ``service``'s ``method``'s response type (its
+    module is imported by then: every handler imports its messages first),
+    or None when no protobuf descriptor describes the service."""
+    from google.protobuf import descriptor_pool, message_factory
+
+    try:
+        output = descriptor_pool.Default().FindServiceByName(service).FindMethodByName(method).output_type
+    except KeyError:
+        return None
+    return message_factory.GetMessageClass(output)()

@@ -59,12 +59,18 @@ class ModelServer:
         self.engine = load(
             checkpoint, device=pick_device(device), scheduler=SchedulerConfig(**(scheduler or {}))
         )
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
+        # The worker (scoring, a family's after-generation work) keeps to the
+        # replica's threads too: a new thread would take OpenMP's default,
+        # which Ray sets from the whole actor's CPUs (every model's, for the
+        # gateway's replica), more threads than the machine has to spare.
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score",
+                                         initializer=torch.set_num_threads, initargs=(max(1, threads),))
         self.metrics = model_metrics()
         self.tags = {"model": self.engine.name}
         self.draining = False
         self._drain_timer: asyncio.TimerHandle | None = None
         self._gauges: asyncio.Task | None = None
+        self.closed = False
 
     # -- Ray Serve hooks --------------------------------------------------
 
@@ -94,10 +100,18 @@ class ModelServer:
                 max(0.0, until - time.time()), self.engine.abort_all, stopped
             )
 
+    def close(self) -> None:
+        """Stops the load gauges and the engine (the replica is stopping); once."""
+        if getattr(self, "closed", True):  # closed already, or loading failed
+            return
+        self.closed = True
+        gauges = self._gauges
+        if gauges is not None and not gauges.get_loop().is_closed():
+            gauges.get_loop().call_soon_threadsafe(gauges.cancel)
+        self.engine.close()
+
     def __del__(self) -> None:
-        engine = getattr(self, "engine", None)  # absent when loading failed
-        if engine is not None:
-            engine.close()
+        self.close()
 
     def _refuse_while_draining(self) -> None:
         if self.draining:

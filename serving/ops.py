@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from patchwork.serving.config import APP_NAME, GATEWAY
@@ -13,8 +14,13 @@ def connect() -> None:
     connect_to_cluster(logging_level="ERROR", log_to_driver=False)
 
 
-def status() -> dict:
-    """Applications -> deployments -> {status, replicas: {state: count}, message}."""
+PLACEMENT_TIMEOUT_S = 30.0
+
+
+def status(placement: bool = False) -> dict:
+    """Applications -> deployments -> {status, replicas: {state: count},
+    message}; with ``placement``, Patchwork's deployments also say which
+    models they run (``models``; absent while no gateway replica answers)."""
     from ray import serve
 
     connect()
@@ -31,7 +37,23 @@ def status() -> dict:
                 for name, d in app.deployments.items()
             },
         }
+    if placement and APP_NAME in report:
+        for deployment, models in models_by_deployment().items():
+            report[APP_NAME]["deployments"].get(deployment, {})["models"] = models
     return report
+
+
+def models_by_deployment() -> dict[str, list[str]]:
+    """Which models each deployment runs, as a gateway replica says
+    (``GatewayCore.placement``); empty when none answers."""
+    from ray import serve
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # a handle's start-up notes are not the status
+    try:
+        handle = serve.get_deployment_handle(GATEWAY, APP_NAME)
+        return handle.placement.remote().result(timeout_s=PLACEMENT_TIMEOUT_S)
+    except Exception:  # no gateway replica running (starting, stopped, failing): the rest of the status stands
+        return {}
 
 
 def running_replicas(deployment: str) -> int:
@@ -45,7 +67,17 @@ def scale(deployment: str, replicas: int, timeout_s: float = 300.0) -> int:
     from patchwork.serving.deploy import apply, running_config, with_replicas
 
     connect()
-    apply(with_replicas(running_config(), deployment, replicas))
+    running = running_config()
+    names = [entry["name"] for entry in running["applications"][0].get("deployments", [])]
+    if deployment not in names:
+        gateway_runs = models_by_deployment().get(GATEWAY, [])
+        model = deployment.removeprefix("model-")
+        if model in gateway_runs:
+            raise KeyError(f"{model} runs in the {GATEWAY}'s replicas (with {', '.join(gateway_runs)}), not in a "
+                           f"deployment of its own: scale {GATEWAY} to scale every model it runs, or serve {model} "
+                           f"in its own deployment (a model_overrides entry for it, or --gateway-models without it) "
+                           "to scale it alone")
+    apply(with_replicas(running, deployment, replicas))
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         current = status()[APP_NAME]["deployments"][deployment]
@@ -61,7 +93,9 @@ def format_status(report: dict) -> str:
         lines.append(f"application {app_name}: {app['status']}")
         for name, deployment in app["deployments"].items():
             replicas = ", ".join(f"{count} {state}" for state, count in sorted(deployment["replicas"].items()))
-            lines.append(f"  {name}: {deployment['status']} ({replicas or 'no replicas'})")
+            runs = "" if "models" not in deployment else (
+                f"; runs {', '.join(deployment['models'])}" if deployment["models"] else "; runs no model")
+            lines.append(f"  {name}: {deployment['status']} ({replicas or 'no replicas'}){runs}")
             if deployment["message"]:
                 lines.append(f"    {deployment['message']}")
     return "\n".join(lines) or "no applications"

@@ -267,6 +267,7 @@ def test_the_speed_benchmark_runs_against_a_server(grpc_target, mavil_checkpoint
     assert run.returncode == 0, run.stderr
     results = json.loads(out.read_text())
     assert results["clips"] == 8
+    assert "[bench mavil] phase 3/3 done in" in run.stderr and "clips/s from one client" in run.stderr
     for name in ("encoder_clips_per_s_batch_1", "encoder_clips_per_s_batch_32", "served_clips_per_s_one_client",
                  "served_clips_per_s_16_clients"):
         assert results[name] > 0

@@ -10,7 +10,7 @@ import pytest
 
 from patchwork.engines.loading import load
 from patchwork.serving.config import ActorOptions, DeploymentOptions, ServingConfig
-from patchwork.serving.deploy import deploy_config
+from patchwork.serving.deploy import deploy_config, setup
 from tests.conftest import IN_GATEWAY_MODEL, PATCHWORK
 from tests.helpers import scrape, wait_until
 
@@ -134,12 +134,48 @@ def test_health_reads_the_heartbeat_of_the_models_the_gateway_runs(monkeypatch):
     asyncio.run(checks())
 
 
+def test_a_stopped_health_reader_reads_no_more_and_ends_quietly(monkeypatch):
+    """What a stopping gateway replica does (``GatewayCore.__del__``): the
+    reader ends, even in the middle of a reading, and reads no more."""
+    from patchwork.serving import gateway
+
+    reads = []
+    monkeypatch.setattr(gateway, "HEALTH_REFRESH_S", 0.01)
+    monkeypatch.setattr(gateway.serve, "status", lambda: reads.append(1) or SimpleNamespace(applications={}))
+
+    async def stops():
+        alone = gateway.ModelHealth([], [SimpleNamespace(problem=lambda: None)])
+        assert alone.current() and not reads  # every model runs here: nothing to read, serving at once
+        alone.stop()
+        health = gateway.ModelHealth(["m"])
+        while len(reads) < 3:
+            await asyncio.sleep(0.01)
+        health.stop()
+        health.stop()  # a second stop changes nothing
+        await asyncio.wait([health._reader], timeout=5)
+        assert health._reader.done() and (health._reader.cancelled() or health._reader.exception() is None)
+        count = len(reads)
+        await asyncio.sleep(0.1)
+        assert len(reads) == count
+
+    asyncio.run(stops())
+
+
 def test_which_models_the_gateway_runs_and_the_resources_it_takes(tiny_checkpoint):
     half = DeploymentOptions(ray_actor_options=ActorOptions(num_cpus=0.5, num_gpus=0.25))
     config = ServingConfig(checkpoints=tiny_checkpoint, models=half)
-    assert config.in_gateway(["a"]) == ["a"] and config.in_gateway(["a", "b"]) == []  # "auto"
+    # "auto": the model when only one is served; of several, those that share the gateway's one CPU replica.
+    assert config.in_gateway(["a"]) == ["a"] and config.in_gateway(["a", "b"]) == []  # these ask for a GPU
     assert config.gateway_for(["a"]).ray_actor_options == ActorOptions(num_cpus=0.5, num_gpus=0.25)
     assert config.gateway_for(["a", "b"]).ray_actor_options == config.gateway.ray_actor_options
+    cpu = setup("cpu")  # `make serve`'s setup: every model in the gateway, one hop less each
+    assert cpu.in_gateway(["b", "a", "c"]) == ["a", "b", "c"]
+    assert cpu.gateway_for(["a", "b", "c"]).ray_actor_options == ActorOptions(num_cpus=3.0)
+    own = cpu.model_copy(update={"model_overrides": {"b": DeploymentOptions(num_replicas=2)}})
+    assert own.in_gateway(["a", "b", "c"]) == ["a", "c"]  # a model with options of its own keeps its deployment
+    assert setup("autoscale").in_gateway(["a", "b"]) == [] and setup("gpu").in_gateway(["a", "b"]) == []
+    names = [entry["name"] for entry in deploy_config(own, ["a", "b", "c"])["applications"][0]["deployments"]]
+    assert names == ["gateway", "model-b"]
     chosen = config.model_copy(update={"gateway_models": ["b"]})
     assert chosen.in_gateway(["a", "b"]) == ["b"]
     with pytest.raises(ValueError, match=r"gateway_models names \['b'\], which are not among the served models"):

@@ -29,6 +29,8 @@ def test_the_kernel_benchmark_checks_and_times_every_kernel(tiny_checkpoint, tmp
     assert result["peaks"]["copy_bytes_per_s"] > 0 and result["blt"]["incremental_batch1"]["bytes"] == 8
     rows = table.read_text()
     assert "| grouped_linear[" in rows and "| NO" not in rows and "BLT generation on this device" in run.stdout
+    total = 1 + len(KERNELS)  # the peaks, then each kernel; then the BLT benchmark's own phases
+    assert f"[bench kernels] phase {total}/{total} done in" in run.stderr and "[bench blt] phase 1/" in run.stderr
 
 
 def test_on_a_cpu_it_asks_for_the_interpreter():

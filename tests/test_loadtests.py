@@ -164,9 +164,15 @@ def test_a_replica_comparison_scales_runs_and_reports(grpc_target, tmp_path):
     assert (tmp_path / "compare.png").stat().st_size > 0
 
 
-def test_the_overhead_measurement_runs(grpc_target, tiny_checkpoint, tmp_path):
-    result = loadtests("overhead", "--target", grpc_target, "--checkpoint", str(tiny_checkpoint), "--model", "tiny",
-                       "--requests", "5", "--out", str(tmp_path))
+def test_the_overhead_of_each_familys_smallest_call_is_measured(grpc_target, serving_config, tmp_path):
+    served = {name: str(serving_config.checkpoints / name) for name in ("tiny", CM3LEON_MODEL, MAVIL_MODEL)}
+    result = loadtests("overhead", "--target", grpc_target, "--requests", "5", "--out", str(tmp_path),
+                       *(arg for name, path in served.items() for arg in ("--checkpoint", path, "--model", name)))
     assert result.returncode == 0, result.stderr
     report = (tmp_path / "overhead.md").read_text()
-    assert "5 sequential calls each" in report and "overhead p50:" in report
+    for call in ("1-byte Generate", "1-image GenerateImage", "1-clip Embed"):
+        assert f"{call}, 5 sequential calls each" in report
+    assert report.count("overhead p50:") == 3
+    unpaired = loadtests("overhead", "--target", grpc_target, "--checkpoint", served["tiny"], "--checkpoint",
+                         served[MAVIL_MODEL], "--model", "tiny")
+    assert unpaired.returncode == 2 and "give one model per checkpoint" in unpaired.stderr

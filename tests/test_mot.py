@@ -309,6 +309,7 @@ def test_the_grouping_benchmark_runs_and_reports_every_case(tmp_path):
                         "--rounds", "2", "--json", str(out))
     assert run.returncode == 0, run.stderr[-2000:]
     assert "| decode, mixed |" in run.stdout
+    assert "[bench mot] phase 3/3 done in" in run.stderr and "mot-all decode, mixed" in run.stderr
     result = json.loads(out.read_text())
     assert set(result["mot_over_dense"]) == {f"{kind}, {label}" for kind in ("decode", "prefill")
                                              for label in ("one modality", "mixed")}

@@ -133,6 +133,14 @@ def test_status_and_scaling_without_dropping_requests(stub, pb2, grpc_target, se
     assert deployments["model-tiny"]["replicas"] == {"RUNNING": 1}
     models = ("tiny", WIDE_MODEL, BOUNDED_MODEL, ECHO_MODEL, CM3LEON_MODEL, MOT_MODEL, MAVIL_MODEL)
     assert set(deployments) == {"gateway", *(f"model-{name}" for name in models)}
+    # Which models each deployment runs: the gateway its own, each model deployment its model.
+    assert deployments["gateway"]["models"] == [IN_GATEWAY_MODEL]
+    assert all(deployments[f"model-{name}"]["models"] == [name] for name in models)
+    text = serving_cli("status", timeout=120).stdout
+    assert f"gateway: HEALTHY (1 RUNNING); runs {IN_GATEWAY_MODEL}" in text
+    assert "model-tiny: HEALTHY (1 RUNNING); runs tiny" in text
+    in_gateway = serving_cli("scale", f"model-{IN_GATEWAY_MODEL}", "2")
+    assert in_gateway.returncode == 1 and f"{IN_GATEWAY_MODEL} runs in the gateway's replicas" in in_gateway.stderr
 
     for replicas in (2, 1):
         results = []

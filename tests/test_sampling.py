@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from patchwork.engines.api import SamplingParams
@@ -50,10 +51,10 @@ def test_extreme_temperatures_stay_finite():
 
 
 def chosen(logits, decodings) -> list:
-    """``choose_rows`` read to the host: each row's symbol, or its error."""
-    symbols, errors = choose_rows(logits, decodings)
-    assert symbols.device == logits.device and symbols.shape == (len(decodings),)
-    return [errors.get(i, symbol) for i, symbol in enumerate(symbols.tolist())]
+    """``choose_rows`` read to the host: each row's symbol, or "failed"."""
+    symbols, failed = choose_rows(logits, decodings)
+    assert symbols.device == failed.device == logits.device and symbols.shape == failed.shape == (len(decodings),)
+    return ["failed" if row_failed else symbol for symbol, row_failed in zip(symbols.tolist(), failed.tolist())]
 
 
 def test_choosing_a_batch_at_once_gives_each_row_what_it_gets_alone():
@@ -72,5 +73,7 @@ def test_a_row_that_cannot_be_sampled_fails_alone():
     logits[1] = float("nan")
     params = [SamplingParams(temperature=1.0, seed=5), SamplingParams(temperature=1.0, seed=6), SamplingParams()]
     rows = chosen(logits, [Decoding(p, "cpu") for p in params])
-    assert isinstance(rows[1], RuntimeError)
+    assert rows[1] == "failed"
+    with pytest.raises(RuntimeError, match="probability tensor"):
+        Decoding(params[1], "cpu").choose(logits[1])  # alone, the row fails the same way
     assert rows[0] == Decoding(params[0], "cpu").choose(logits[0]) and rows[2] == int(logits[2].argmax())

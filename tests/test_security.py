@@ -2,13 +2,15 @@
 
 The test makes two network namespaces of its own joined by a veth pair (a
 server host and a client host; no traffic leaves them), starts a detached
-three-model server in the first with TLS for clients on every interface,
-and checks from the second: every socket but the TLS port refuses a
+three-model server in the first with TLS for clients on every interface
+(two models in the gateway's replica, one in a deployment of its own), and
+checks from the second: every socket but the TLS port refuses a
 connection (Ray Serve's plaintext ports and every internal one included);
 over TLS, a client with the CA and the token is served, one without the
 token is refused on every RPC, one without the CA fails the handshake. On
 the server's host, a replica's internal ports complete no call without the
-cluster's certificate. And the sockets are those docs/security.md lists.
+cluster's certificate. The sockets are those docs/security.md lists. And
+a normal stop (`patchwork serve down`) leaves no traceback in any log.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces ne
 
 SERVER_ADDRESS, CLIENT_ADDRESS = "10.77.0.1", "10.77.0.2"
 TOKEN = "security-test-token"
+# The models the server's gateway runs itself; "blt" keeps a deployment of its own.
+IN_GATEWAY = ("cm3leon", "mavil")
 # Ports Ray opens at fixed numbers, by what docs/security.md calls them.
 RAY_PORTS = {6379: "6379", DIRECT_HTTP_PORT: "30000", 52365: "52365", 44217: "44217", 44227: "44227", 10001: "10001"}
 
@@ -108,7 +112,8 @@ def certificate_authority(folder: Path) -> tuple[Path, Path, Path]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_checkpoint, cm3leon_checkpoint, mavil_checkpoints):
     """A detached server of three models (BLT, CM3Leon, MAViL) in its own
-    namespace: TLS for clients on every interface, the rest as by default."""
+    namespace: TLS for clients on every interface, BLT in a deployment of its
+    own (CM3Leon and MAViL in the gateway's replica), the rest as by default."""
     root = tmp_path_factory.mktemp("security")
     checkpoints = root / "checkpoints"
     for name, path in (("blt", tiny_checkpoint), ("cm3leon", cm3leon_checkpoint[0]), ("mavil", mavil_checkpoints[1])):
@@ -122,7 +127,8 @@ def server(tmp_path_factory, tiny_checkpoint, cm3leon_checkpoint, mavil_checkpoi
     config = ServingConfig(checkpoints=checkpoints, host="0.0.0.0", tls={"cert": cert, "key": key})
     try:
         up = namespaces.run(namespaces.server, [*PATCHWORK, "serve", "up", "--checkpoints", checkpoints, "--host",
-                                                config.host, "--tls-cert", cert, "--tls-key", key, "--detach",
+                                                config.host, "--tls-cert", cert, "--tls-key", key,
+                                                "--gateway-models", ",".join(IN_GATEWAY), "--detach",
                                                 "--timeout", SERVER_START_TIMEOUT_S], env)
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
         assert f"on 0.0.0.0:{config.tls.port} (every interface) with TLS" in up.stdout
@@ -191,7 +197,7 @@ def test_the_sockets_are_those_the_security_notes_list(server):
     found = [(process, str(port) if port in RAY_PORTS or port in (
         config.grpc_port, config.direct_grpc_port, config.http_port, config.metrics_port, config.tls.port)
         else "a free port", bind) for process, port, bind in listening(namespaces, env)]
-    assert sorted(found) == expected_sockets(config, models=3)  # three models, each with a deployment of its own
+    assert sorted(found) == expected_sockets(config, models=1)  # one model with a deployment of its own
 
 
 def test_from_another_host_only_the_tls_port_answers(server):
@@ -276,7 +282,7 @@ def test_on_the_servers_host_a_replicas_internal_ports_need_the_clusters_certifi
     namespaces, config, _, env = server
     internal = [port for process, port, _ in listening(namespaces, env)
                 if process.startswith("ray::ServeReplica") and port not in (config.direct_grpc_port, DIRECT_HTTP_PORT)]
-    assert len(internal) == 2 * 4  # gateway and three models: Ray's worker port, Ray Serve's inter-deployment port
+    assert len(internal) == 2 * 2  # gateway and BLT's replica: Ray's worker port, Ray Serve's inter-deployment port
     cluster_ca = Path(env["PATCHWORK_STATE_DIR"]) / "cluster-tls" / "ca.crt"
     probe = ("import grpc, sys\n"
              "ca = open(sys.argv[1], 'rb').read()\n"
@@ -293,3 +299,18 @@ def test_on_the_servers_host_a_replicas_internal_ports_need_the_clusters_certifi
     run = namespaces.run(namespaces.server, [sys.executable, "-c", probe, cluster_ca, *internal], env)
     outcomes = [line.split()[1] for line in run.stdout.splitlines()]
     assert len(outcomes) == 2 * len(internal) and set(outcomes) <= {"UNAVAILABLE", "DEADLINE_EXCEEDED"}, run.stdout
+
+
+def test_a_normal_stop_leaves_no_traceback_in_any_log(server):
+    """Runs last: `serve down` drains and stops the server, and no process of
+    the cluster (controller, proxy, gateway, the models in it and in their
+    own replica) wrote a traceback while it served these tests and stopped."""
+    namespaces, _, _, env = server
+    down = namespaces.run(namespaces.server, [*PATCHWORK, "serve", "down", "--grace", "5"], env)
+    assert down.returncode == 0 and "stopped in" in down.stdout, down.stdout[-2000:] + down.stderr[-2000:]
+    logs = [path for path in Path(env["RAY_TMPDIR"]).rglob("session_*/logs/**/*") if path.is_file()]
+    assert any("gateway" in path.name for path in logs) and any("model-blt" in path.name for path in logs)
+    with_tracebacks = {path.name: path.read_text(errors="replace") for path in logs
+                       if "Traceback" in path.read_text(errors="replace")}
+    assert not with_tracebacks, "\n\n".join(f"{name}:\n{text[-3000:]}" for name, text in with_tracebacks.items())
+    assert "Traceback" not in down.stdout + down.stderr

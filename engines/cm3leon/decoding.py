@@ -115,24 +115,21 @@ class Cm3State:
     generated: list[int] = field(default_factory=list)
 
 
-def batch_scores(cond: Sequence[torch.Tensor], uncond: Sequence[torch.Tensor | None], params: Sequence[Cm3Params],
-                 allowed: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Next-token scores [B, V] float32 of B sequences, each from its two
-    streams' logits [V] (``uncond`` None when unguided) under its own
-    guidance, with what its task may not write (``allowed`` [V] False) at
-    -inf: one ``kernels.guidance`` call (one kernel launch on a GPU)."""
-    paired = [c if u is None else u for c, u in zip(cond, uncond)]  # an unguided row's stand-in is never read
-    guided, _ = guidance(
-        torch.stack(list(cond)), torch.stack(paired) if any(u is not None for u in uncond) else None,
-        torch.stack(list(allowed)), [p.guidance.value for p in params], [p.guidance_scale for p in params],
-        [p.contrastive_alpha for p in params], [p.contrastive_k for p in params],
-    )
+def batch_scores(cond: torch.Tensor, uncond: torch.Tensor | None, params: Sequence[Cm3Params],
+                 allowed: torch.Tensor) -> torch.Tensor:
+    """Next-token scores [B, V] float32 of B sequences from their streams'
+    logits [B, V] (``uncond`` None when no row is guided; an unguided row's
+    is never read), each under its own guidance, with what its task may not
+    write (``allowed`` [B, V] False) at -inf: one ``kernels.guidance`` call
+    (one kernel launch on a GPU)."""
+    guided, _ = guidance(cond, uncond, allowed, [p.guidance.value for p in params], [p.guidance_scale for p in params],
+                         [p.contrastive_alpha for p in params], [p.contrastive_k for p in params])
     return guided
 
 
 def scores(cond: torch.Tensor, uncond: torch.Tensor | None, params: Cm3Params, allowed: torch.Tensor) -> torch.Tensor:
-    """One sequence's next-token scores [V] (see ``batch_scores``)."""
-    return batch_scores([cond], [uncond], [params], [allowed])[0]
+    """One sequence's next-token scores [V] from its logits [V] (see ``batch_scores``)."""
+    return batch_scores(cond[None], None if uncond is None else uncond[None], [params], allowed[None])[0]
 
 
 def record(state: Cm3State, decoding: Decoding, symbol: int, tokenizer: TextTokenizer, image_tokens: int) -> bytes:

@@ -80,6 +80,9 @@ class Cm3LeonEngine:
         self.config: Cm3LeonConfig = model.config
         self.allowed = {task: allowed_tokens(task, self.config.text_vocab, self.config.image_end,
                                              self.config.vocab_size).to(device) for task in Task}
+        # The same masks as one tensor [tasks, V], a step's rows gathered from it at once.
+        self.task_rows = {task: i for i, task in enumerate(Task)}
+        self.allowed_rows = torch.stack([self.allowed[task] for task in Task])
         self.defaults = decoding_defaults(self.config, manifest, name)
         scheduler = scheduler or SchedulerConfig()
         self.positions = min(scheduler.max_sequence_bytes, self.config.max_sequence)
@@ -251,7 +254,8 @@ class Cm3LeonEngine:
 
     def step(self, caches: KVCache, chunks: StepBatch | None, decodes: StepBatch | None):
         """Both streams of every sequence in two model calls (the prompt
-        chunks, then the decodes); states change only once both succeeded."""
+        chunks, then the decodes), each scored for all its sequences at once;
+        states change only once both succeeded."""
         lm, updates = self.model.lm, []
         chunk_scores = decode_scores = None
         if chunks:
@@ -260,20 +264,18 @@ class Cm3LeonEngine:
                 rows.append((2 * slot, state.cond_length, symbols))
                 if state.params.guided and state.uncond_length == 0:
                     rows.append((2 * slot + 1, 0, list(state.uncond)))
-            last = self._extend(lm, caches, rows)
-            unconds = [last.get(2 * slot + 1, state.uncond_logits) for slot, state in zip(chunks.slots, chunks.states)]
-            chunk_scores = self._scores(chunks.states, [last[2 * slot] for slot in chunks.slots], unconds)
-            for slot, state, symbols, uncond in zip(chunks.slots, chunks.states, chunks.symbols, unconds):
-                updates.append((state, len(symbols), len(state.uncond) if 2 * slot + 1 in last else 0, uncond))
+            last, at = self._extend(lm, caches, rows)
+            cond = last[[at[2 * slot] for slot in chunks.slots]]
+            unconds = [last[at[2 * slot + 1]] if 2 * slot + 1 in at else state.uncond_logits
+                       for slot, state in zip(chunks.slots, chunks.states)]
+            uncond = None if all(u is None for u in unconds) else torch.stack(
+                [c if u is None else u for c, u in zip(cond, unconds)])  # an unguided row's stand-in is never read
+            chunk_scores = self._scores(chunks.states, cond, uncond)
+            for slot, state, symbols, logits in zip(chunks.slots, chunks.states, chunks.symbols, unconds):
+                updates.append((state, len(symbols), len(state.uncond) if 2 * slot + 1 in at else 0, logits))
         if decodes:
-            rows = []
-            for slot, state, symbols in zip(decodes.slots, decodes.states, decodes.symbols):
-                rows.append((2 * slot, state.cond_length, symbols))
-                if state.params.guided:
-                    rows.append((2 * slot + 1, state.uncond_length, symbols))
-            last = self._decode(lm, caches, rows)
-            decode_scores = self._scores(decodes.states, [last[2 * slot] for slot in decodes.slots],
-                                         [last.get(2 * slot + 1) for slot in decodes.slots])
+            cond, uncond = self._decode(lm, caches, decodes)
+            decode_scores = self._scores(decodes.states, cond, uncond)
             updates += [(state, 1, 1 if state.params.guided else 0, None) for state in decodes.states]
         for state, cond_read, uncond_read, uncond_logits in updates:
             state.cond_length += cond_read
@@ -281,8 +283,10 @@ class Cm3LeonEngine:
             state.uncond_logits = uncond_logits
         return chunk_scores, decode_scores
 
-    def _extend(self, lm, caches: KVCache, rows: list[tuple[int, int, list[int]]]) -> dict[int, torch.Tensor]:
-        """Reads each row's tokens from its first position; the logits after each row's last token."""
+    def _extend(self, lm, caches: KVCache,
+                rows: list[tuple[int, int, list[int]]]) -> tuple[torch.Tensor, dict[int, int]]:
+        """Reads each row's tokens from its first position: the logits after
+        each row's last token [R, V], and where each cache row is among them."""
         rows = sorted(rows)
         width = max(len(tokens) for _, _, tokens in rows)
         tokens = torch.full((len(rows), width), PAD, dtype=torch.long)
@@ -292,22 +296,38 @@ class Cm3LeonEngine:
             positions[i, : len(row_tokens)] = torch.arange(start, start + len(row_tokens))
         view = lm.stack.extend_view(caches, [row for row, _, _ in rows], positions.to(self.device))
         logits = lm.step(tokens.to(self.device), view)  # [R, width, V]
-        return {row: logits[i, len(row_tokens) - 1] for i, (row, _, row_tokens) in enumerate(rows)}
+        ends = torch.tensor([len(row_tokens) - 1 for _, _, row_tokens in rows], device=self.device)
+        return logits[torch.arange(len(rows), device=self.device), ends], {row: i for i, (row, _, _) in enumerate(rows)}
 
-    def _decode(self, lm, caches: KVCache, rows: list[tuple[int, int, list[int]]]) -> dict[int, torch.Tensor]:
-        """One token per row at its next position; the logits after it."""
-        rows = sorted(rows)
-        tokens = torch.tensor([row_tokens for _, _, row_tokens in rows], device=self.device)  # [R, 1]
-        positions = torch.tensor([start for _, start, _ in rows], device=self.device)
-        view = lm.stack.decode_view(caches, [row for row, _, _ in rows], positions)
-        logits = lm.step(tokens, view)[:, -1]  # [R, V]
-        return {row: logits[i] for i, (row, _, _) in enumerate(rows)}
+    def _decode(self, lm, caches: KVCache, decodes: StepBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One token per stream at its next position, in one model call over
+        the cache rows in order (sequence s's conditional row 2s, then its
+        unconditional row 2s + 1 when guided): the conditional logits [B, V]
+        and the unconditional ones (None when no sequence is guided; an
+        unguided sequence's stand-in is its conditional logits), in the
+        order of ``decodes``."""
+        count = len(decodes.slots)
+        entries = []  # (cache row, position, token), in cache-row order
+        cond_at, uncond_at = [0] * count, [0] * count  # each sequence's entries
+        for i in sorted(range(count), key=lambda i: decodes.slots[i]):
+            slot, state, (symbol,) = decodes.slots[i], decodes.states[i], decodes.symbols[i]
+            cond_at[i] = uncond_at[i] = len(entries)
+            entries.append((2 * slot, state.cond_length, symbol))
+            if state.params.guided:
+                uncond_at[i] = len(entries)
+                entries.append((2 * slot + 1, state.uncond_length, symbol))
+        rows, positions, tokens = (list(column) for column in zip(*entries))
+        packed = torch.tensor([*positions, *tokens, *cond_at, *uncond_at], device=self.device)  # one copy a step
+        width = len(entries)
+        view = lm.stack.decode_view(caches, rows, packed[:width], ends=positions)
+        logits = lm.step(packed[width:2 * width, None], view)[:, -1]  # [R, V]
+        guided = uncond_at != cond_at
+        return logits[packed[2 * width:2 * width + count]], logits[packed[2 * width + count:]] if guided else None
 
-    def _scores(self, states: list[Cm3State], cond: list[torch.Tensor],
-                uncond: list[torch.Tensor | None]) -> torch.Tensor:
-        """The step's sequences' scores [B, V] from their logits [V] (one guidance call for them all)."""
+    def _scores(self, states: list[Cm3State], cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
+        """The step's sequences' scores [B, V] from their streams' logits [B, V] (one guidance call for them all)."""
         return batch_scores(cond, uncond, [state.params for state in states],
-                            [self.allowed[state.task] for state in states])
+                            self.allowed_rows[[self.task_rows[state.task] for state in states]])
 
     def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits  # the step's guidance has already put what a task may not emit at -inf

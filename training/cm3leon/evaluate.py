@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from patchwork.benchmarks.progress import Phases
 from patchwork.engines.api import InvalidRequest
 from patchwork.engines.checkpoint import CheckpointError, record_decoding
 from patchwork.engines.cm3leon.decoding import Cm3Params, Guidance
@@ -307,13 +308,24 @@ def evaluate(checkpoint: Path, prompts: int, samples: int, batch: int,
             engine.image_prompt("", documents=count)  # a count the model cannot take: InvalidRequest, at once
         bank = engine.model.bank
         searched, skipped = bank.searches, bank.deduplicated
-        rows, grid = text_to_image(engine, examples, samples, counts)
+        phases = Phases("eval cm3leon", 3)
+        with phases(f"text to image: every mode, {prompts} prompts x {samples} samples, documents {counts}") as phase:
+            rows, grid = text_to_image(engine, examples, samples, counts)
+            best = best_decoding(rows, prompts, samples)
+            phase.result = f"best {best['mode']} with {best['documents']} documents"
         retrieval = {"searches": bank.searches - searched, "near_duplicates_skipped": bank.deduplicated - skipped}
+        with phases(f"image to text: {prompts} captions, plain and re-aligning alt-texts") as phase:
+            captions = image_to_text(engine, examples)
+            phase.result = (f"caption precision {captions['caption']['precision']:.2f}, "
+                            f"recall {captions['caption']['recall']:.2f}")
+        with phases(f"speed: CFG pairing and images/s up to {batch} requests") as phase:
+            measured = speed(engine, examples, batch)
+            phase.result = f"{measured['images_per_s'][str(batch)]:.1f} unguided images/s at {batch}"
         report = {
             "checkpoint": str(checkpoint), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
             f"torch {torch.__version__}", "prompts": prompts, "samples": samples,
-            "text_to_image": rows, "best_decoding": best_decoding(rows, prompts, samples), "retrieval": retrieval,
-            "image_to_text": image_to_text(engine, examples), "speed": speed(engine, examples, batch),
+            "text_to_image": rows, "best_decoding": best, "retrieval": retrieval,
+            "image_to_text": captions, "speed": measured,
         }
     finally:
         engine.close()

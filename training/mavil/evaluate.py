@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from patchwork.benchmarks.progress import Phases
 from patchwork.engines.checkpoint import CheckpointError, read_manifest
 from patchwork.engines.mavil.engine import load_mavil
 from patchwork.engines.mavil.model import MavilModel
@@ -77,11 +78,14 @@ def evaluate(models: dict[str, Path], probe_steps: int = 300, seed: int = 0) -> 
     train_attributes = {modality: labels(train_clips, modality) for modality in CARRIED}
     heldout_attributes = {modality: labels(heldout_clips, modality) for modality in CARRIED}
     results = {REFERENCES: {name: reference_recall(heldout_clips, key) for name, key in SHARED.items()}}
+    phases = Phases("eval mavil", len(loaded))
     for name, model in loaded.items():  # each reads the clips with its own input settings
-        train = clip_embeddings(model, encoder_inputs(train_clips, model.config))
-        heldout = clip_embeddings(model, encoder_inputs(heldout_clips, model.config))
-        results[name] = probe_and_heads(model, train, train_labels, heldout, heldout_labels, probe_steps)
-        results[name].update(attribute_probes(train, train_attributes, heldout, heldout_attributes, probe_steps))
+        with phases(f"encoder {name}: embeddings, probes and retrieval") as phase:
+            train = clip_embeddings(model, encoder_inputs(train_clips, model.config))
+            heldout = clip_embeddings(model, encoder_inputs(heldout_clips, model.config))
+            results[name] = probe_and_heads(model, train, train_labels, heldout, heldout_labels, probe_steps)
+            results[name].update(attribute_probes(train, train_attributes, heldout, heldout_attributes, probe_steps))
+            phase.result = ", ".join(f"{key} {results[name][key]:.3f}" for key in list(COLUMNS)[:3])
     return results
 
 
