@@ -36,7 +36,7 @@ so the ratios compare like with like on a shared machine:
 Prompts are the first ``--prompt-bytes`` of Python documentation topics that
 ship with the interpreter (``pydoc_data``), one per stream. Each phase says
 on stderr when it starts and what it measured when it ends
-(``benchmarks.progress``).
+(``training.progress``).
 """
 
 from __future__ import annotations
@@ -53,11 +53,11 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from patchwork.benchmarks.progress import Phases
 from patchwork.engines.api import Generation, SamplingParams
 from patchwork.engines.blt.incremental import record_ahead
 from patchwork.engines.loading import load
 from patchwork.engines.scheduler import SchedulerConfig, StepBatch
+from patchwork.training.progress import Phases
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -18,7 +18,7 @@ eager; the grouped linear at least 60% of the dense matmul's TFLOP/s.
 generation benchmark on the same device.
 
 Each phase (the peaks, each kernel) says on stderr when it starts and what it
-measured when it ends (``benchmarks.progress``).
+measured when it ends (``training.progress``).
 
 On a CPU, Triton runs in its interpreter (``TRITON_INTERPRET=1 patchwork
 bench kernels --device cpu ...``): the numbers there say nothing about
@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from patchwork.benchmarks.progress import Phases
+from patchwork.training.progress import Phases
 
 # Each case: the module whose ``bench_case`` builds it, and that function's options.
 KERNELS = {

@@ -10,7 +10,7 @@ served numbers need a server: ``--target`` measures a running one (``--model``
 names the MAViL model), ``--serve`` starts a local one serving only this
 checkpoint (one CPU replica) and stops it afterwards. Each served run sends
 the same clips as Embed requests, as WAV and PNG files. Each phase says on
-stderr when it starts and what it measured when it ends (``benchmarks.progress``).
+stderr when it starts and what it measured when it ends (``training.progress``).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from patchwork.benchmarks.progress import Phases
 from patchwork.engines.checkpoint import CheckpointError
 from patchwork.engines.mavil.engine import Clip, load_mavil
+from patchwork.training.progress import Phases
 
 CONCURRENT_CLIENTS = 16
 BATCH = 32

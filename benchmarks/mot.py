@@ -14,7 +14,7 @@ codes and sounds together. A prefill is the same rows reading ``--context``
 tokens of interleaved modalities. Every configuration runs in turn within
 each round (so machine noise falls on all alike); the median over the
 rounds is reported, with MoT / dense ratios. Each phase says on stderr when it
-starts and what it measured when it ends (``benchmarks.progress``).
+starts and what it measured when it ends (``training.progress``).
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from patchwork.benchmarks.progress import Phases
 from patchwork.engines.layers import CausalLM, TransformerConfig, fuse_projections
 from patchwork.engines.mot.config import Untied
 from patchwork.engines.mot.model import MotLM
 from patchwork.training.machine import machine
+from patchwork.training.progress import Phases
 
 PRESETS = {
     "default": TransformerConfig(dim=128, n_layers=4, n_heads=4),

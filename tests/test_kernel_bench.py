@@ -12,7 +12,7 @@ from tests.conftest import PATCHWORK, REPO
 def test_the_kernel_benchmark_checks_and_times_every_kernel(tiny_checkpoint, tmp_path):
     out, table = tmp_path / "kernels.json", tmp_path / "kernels.md"
     run = subprocess.run(
-        [*PATCHWORK, "bench", "kernels", "--all", "--device", "cpu", "--dtype", "float32", "--repeats", "2",
+        [*PATCHWORK, "bench", "kernels", "--all", "--device", "cpu", "--dtype", "float32", "--repeats", "1",
          "--blt-checkpoint", str(tiny_checkpoint),
          "--blt-options", "--new-bytes 8 --streams 2 --prompt-bytes 8 --long-prompt-bytes 0",
          "--json", str(out), "--markdown", str(table)],

@@ -136,7 +136,9 @@ def test_status_and_scaling_without_dropping_requests(stub, pb2, grpc_target, se
     # Which models each deployment runs: the gateway its own, each model deployment its model.
     assert deployments["gateway"]["models"] == [IN_GATEWAY_MODEL]
     assert all(deployments[f"model-{name}"]["models"] == [name] for name in models)
-    text = serving_cli("status", timeout=120).stdout
+    from patchwork.serving.ops import format_status
+
+    text = format_status(yaml.safe_load(report.stdout))  # what `status` prints without --json
     assert f"gateway: HEALTHY (1 RUNNING); runs {IN_GATEWAY_MODEL}" in text
     assert "model-tiny: HEALTHY (1 RUNNING); runs tiny" in text
     in_gateway = serving_cli("scale", f"model-{IN_GATEWAY_MODEL}", "2")

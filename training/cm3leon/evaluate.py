@@ -46,7 +46,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from patchwork.benchmarks.progress import Phases
 from patchwork.engines.api import InvalidRequest
 from patchwork.engines.checkpoint import CheckpointError, record_decoding
 from patchwork.engines.cm3leon.decoding import Cm3Params, Guidance
@@ -56,6 +55,7 @@ from patchwork.engines.scheduler import SchedulerConfig
 from patchwork.kernels.guidance import plausible
 from patchwork.training.cm3leon.train import HELDOUT_START
 from patchwork.training.imageworld import Example, ImageWorld, Scene, parse_image, read_caption
+from patchwork.training.progress import Phases
 
 # Held-out examples for evaluation start past the ones training measures on.
 EVALUATION_START = HELDOUT_START + 1_000_000

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 
-from patchwork.benchmarks.progress import Phases
 from patchwork.engines.checkpoint import CheckpointError, read_manifest
 from patchwork.engines.mavil.engine import load_mavil
 from patchwork.engines.mavil.model import MavilModel
@@ -38,6 +37,7 @@ from patchwork.training.mavil.presets import PRESETS
 from patchwork.training.mavil.probe import attribute_probes, clip_embeddings
 from patchwork.training.mavil.towers import TowerCheck, check_towers, failures, required
 from patchwork.training.mavil.train import HELDOUT_START, encoder_inputs, probe_and_heads
+from patchwork.training.progress import Phases
 
 COLUMNS = {
     "probe_audio_accuracy": "probe audio", "probe_video_accuracy": "probe video",

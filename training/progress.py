@@ -1,4 +1,4 @@
-"""Where a benchmark is: one line on stderr as each phase starts and one with
+"""Where a benchmark or an evaluation is: one line on stderr as each phase starts and one with
 its results as it ends, so a long run shows it is alive and what it has
 measured so far (the full results come at the end, on stdout).
 
