@@ -43,9 +43,10 @@ SERVING = {"draining_until": None}
 
 
 def setup(name: str, checkpoints: Path = Path("checkpoints")) -> ServingConfig:
-    """The shipped setups: ``cpu`` (one CPU replica per model), ``gpu`` (one
-    GPU replica per model, bfloat16 and the Triton kernels), ``autoscale``
-    (CPU replicas between 1 and 4, following ongoing requests)."""
+    """The shipped setups: ``cpu`` (one CPU per model; ``auto`` runs every
+    model in the gateway's replica), ``gpu`` (one GPU replica per model,
+    bfloat16 and the Triton kernels), ``autoscale`` (CPU replicas between 1
+    and 4 per model, following ongoing requests)."""
     if name == "cpu":
         return ServingConfig(checkpoints=checkpoints)
     if name == "gpu":
