@@ -84,11 +84,11 @@ def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     vocab = logits.shape[-1]
     if any(0 < p.top_k < vocab for p in params):
-        # The k-th largest scaled logit of each row with a top-k; -inf (nothing cut) for the others.
+        # The k-th largest scaled logit of each row with a top-k; a row without one takes its
+        # smallest (k = V), below which nothing lies, so nothing is cut.
         k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
         kth = torch.sort(logits, dim=-1, descending=True, stable=True).values.gather(-1, (k - 1)[:, None])
-        cut = torch.tensor([0 < p.top_k < vocab for p in params], device=device)[:, None]
-        logits = logits.masked_fill(cut & (logits < kth), float("-inf"))
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if any(0.0 < p.top_p < 1.0 for p in params):
         top_p = torch.tensor([p.top_p if 0.0 < p.top_p < 1.0 else float("inf") for p in params],

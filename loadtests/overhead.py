@@ -1,7 +1,7 @@
 """What serving adds to the smallest call of each family: the p50 of the call
 through gRPC, the gateway and Ray Serve, minus the p50 of the same work done
-by the family's model server in this process (sequential calls, the same
-checkpoint as the served model).
+in this process (the same checkpoint as the served model; one call each way
+in turn, so the machine's drift falls on both).
 
 - BLT (``ByteLM``): a 1-byte ``Generate``; in process, the engine's own call.
 - CM3Leon (``Multimodal``): a 1-image ``GenerateImage`` with the model's
