@@ -2,6 +2,7 @@
 
     patchwork loadtest run     [--target 127.0.0.1:9010] [--users 16] [--duration 60s] [--out DIR] [--slo-p99-ms MS]
                                [--mix all] [--model NAME ...] [--max-new-bytes 64] [--samples 1]
+                               [--ramp USERS@TIME,...] [--record-replicas]
     patchwork loadtest sweep   [--users-list 1,2,4,8,16,32] [--duration 30s] ...
     patchwork loadtest compare [--replicas 1,2] [--deployment model-blt-default] [--users 16] ...
     patchwork loadtest overhead --checkpoint DIR [--model NAME] ... [--target ...] [--requests 200]
@@ -21,11 +22,21 @@ answers at the target, its gateway answering at the target's port (direct
 ingress), and stopped afterwards. --slo-p99-ms makes the run
 exit with status 3 when the chosen p99 (a stream's time to first byte, or
 the largest end-to-end p99 of the mix's RPCs) is over the threshold.
+
+--ramp runs a shape instead of a fixed number of users: points USERS@TIME,
+the users moving in a straight line from each point to the next, the run
+ending at the last (e.g. ``1@0s,32@60s,32@2m,1@150s,1@5m``: up to 32 users in
+a minute, a minute there, back to one and a wait for the scale-down).
+--record-replicas reads every deployment's target and running replicas once
+a second during each run (``loadtests/replicas.py``) into the run's
+``run_replicas.csv``; ``run`` also gives their ranges in its summary and
+draws them under its latency.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import os
 import socket
@@ -34,8 +45,8 @@ import sys
 from pathlib import Path
 
 from patchwork.client import CA_FILE_ENV
-from patchwork.loadtests import report
-from patchwork.loadtests.plan import PLAN_ENV, Plan, PlanError, make_plan, parse_mix
+from patchwork.loadtests import replicas, report
+from patchwork.loadtests.plan import PLAN_ENV, Plan, PlanError, duration_seconds, make_plan, parse_mix, parse_ramp
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 
@@ -45,11 +56,10 @@ class UsageError(Exception):
 
 
 def seconds(duration: str) -> float:
-    units = {"s": 1, "m": 60, "h": 3600}
-    try:
-        return float(duration[:-1]) * units[duration[-1]] if duration[-1] in units else float(duration)
-    except (ValueError, IndexError):
-        raise UsageError(f"--duration {duration!r}: expected e.g. 60s, 5m") from None
+    parsed = duration_seconds(duration)
+    if parsed is None:
+        raise UsageError(f"--duration {duration!r}: expected e.g. 60s, 5m")
+    return parsed
 
 
 def check_loopback(target: str) -> tuple[str, int]:
@@ -85,6 +95,7 @@ def served_plan(args: argparse.Namespace) -> Plan:
     with Client(args.target, timeout=60) as client:
         models = list(client.list_models().models)
     plan = make_plan(args.mix, models, args.model or [], args.max_new_bytes, args.samples)
+    plan.ramp = parse_ramp(args.ramp) if getattr(args, "ramp", None) else None
     if args.slo_p99_ms is not None and args.slo_metric == "ttfb" and "GenerateStream" not in plan.rpcs:
         raise UsageError(f"--slo-metric ttfb: the --mix {args.mix!r} has no GenerateStream (use --slo-metric e2e)")
     print(f"mix: {plan.describe()}")
@@ -93,16 +104,18 @@ def served_plan(args: argparse.Namespace) -> Plan:
 
 def locust(target: str, users: int, duration: float, prefix: Path, plan: Plan,
            args: argparse.Namespace) -> report.RunSummary:
+    """One Locust run (of ``users``, or of the plan's ramp), recording the
+    replicas beside it when asked to."""
     prefix.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, PLAN_ENV: plan.model_dump_json()}
+    shape = [] if plan.ramp else ["-u", str(users), "-r", str(args.spawn_rate or users), "-t", f"{int(duration)}s"]
     command = [
-        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
-        "--host", target, "-u", str(users), "-r", str(args.spawn_rate or users), "-t", f"{int(duration)}s",
-        "--stop-timeout", "30",
-        "--csv", str(prefix), "--csv-full-history", "--exit-code-on-error", "0",
+        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary", "--host", target,
+        *shape, "--stop-timeout", "30", "--csv", str(prefix), "--csv-full-history", "--exit-code-on-error", "0",
     ]
-    subprocess.run(command, env=env, check=True, timeout=duration + 120,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with replicas.recording(replicas.beside(prefix)) if args.record_replicas else contextlib.nullcontext():
+        subprocess.run(command, env=env, check=True, timeout=duration + 120,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return report.summarize(prefix, users, duration)
 
 
@@ -120,10 +133,19 @@ def _slo_failed(summary: report.RunSummary, plan: Plan, args: argparse.Namespace
 
 
 def run_one(args: argparse.Namespace, plan: Plan) -> int:
-    summary = locust(args.target, args.users, seconds(args.duration), args.out / "run", plan, args)
-    text = report.markdown(summary, f"{args.users} users against {args.target}", plan)
+    if plan.ramp:
+        users, duration = max(point.users for point in plan.ramp), plan.ramp[-1].at_s
+        title = f"up to {users} users ({args.ramp}) against {args.target}"
+    else:
+        users, duration = args.users, seconds(args.duration)
+        title = f"{users} users against {args.target}"
+    summary = locust(args.target, users, duration, args.out / "run", plan, args)
+    text = report.markdown(summary, title, plan)
+    replicas_csv = replicas.beside(args.out / "run") if args.record_replicas else None
+    if replicas_csv:
+        text += report.replicas_markdown(replicas.read(replicas_csv))
     (args.out / "summary.md").write_text(text)
-    report.plot_history(args.out / "run", args.out / "latency_over_time.png")
+    report.plot_history(args.out / "run", args.out / "latency_over_time.png", replicas_csv)
     print(text)
     return 3 if _slo_failed(summary, plan, args) else 0
 
@@ -141,14 +163,14 @@ def run_sweep(args: argparse.Namespace, plan: Plan) -> int:
 
 def run_compare(args: argparse.Namespace, plan: Plan) -> int:
     summaries = []
-    for replicas in [int(r) for r in args.replicas.split(",")]:
-        scaled = subprocess.run([sys.executable, "-m", "patchwork.serving", "scale", args.deployment, str(replicas)],
+    for count in [int(r) for r in args.replicas.split(",")]:
+        scaled = subprocess.run([sys.executable, "-m", "patchwork.serving", "scale", args.deployment, str(count)],
                                 capture_output=True, text=True, timeout=600)
         if scaled.returncode != 0:
-            raise UsageError(f"scaling {args.deployment} to {replicas}: {scaled.stderr.strip()}")
-        summary = locust(args.target, args.users, seconds(args.duration), args.out / f"replicas_{replicas}" / "run",
+            raise UsageError(f"scaling {args.deployment} to {count}: {scaled.stderr.strip()}")
+        summary = locust(args.target, args.users, seconds(args.duration), args.out / f"replicas_{count}" / "run",
                          plan, args)
-        summary.users = replicas  # the x axis of this comparison
+        summary.users = count  # the x axis of this comparison
         summaries.append(summary)
     text = report.sweep_markdown(summaries, plan, label="replicas")
     (args.out / "compare.md").write_text(f"{args.users} users, {args.deployment}\n\n" + text)
@@ -191,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument("--out", type=Path, default=Path("results") / "loadtest" / name)
         command.add_argument("--max-new-bytes", type=_positive, default=64,
                              help="bytes a generation, a caption or an infill may produce")
-        command.add_argument("--duration", default="60s")
-        command.add_argument("--users", type=_positive, default=16)
+        command.add_argument("--duration", help="how long each run lasts (default 60s)")
+        command.add_argument("--users", type=_positive, help="users of each run (default 16)")
         command.add_argument("--spawn-rate", type=float, help="users started per second (default: all at once)")
         command.add_argument("--slo-p99-ms", type=float)
         command.add_argument("--slo-metric", choices=["ttfb", "e2e"], default="ttfb")
@@ -216,11 +238,22 @@ def main(argv: list[str] | None = None) -> int:
             command.add_argument("--model", action="append", metavar="NAME",
                                  help="the served model that answers its family's RPCs (repeatable)")
             command.add_argument("--samples", type=_positive, default=1, help="images a GenerateImage asks for")
+            command.add_argument("--record-replicas", action="store_true",
+                                 help="record every deployment's replicas once a second during each run")
+        if name == "run":
+            command.add_argument("--ramp", metavar="USERS@TIME,...",
+                                 help="users over time instead of --users and --duration, e.g. 1@0s,32@60s,1@2m")
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "ramp", None):
+            if args.users is not None or args.duration is not None:
+                raise UsageError("--ramp sets the users and the duration: leave out --users and --duration")
+            parse_ramp(args.ramp)  # before a server is looked for
+        args.users = 16 if args.users is None else args.users
+        args.duration = "60s" if args.duration is None else args.duration
         seconds(args.duration)  # every run is bounded in time
         if args.command != "overhead":
-            parse_mix(args.mix)  # before a server is looked for
+            parse_mix(args.mix)
         if args.ca_file is not None:
             if not args.ca_file.is_file():
                 raise UsageError(f"--ca-file {args.ca_file}: no such file")
@@ -241,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if started:
                 subprocess.run([sys.executable, "-m", "patchwork.serving", "down"], timeout=120)
-    except (UsageError, PlanError) as e:
+    except (UsageError, PlanError, replicas.RecorderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -2,8 +2,8 @@
 
 The runner hands them its plan in $PATCHWORK_LOAD_PLAN (``plan.Plan`` as
 JSON): which RPCs each user calls, with which weights, on which models, and
-the sizes of the inputs those models take. $PATCHWORK_AUTH_TOKEN is sent
-when set.
+the sizes of the inputs those models take, and the users over time when it
+has a ramp. $PATCHWORK_AUTH_TOKEN is sent when set.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import os
 import random
 
 import grpc
-from locust import TaskSet, between
+from locust import LoadTestShape, TaskSet, between
 from locust.exception import LocustError
 
 from patchwork.loadtests import inputs
 from patchwork.loadtests.grpc_user import GrpcUser
-from patchwork.loadtests.plan import PLAN_ENV, Plan
+from patchwork.loadtests.plan import PLAN_ENV, Plan, users_at
 from patchwork.v1 import audiovideo_pb2
 
 PLAN = Plan.model_validate_json(os.environ[PLAN_ENV]) if PLAN_ENV in os.environ else None
@@ -136,3 +136,17 @@ class MixUser(GrpcUser):
         super().__init__(environment)
         self.number = next(MixUser.started)
         self.models = {call.rpc: call.model for call in PLAN.calls}
+
+
+if PLAN is not None and PLAN.ramp:
+
+    class Ramp(LoadTestShape):
+        """The plan's users over time (``plan.users_at``), re-read every second;
+        users join or leave within that second (a leaving user ends its call
+        first), and the run ends at the ramp's last point."""
+
+        def tick(self):
+            at_s = self.get_run_time()
+            if at_s >= PLAN.ramp[-1].at_s:
+                return None
+            return users_at(PLAN.ramp, at_s), max(1, max(point.users for point in PLAN.ramp))

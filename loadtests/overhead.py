@@ -1,7 +1,10 @@
 """What serving adds to the smallest call of each family: the p50 of the call
 through gRPC, the gateway and Ray Serve, minus the p50 of the same work done
 in this process (the same checkpoint as the served model; one call each way
-in turn, so the machine's drift falls on both).
+in turn, so the machine's drift falls on both). Beside it, the p50 of each
+pair's difference (served minus the in-process call just before it): the
+steadier estimate where the call itself varies by more than the overhead
+(CM3Leon's image, 140-170 ms give or take 20 ms here).
 
 - BLT (``ByteLM``): a 1-byte ``Generate``; in process, the engine's own call.
 - CM3Leon (``Multimodal``): a 1-image ``GenerateImage`` with the model's
@@ -122,7 +125,8 @@ def measure(checkpoint: Path, client, model: str, requests: int) -> dict:
         probe_.close()
     return {"call": probe_.call, "requests": requests, "in_process_p50_s": statistics.median(in_process),
             "served_p50_s": statistics.median(served), "served_p90_s": statistics.quantiles(served, n=10)[-1],
-            "overhead_p50_s": statistics.median(served) - statistics.median(in_process)}
+            "overhead_p50_s": statistics.median(served) - statistics.median(in_process),
+            "paired_overhead_p50_s": statistics.median(s - i for s, i in zip(served, in_process))}
 
 
 def _seconds(call: Callable[[], object]) -> float:
@@ -136,4 +140,5 @@ def markdown(result: dict) -> str:
             f"- in-process p50: {1000 * result['in_process_p50_s']:.2f} ms\n"
             f"- through gRPC + Ray Serve p50: {1000 * result['served_p50_s']:.2f} ms "
             f"(p90 {1000 * result['served_p90_s']:.2f} ms)\n"
-            f"- overhead p50: {1000 * result['overhead_p50_s']:.2f} ms\n")
+            f"- overhead p50: {1000 * result['overhead_p50_s']:.2f} ms "
+            f"(p50 of each pair's difference: {1000 * result['paired_overhead_p50_s']:.2f} ms)\n")

@@ -81,6 +81,51 @@ class ClipInputs(BaseModel):
     index: str | None = None
 
 
+class RampPoint(BaseModel):
+    """Users at a moment of a ramp (seconds from its start)."""
+
+    at_s: float = Field(ge=0)
+    users: int = Field(ge=0)
+
+
+def duration_seconds(text: str) -> float | None:
+    """Seconds of a duration such as 90, 90s, 2m or 1h; None when it is not one."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1:] in units else float(text)
+    except (ValueError, IndexError):
+        return None
+
+
+def parse_ramp(text: str) -> list[RampPoint]:
+    """``--ramp``'s points: USERS@TIME, in order of time, from time 0."""
+    points = []
+    for item in text.split(","):
+        users, at, time_text = item.strip().partition("@")
+        if not at or not users.isdigit():
+            raise PlanError(f"--ramp {text!r}: {item.strip()!r} is not USERS@TIME (e.g. 32@60s)")
+        at_s = duration_seconds(time_text)
+        if at_s is None or at_s < 0:
+            raise PlanError(f"--ramp {text!r}: {time_text!r} is not a time (e.g. 60s, 2m)")
+        points.append(RampPoint(at_s=at_s, users=int(users)))
+    if points[0].at_s != 0 or len(points) < 2 or any(a.at_s > b.at_s for a, b in zip(points, points[1:])):
+        raise PlanError(f"--ramp {text!r}: give two points or more, the first at 0s, in order of time")
+    if max(point.users for point in points) == 0:
+        raise PlanError(f"--ramp {text!r}: no point has a user")
+    return points
+
+
+def users_at(ramp: list[RampPoint], at_s: float) -> int:
+    """The users a ramp asks for at ``at_s``: on the straight line between
+    the points around it, rounded."""
+    for before, after in zip(ramp, ramp[1:]):
+        if at_s <= after.at_s:
+            span = after.at_s - before.at_s
+            share = 1.0 if span == 0 else max(0.0, at_s - before.at_s) / span
+            return round(before.users + share * (after.users - before.users))
+    return ramp[-1].users
+
+
 class Plan(BaseModel):
     calls: list[Call]
     max_new_bytes: int = Field(ge=1)  # of a generation, a caption or an infill
@@ -88,6 +133,8 @@ class Plan(BaseModel):
     samples: int = Field(default=1, ge=1)  # images a GenerateImage asks for
     images: ImageInputs | None = None
     clips: ClipInputs | None = None
+    # Users over time (``--ramp``), instead of a fixed number for the whole run.
+    ramp: list[RampPoint] | None = None
 
     @property
     def rpcs(self) -> list[str]:

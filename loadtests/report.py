@@ -6,6 +6,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+from patchwork.loadtests import replicas
 from patchwork.loadtests.grpc_user import INTER_BYTE, TIME_PER_BYTE, TTFB
 from patchwork.loadtests.plan import RPCS, Plan
 
@@ -114,7 +115,8 @@ def markdown(summary: RunSummary, title: str, plan: Plan) -> str:
     lines = [
         f"## {title}",
         "",
-        f"{summary.users} users for {summary.seconds:.0f} s: {summary.requests} requests, "
+        f"{'up to ' if plan.ramp else ''}{summary.users} users for {summary.seconds:.0f} s: "
+        f"{summary.requests} requests, "
         f"{summary.failures} failed (error rate {100 * summary.error_rate:.2f}%).",
         f"Request throughput {summary.request_throughput:.2f} requests/s; output throughput {outputs}.",
         "",
@@ -182,14 +184,21 @@ def _pyplot():
     return plt
 
 
-def plot_history(prefix: Path, out: Path) -> None:
-    """Each call's median latency (and a stream's time to first byte), and each service's requests/s, over the run."""
+def plot_history(prefix: Path, out: Path, replicas_csv: Path | None = None) -> None:
+    """Each call's median latency (and a stream's time to first byte), each
+    service's requests/s with the users running, and, with ``replicas_csv``,
+    each deployment's target and running replicas, over the run."""
     plt = _pyplot()
     with open(f"{prefix}_stats_history.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     start = min((int(r["Timestamp"]) for r in rows), default=0)  # a run of a second or two may have no call's row
+    users = sorted({int(r["Timestamp"]) - start: int(r["User Count"])
+                    for r in rows if r["Name"] == "Aggregated"}.items())
     rows = [r for r in rows if r["Name"] != "Aggregated"]
-    figure, (latency_axes, rate_axes) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    samples = replicas.read(replicas_csv) if replicas_csv else []
+    panels = 3 if samples else 2
+    figure, axes = plt.subplots(panels, 1, figsize=(8, 3 * panels), sharex=True)
+    latency_axes, rate_axes = axes[0], axes[1]
     latency_axes.set_prop_cycle(color=plt.cm.tab20.colors)
     lines = [(name, "50%", f"{name.rpartition('/')[2]} p50") for name in _calls(dict.fromkeys(r["Name"] for r in rows))]
     lines += [(STREAM + TTFB, percentile, f"TTFB {percentile}") for percentile in PERCENTILES]
@@ -211,11 +220,43 @@ def plot_history(prefix: Path, out: Path) -> None:
     for service, per_second in per_service.items():
         rate_axes.plot(*zip(*sorted(per_second.items())), label=service)
     rate_axes.set_ylabel("requests/s")
-    rate_axes.set_xlabel("seconds")
-    rate_axes.legend(fontsize="small")
+    rate_axes.legend(fontsize="small", loc="upper left")
+    if users:
+        user_axes = rate_axes.twinx()
+        user_axes.step(*zip(*users), where="post", color="grey", linestyle=":", label="users")
+        user_axes.set_ylabel("users")
+        user_axes.legend(fontsize="small", loc="upper right")
+    if samples:
+        _plot_replicas(axes[2], samples, start)
+    axes[-1].set_xlabel("seconds")
     figure.tight_layout()
     figure.savefig(out)
     plt.close(figure)
+
+
+def _plot_replicas(axes, samples: list[replicas.Sample], start: float) -> None:
+    """Each deployment's running replicas (solid) and target (dashed) over time."""
+    colours = iter(_pyplot().cm.tab10.colors * 4)
+    for deployment in dict.fromkeys(s.deployment for s in samples):
+        own = [s for s in samples if s.deployment == deployment]
+        times = [s.timestamp - start for s in own]
+        colour = next(colours)
+        axes.step(times, [s.running for s in own], where="post", color=colour, label=f"{deployment} running")
+        axes.step(times, [s.target for s in own], where="post", color=colour, linestyle="--", alpha=0.6,
+                  label=f"{deployment} target")
+    axes.set_ylabel("replicas")
+    axes.set_ylim(0, max(max(s.running, s.target) for s in samples) + 1)
+    axes.yaxis.get_major_locator().set_params(integer=True)
+    axes.legend(fontsize="x-small", ncol=2, loc="upper right")
+
+
+def replicas_markdown(samples: list[replicas.Sample]) -> str:
+    """Each deployment's fewest and most running replicas over the run, and the most it was told to run."""
+    lines = ["", "| deployment | fewest running replicas | most running | most targeted |",
+             "| --- | --- | --- | --- |"]
+    lines += [f"| {deployment} | {low} | {high} | {target} |"
+              for deployment, (low, high, target) in replicas.ranges(samples).items()]
+    return "\n".join(lines) + "\n"
 
 
 def plot_sweep(summaries: list[RunSummary], out: Path, plan: Plan, label: str = "users") -> None:

@@ -46,6 +46,11 @@ class AutoscalingConfig(BaseModel):
     target_ongoing_requests: float = Field(default=8.0, gt=0)
     upscale_delay_s: float = Field(default=5.0, ge=0)
     downscale_delay_s: float = Field(default=60.0, ge=0)
+    # How often the callers report their ongoing requests, and over how long a
+    # window the autoscaler averages them (Ray Serve's defaults): shorter ones
+    # follow a burst sooner and take a lull for the end of the load sooner.
+    metrics_interval_s: float = Field(default=10.0, gt=0)
+    look_back_period_s: float = Field(default=30.0, gt=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> "AutoscalingConfig":

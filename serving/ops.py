@@ -56,8 +56,18 @@ def models_by_deployment() -> dict[str, list[str]]:
         return {}
 
 
-def running_replicas(deployment: str) -> int:
-    return status().get(APP_NAME, {}).get("deployments", {}).get(deployment, {}).get("replicas", {}).get("RUNNING", 0)
+def replica_counts() -> dict[str, dict[str, int]]:
+    """Deployment -> {"target": replicas Ray Serve is heading for (the
+    autoscaler's decision, or the fixed count), "running": replicas serving
+    now} for the running application; empty when none runs."""
+    from ray.serve.context import _get_global_client
+
+    connect()
+    details = _get_global_client().get_serve_details()
+    deployments = (details.get("applications") or {}).get(APP_NAME, {}).get("deployments", {})
+    return {name: {"target": int(deployment["target_num_replicas"]),
+                   "running": sum(str(replica["state"]).endswith("RUNNING") for replica in deployment["replicas"])}
+            for name, deployment in deployments.items()}
 
 
 def scale(deployment: str, replicas: int, timeout_s: float = 300.0) -> int:

@@ -280,6 +280,7 @@ CM3LEON_MODEL = "cm3leon"
 MOT_MODEL = "mot"
 MAVIL_MODEL = "mavil"
 IN_GATEWAY_MODEL = "local"
+AUTOSCALED_MODEL = "autoscaled"
 # The image decoding the served ``cm3leon`` checkpoint's manifest records as its
 # evaluation's best (``mot`` has none recorded: it takes the family's).
 RECORDED_IMAGE_DEFAULTS = {"guidance": "classifier_free", "guidance_scale": 2.0, "temperature": 1.0, "top_p": 0.8,
@@ -300,16 +301,19 @@ def serving_config(tiny_checkpoint, cm3leon_checkpoint, mot_checkpoint, mavil_ch
     (Mixture-of-Transformers, with sound); and
     ``mavil``, MAViL's tiny preset after stage 2 (8 clips a batch, 32
     requests in flight); ``local``, the tiny checkpoint once more, run by the
-    gateway's replica itself (no hop to a model deployment). ``cm3leon``'s
-    manifest records image decoding defaults (``RECORDED_IMAGE_DEFAULTS``)."""
+    gateway's replica itself (no hop to a model deployment); ``autoscaled``,
+    the tiny checkpoint in a deployment that Ray Serve's autoscaler moves
+    between one and two replicas within seconds (the autoscaling test has it
+    to itself). ``cm3leon``'s manifest records image decoding defaults
+    (``RECORDED_IMAGE_DEFAULTS``)."""
     import shutil
 
     from patchwork.engines.checkpoint import record_decoding
     from patchwork.engines.scheduler import SchedulerConfig
-    from patchwork.serving.config import ActorOptions, DeploymentOptions, Limits, ServingConfig
+    from patchwork.serving.config import ActorOptions, AutoscalingConfig, DeploymentOptions, Limits, ServingConfig
     from tests.echo_family import write_checkpoint
 
-    for name in (WIDE_MODEL, BOUNDED_MODEL, IN_GATEWAY_MODEL):
+    for name in (WIDE_MODEL, BOUNDED_MODEL, IN_GATEWAY_MODEL, AUTOSCALED_MODEL):
         shutil.copytree(tiny_checkpoint, tiny_checkpoint.parent / name, dirs_exist_ok=True)
     write_checkpoint(tiny_checkpoint.parent / ECHO_MODEL, shift=1)
     shutil.copytree(cm3leon_checkpoint[0], tiny_checkpoint.parent / CM3LEON_MODEL, dirs_exist_ok=True)
@@ -342,7 +346,12 @@ def serving_config(tiny_checkpoint, cm3leon_checkpoint, mot_checkpoint, mavil_ch
                          CM3LEON_MODEL: DeploymentOptions(ray_actor_options=ActorOptions(num_cpus=0.0)),
                          MOT_MODEL: DeploymentOptions(ray_actor_options=ActorOptions(num_cpus=0.0)),
                          MAVIL_MODEL: DeploymentOptions(max_ongoing_requests=32, max_queued_requests=32,
-                                                        ray_actor_options=ActorOptions(num_cpus=0.0))},
+                                                        ray_actor_options=ActorOptions(num_cpus=0.0)),
+                         AUTOSCALED_MODEL: DeploymentOptions(
+                             autoscaling_config=AutoscalingConfig(
+                                 min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=0,
+                                 downscale_delay_s=2, metrics_interval_s=0.5, look_back_period_s=2),
+                             max_queued_requests=-1, ray_actor_options=ActorOptions(num_cpus=0.0))},
         engine=SchedulerConfig(max_batch_size=4, max_sequence_bytes=2000, max_queue=8),
         # A larger prefill budget keeps the 160-request mixed-traffic test short on a busy machine.
         engine_overrides={WIDE_MODEL: SchedulerConfig(max_batch_size=32, max_sequence_bytes=2000, max_queue=64,

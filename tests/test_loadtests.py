@@ -4,6 +4,8 @@ import csv
 import re
 import subprocess
 
+import pytest
+
 from patchwork.loadtests.plan import FAMILIES, RPCS
 from patchwork.serving.families import SERVED
 from tests.conftest import CM3LEON_MODEL, MAVIL_MODEL, PATCHWORK, REPO, WIDE_MODEL
@@ -31,11 +33,23 @@ def stats(prefix) -> dict[str, dict]:
 
 
 def test_a_short_run_writes_csv_summary_and_plot_and_checks_the_slo(grpc_target, tmp_path):
-    common = ["--target", grpc_target, "--mix", "blt", "--users", "2", "--duration", "6s", "--max-new-bytes", "8"]
-    result = loadtests("run", *common, "--out", str(tmp_path / "ok"), "--slo-p99-ms", "100000")
+    common = ["--target", grpc_target, "--mix", "blt", "--max-new-bytes", "8"]
+    # A ramp from one user to two and back, with the replicas recorded.
+    result = loadtests("run", *common, "--ramp", "1@0s,2@3s,2@5s,1@6s", "--record-replicas",
+                       "--out", str(tmp_path / "ok"), "--slo-p99-ms", "100000")
     assert result.returncode == 0, result.stderr
     summary = (tmp_path / "ok" / "summary.md").read_text()
+    assert summary.startswith("## up to 2 users (1@0s,2@3s,2@5s,1@6s)")
     assert "0 failed (error rate 0.00%)" in summary
+    with open(tmp_path / "ok" / "run_stats_history.csv", newline="") as f:
+        users = {int(row["User Count"]) for row in csv.DictReader(f)}
+    assert users <= {0, 1, 2} and 2 in users
+    from patchwork.loadtests import replicas
+
+    recorded = replicas.read(tmp_path / "ok" / "run_replicas.csv")
+    tiny = [sample for sample in recorded if sample.deployment == "model-tiny"]
+    assert len(tiny) >= 2 and {(s.target, s.running) for s in tiny} == {(1, 1)}
+    assert "| model-tiny | 1 | 1 | 1 |" in summary
     # Without --model, the server's default model answers ByteLM.
     assert all(f"| {rpc} | tiny | {spec.weight} |" in summary for rpc, spec in RPCS.items() if spec.family == "blt")
     counts = {name: int(row["Request Count"]) for name, row in stats(tmp_path / "ok" / "run").items()}
@@ -48,7 +62,8 @@ def test_a_short_run_writes_csv_summary_and_plot_and_checks_the_slo(grpc_target,
     for name in ("run_stats.csv", "run_stats_history.csv", "latency_over_time.png"):
         assert (tmp_path / "ok" / name).stat().st_size > 0
     assert "SLO ttfb p99 <= 100000.0 ms: met" in result.stdout
-    strict = loadtests("run", *common, "--out", str(tmp_path / "slo"), "--slo-p99-ms", "0.001")
+    strict = loadtests("run", *common, "--users", "2", "--duration", "4s", "--out", str(tmp_path / "slo"),
+                       "--slo-p99-ms", "0.001")
     assert strict.returncode == 3 and "FAILED" in strict.stdout
 
 
@@ -127,7 +142,7 @@ def test_a_mix_or_model_that_cannot_run_is_refused_naming_the_flag(tmp_path):
 
 def test_a_mix_or_model_the_server_cannot_answer_is_refused_naming_the_flag(grpc_target, tmp_path):
     common = ["--target", grpc_target, "--duration", "2s", "--out", str(tmp_path)]
-    for flags, message in [(["--model", "nosuch"], "--model nosuch: not served (served: bounded, cm3leon, echo,"),
+    for flags, message in [(["--model", "nosuch"], "--model nosuch: not served (served: autoscaled, bounded, cm3leon,"),
                            (["--model", "echo"], "--model echo: its family 'echo' has no load-test users"),
                            (["--model", "tiny", "--model", "wide"], "--model wide: tiny is already blt's model"),
                            (["--mix", "Generate=0"], "--mix 'Generate=0': no RPC left to call"),
@@ -150,6 +165,31 @@ def test_only_loopback_targets_and_bounded_runs(tmp_path):
     assert unbounded.returncode == 2 and "--duration 'forever'" in unbounded.stderr
     nobody = loadtests("run", "--target", "127.0.0.1:1", "--duration", "2s", "--out", str(tmp_path))
     assert nobody.returncode == 2 and "no healthy server at 127.0.0.1:1" in nobody.stderr
+    both = loadtests("run", "--target", "127.0.0.1:1", "--ramp", "1@0s,2@5s", "--users", "3", "--out", str(tmp_path))
+    assert both.returncode == 2 and "--ramp sets the users and the duration" in both.stderr
+
+
+def test_replicas_that_cannot_be_read_are_reported_naming_the_flag(monkeypatch, tmp_path):
+    from patchwork.loadtests import replicas
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # no cluster there
+    with pytest.raises(replicas.RecorderError, match="--record-replicas: the replicas cannot be read"):
+        with replicas.recording(tmp_path / "run_replicas.csv"):
+            pass
+
+
+def test_a_ramp_moves_in_straight_lines_between_its_points_and_a_bad_one_is_refused():
+    from patchwork.loadtests.plan import PlanError, parse_ramp, users_at
+
+    ramp = parse_ramp("1@0s,21@10s,5@10s,5@20s")
+    assert [users_at(ramp, t) for t in (0, 2.5, 5, 10, 10.5, 15, 20, 30)] == [1, 6, 11, 21, 5, 5, 5, 5]
+    assert [(p.at_s, p.users) for p in parse_ramp("2@0s,4@1m")] == [(0, 2), (60, 4)]
+    refusals = {"2@5s,3@9s": "the first at 0s", "1@0s,x@5s": "'x@5s' is not USERS@TIME",
+                "1@0s,2@soon": "'soon' is not a time", "1@0s,4@9s,2@6s": "in order of time",
+                "0@0s,0@5s": "no point has a user", "1@0s": "two points or more"}
+    for text, message in refusals.items():
+        with pytest.raises(PlanError, match=re.escape(message)):
+            parse_ramp(text)
 
 
 def test_a_replica_comparison_scales_runs_and_reports(grpc_target, tmp_path):

@@ -1,5 +1,6 @@
 """Operations through the real proxy: auth, reflection, models, status, scaling, metrics, config files."""
 
+import math
 import subprocess
 import threading
 import urllib.request
@@ -10,6 +11,7 @@ import yaml
 
 from tests.conftest import (
     AUTH_TOKEN,
+    AUTOSCALED_MODEL,
     BOUNDED_MODEL,
     CM3LEON_MODEL,
     ECHO_MODEL,
@@ -102,8 +104,8 @@ def test_models_service_and_command(channel, grpc_target, tiny_checkpoint):
     from patchwork.v1 import models_pb2, models_pb2_grpc
 
     listed = models_pb2_grpc.ModelsStub(channel).ListModels(models_pb2.ListModelsRequest(), timeout=30).models
-    assert [m.name for m in listed] == sorted([BOUNDED_MODEL, CM3LEON_MODEL, ECHO_MODEL, IN_GATEWAY_MODEL, MAVIL_MODEL,
-                                               MOT_MODEL, "tiny", WIDE_MODEL])
+    assert [m.name for m in listed] == sorted([AUTOSCALED_MODEL, BOUNDED_MODEL, CM3LEON_MODEL, ECHO_MODEL,
+                                               IN_GATEWAY_MODEL, MAVIL_MODEL, MOT_MODEL, "tiny", WIDE_MODEL])
     assert next(m for m in listed if m.name == ECHO_MODEL).family == "echo"
     assert next(m for m in listed if m.name == CM3LEON_MODEL).family == "cm3leon"
     mot = json.loads(next(m for m in listed if m.name == MOT_MODEL).config_json)
@@ -131,7 +133,7 @@ def test_status_and_scaling_without_dropping_requests(stub, pb2, grpc_target, se
     assert report.returncode == 0, report.stderr
     deployments = yaml.safe_load(report.stdout)["patchwork"]["deployments"]
     assert deployments["model-tiny"]["replicas"] == {"RUNNING": 1}
-    models = ("tiny", WIDE_MODEL, BOUNDED_MODEL, ECHO_MODEL, CM3LEON_MODEL, MOT_MODEL, MAVIL_MODEL)
+    models = ("tiny", WIDE_MODEL, BOUNDED_MODEL, ECHO_MODEL, CM3LEON_MODEL, MOT_MODEL, MAVIL_MODEL, AUTOSCALED_MODEL)
     assert set(deployments) == {"gateway", *(f"model-{name}" for name in models)}
     # Which models each deployment runs: the gateway its own, each model deployment its model.
     assert deployments["gateway"]["models"] == [IN_GATEWAY_MODEL]
@@ -165,6 +167,73 @@ def test_status_and_scaling_without_dropping_requests(stub, pb2, grpc_target, se
             "replicas"] == {"RUNNING": replicas}
     missing = serving_cli("scale", "model-nope", "2")
     assert missing.returncode == 1 and "no deployment 'model-nope'" in missing.stderr
+
+
+class Streams:
+    """Users that each stream generations of ``new_bytes`` from ``model`` back
+    to back until told to stop (after their call in flight); every call's
+    outcome is kept: its bytes, or the error it ended with."""
+
+    def __init__(self, stub, pb2, model: str, new_bytes: int):
+        self.request = pb2.GenerateRequest(prompt=b"autoscaling", max_new_bytes=new_bytes, model=model)
+        self.stub = stub
+        self.generated: list[int] = []
+        self.errors: list[str] = []
+        self.users: list[tuple[threading.Thread, threading.Event]] = []
+
+    def add(self, users: int) -> None:
+        for _ in range(users):
+            stop = threading.Event()
+            thread = threading.Thread(target=self._user, args=(stop,))
+            thread.start()
+            self.users.append((thread, stop))
+
+    def remove(self, users: int) -> None:
+        leaving, self.users = self.users[:users], self.users[users:]
+        for thread, stop in leaving:
+            stop.set()
+        for thread, _ in leaving:
+            thread.join(timeout=600)
+
+    def _user(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                last = list(self.stub.GenerateStream(self.request, timeout=300))[-1]
+                self.generated.append(last.usage.generated_bytes)
+            except grpc.RpcError as e:
+                self.errors.append(f"{e.code().name}: {e.details()}")
+
+
+@pytest.mark.timeout(1800)  # bounds for a busy machine: a new replica waits for its turn, a stopped one drains
+def test_autoscaling_follows_the_load_up_and_down_without_a_failed_request(stub, pb2, serving_config):
+    from patchwork.serving.ops import replica_counts
+
+    deployment = f"model-{AUTOSCALED_MODEL}"
+    scaling = serving_config.options_for(AUTOSCALED_MODEL).autoscaling_config
+    assert replica_counts()[deployment] == {"target": scaling.min_replicas, "running": scaling.min_replicas}
+    # Ray Serve asks for ceil(ongoing requests / target) replicas: users that keep more
+    # than max_replicas * target requests going ask for the most, users that keep at
+    # most min_replicas * target going (a call at a time each) for the fewest.
+    busy_users = math.floor(scaling.max_replicas * scaling.target_ongoing_requests) + 2
+    calm_users = math.floor(scaling.min_replicas * scaling.target_ongoing_requests)
+    assert calm_users >= 1
+    streams = Streams(stub, pb2, AUTOSCALED_MODEL, new_bytes=64)
+    try:
+        streams.add(busy_users)
+        wait_until(lambda: replica_counts()[deployment]["running"] == scaling.max_replicas
+                   and len(streams.generated) >= busy_users, timeout_s=600, interval_s=0.5,
+                   what=f"{deployment} to run {scaling.max_replicas} replicas under load")
+        # The load falls to what one replica is meant for, and goes on while the other stops.
+        streams.remove(busy_users - calm_users)
+        calls_before = len(streams.generated)
+        wait_until(lambda: replica_counts()[deployment] == {"target": scaling.min_replicas,
+                                                           "running": scaling.min_replicas}
+                   and len(streams.generated) > calls_before, timeout_s=600, interval_s=0.5,
+                   what=f"{deployment} to scale back to {scaling.min_replicas} replica under load")
+    finally:
+        streams.remove(len(streams.users))
+    assert streams.errors == []
+    assert set(streams.generated) == {64}  # every call whole, wherever it ran
 
 
 # -- metrics --------------------------------------------------------------------

@@ -85,22 +85,28 @@ def test_the_client_examples_run_against_a_server(grpc_target, mavil_engine, tmp
 
 
 # The load-test commands' sizes, shrunk to seconds of load on the test server.
-SHRUNK = {"--users": "1", "--users-list": "1", "--duration": "2s", "--replicas": "1", "--requests": "5"}
+SHRUNK = {"--users": "1", "--users-list": "1", "--duration": "2s", "--replicas": "1", "--requests": "5",
+          "--ramp": "1@0s,2@2s"}
+# Flags that take no value.
+SWITCHES = {"--record-replicas"}
 
 
 def test_every_load_test_command_the_readme_shows_runs(grpc_target, tiny_checkpoint, tmp_path):
     commands = shell_commands("### Load testing")
-    assert sorted(c[1] for c in commands) == ["compare", "overhead", "run", "run", "sweep"]
-    names = {"model-blt-default": "model-tiny", "checkpoints/blt-default": str(tiny_checkpoint)}
+    assert sorted(c[1] for c in commands) == ["compare", "overhead", "run", "run", "run", "sweep"]
+    names = {"model-blt-default": "model-tiny", "blt-default": "tiny", "checkpoints/blt-default": str(tiny_checkpoint)}
     reports = {"run": "summary.md", "sweep": "sweep.md", "compare": "compare.md", "overhead": "overhead.md"}
     for number, command in enumerate(commands):
-        flags = {flag: SHRUNK.get(flag, value) for flag, value in zip(command[2::2], command[3::2], strict=True)}
-        flags.setdefault("--duration", SHRUNK["--duration"])
+        switches = [word for word in command if word in SWITCHES]
+        pairs = [word for word in command[2:] if word not in SWITCHES]
+        flags = {flag: SHRUNK.get(flag, value) for flag, value in zip(pairs[::2], pairs[1::2], strict=True)}
+        if "--ramp" not in flags:
+            flags.setdefault("--duration", SHRUNK["--duration"])
         if command[1] == "overhead":
             flags.setdefault("--requests", SHRUNK["--requests"])
         out = tmp_path / str(number)
         words = [*command[:2], *(word for flag, value in flags.items() for word in (flag, names.get(value, value))),
-                 "--target", grpc_target, "--out", str(out)]
+                 *switches, "--target", grpc_target, "--out", str(out)]
         ran = subprocess.run([*PATCHWORK, *words], cwd=REPO, capture_output=True, text=True, timeout=300)
         # A p99 objective is met or not on a busy machine: the exit status says which.
         failed_slo = "--slo-p99-ms" in flags and "FAILED" in ran.stdout
