@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import select
 import signal
 import subprocess
 import sys
@@ -30,6 +31,8 @@ from pathlib import Path
 
 FIELDS = ("timestamp", "deployment", "target", "running")
 READY = "recording"
+# How long joining the cluster may take on a busy machine.
+JOIN_TIMEOUT_S = 120.0
 
 
 class RecorderError(Exception):
@@ -55,11 +58,17 @@ def recording(path: Path) -> Iterator[None]:
     with tempfile.TemporaryFile("w+") as errors:
         process = subprocess.Popen([sys.executable, "-m", "patchwork.loadtests.replicas", str(path)],
                                    stdout=subprocess.PIPE, stderr=errors, text=True)
-        if process.stdout.readline().strip() != READY:  # once it has joined the cluster and read the counts
+        # It says READY once it has joined the cluster and read the counts.
+        answered = select.select([process.stdout], [], [], JOIN_TIMEOUT_S)[0]
+        line = process.stdout.readline() if answered else None
+        if line is None or line.strip() != READY:
+            process.kill()
             process.wait(timeout=60)
             errors.seek(0)
-            last = (errors.read().strip().splitlines() or [f"exit status {process.returncode}"])[-1]
-            raise RecorderError(f"--record-replicas: the replicas cannot be read ({last})")
+            said = errors.read().strip().splitlines()
+            reason = said[-1] if said else (f"no answer in {JOIN_TIMEOUT_S:.0f} s" if line is None
+                                            else f"exit status {process.returncode}")
+            raise RecorderError(f"--record-replicas: the replicas cannot be read ({reason})")
         try:
             yield
         finally:
