@@ -98,14 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from patchwork.serving import ops
 
-    stopping = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopping.set())
     try:
         counts = ops.replica_counts()
     except Exception as e:  # no cluster to join: the runner reports it
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # after joining: Ray sets handlers of its own
+        signal.signal(signum, lambda *_: stopping.set())
     with open(args.out, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(FIELDS)
