@@ -169,6 +169,27 @@ def test_only_loopback_targets_and_bounded_runs(tmp_path):
     assert both.returncode == 2 and "--ramp sets the users and the duration" in both.stderr
 
 
+def test_the_replica_recorder_writes_as_it_goes_and_stops_cleanly(grpc_target, tmp_path):
+    import signal
+    import sys
+
+    from patchwork.loadtests import replicas
+    from tests.helpers import wait_until
+
+    out = tmp_path / "replicas.csv"
+    recorder = subprocess.Popen([sys.executable, "-m", "patchwork.loadtests.replicas", str(out), "--interval-s", "0.2"],
+                                cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    try:
+        assert recorder.stdout.readline().strip() == replicas.READY
+        wait_until(lambda: len({s.timestamp for s in replicas.read(out)}) >= 3, timeout_s=120, interval_s=0.2,
+                   what="three readings")
+    finally:
+        recorder.send_signal(signal.SIGTERM)
+        assert recorder.wait(timeout=60) == 0  # its own handler ends it, the file whole
+    tiny = [s for s in replicas.read(out) if s.deployment == "model-tiny"]
+    assert len(tiny) >= 3 and {(s.target, s.running) for s in tiny} == {(1, 1)}
+
+
 def test_replicas_that_cannot_be_read_are_reported_naming_the_flag(monkeypatch, tmp_path):
     from patchwork.loadtests import replicas
 
