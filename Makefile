@@ -23,6 +23,8 @@ TARGET ?= 127.0.0.1:$(DIRECT_GRPC_PORT)
 
 # Every install takes its versions from the committed locks (locks/*.txt, written by
 # `make lock`); Patchwork itself goes in editable, without dependencies of its own.
+# --no-compile: Python compiles a module when it is first imported; compiling every
+# file of every package up front took about 45 s of the first `make serve` here.
 LOCK_VENV := .venv-lock
 PIP_TOOLS := pip-tools==7.7.0
 # `make lock UPGRADE=name[,name]` moves those packages to their newest allowed
@@ -40,12 +42,12 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml locks/serve.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -r locks/serve.txt
+	$(PY) -m pip install --no-compile -r locks/serve.txt
 	$(PY) -m pip install --no-deps --no-build-isolation -e .
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed $(VENV)/.installed-system locks/test.txt
-	$(PY) -m pip install -r locks/test.txt
+	$(PY) -m pip install --no-compile -r locks/test.txt
 	touch $@
 
 # Debian packages the security tests use: NGINX (TLS for clients, `serve up --tls-cert`)
@@ -56,7 +58,7 @@ $(VENV)/.installed-system: $(VENV)/.installed
 	touch $@
 
 $(VENV)/.installed-bench: $(VENV)/.installed locks/bench.txt
-	$(PY) -m pip install -r locks/bench.txt
+	$(PY) -m pip install --no-compile -r locks/bench.txt
 	touch $@
 
 # Rewrites the locks from pyproject.toml's ranges, each install set from the one

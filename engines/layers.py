@@ -144,6 +144,28 @@ def causal_mask(n_queries: int, n_keys: int, window: int | None, device) -> torc
     return allowed
 
 
+class PaddedRows:
+    """The real positions of a right-padded batch [B, T]: the first
+    ``lengths[b]`` of row b. Position-wise work (norms, projections, the
+    feed-forward) runs on the real positions alone, packed [N, ...]; causal
+    attention runs in the padded layout, where every padded key comes after
+    the real queries of its row and is never read by them."""
+
+    def __init__(self, lengths: torch.Tensor, seq: int):
+        self.batch, self.seq = len(lengths), seq
+        real = torch.arange(seq, device=lengths.device) < lengths[:, None]  # [B, T]
+        self.index = real.flatten().nonzero().squeeze(1)  # [N] flat places of the real positions
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, ...] -> the real positions [N, ...]."""
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, ...] -> [B, T, ...], zero at the padded places."""
+        padded = x.new_zeros(self.batch * self.seq, *x.shape[1:]).index_copy(0, self.index, x)
+        return padded.unflatten(0, (self.batch, self.seq))
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -178,9 +200,14 @@ class SelfAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return out.transpose(1, 2).reshape(batch, seq, -1)
 
-    def forward(self, x, rotations, mask, cache: CacheView | None = None, layer: int = 0):
-        """x: [B, T, dim] -> [B, T, dim]; see ``attend``."""
-        return self.o_proj(self.attend(self.qkv(x), rotations, mask, cache, layer))
+    def forward(self, x, rotations, mask, cache: CacheView | None = None, layer: int = 0,
+                rows: PaddedRows | None = None):
+        """x: [B, T, dim] -> [B, T, dim]; see ``attend``. With ``rows``, x is
+        their real positions [N, dim] and so is the result."""
+        qkv = self.qkv(x)
+        if rows is None:
+            return self.o_proj(self.attend(qkv, rotations, mask, cache, layer))
+        return self.o_proj(rows.pack(self.attend(rows.unpack(qkv), rotations, mask, cache, layer)))
 
 
 class FeedForward(nn.Module):
@@ -207,8 +234,9 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = FeedForward(cfg.dim, cfg.hidden_dim)
 
-    def forward(self, x, rotations, mask, cache: CacheView | None = None, layer: int = 0):
-        attended = self.self_attn(self.input_layernorm(x), rotations, mask, cache, layer)
+    def forward(self, x, rotations, mask, cache: CacheView | None = None, layer: int = 0,
+                rows: PaddedRows | None = None):
+        attended = self.self_attn(self.input_layernorm(x), rotations, mask, cache, layer, rows)
         norm = self.post_attention_layernorm  # x + attended, and its norm: one fused kernel on a GPU
         normed, x = add_rms_norm(x, attended, norm.weight, norm.eps)
         return x + self.mlp(normed)
@@ -259,11 +287,14 @@ class TransformerStack(StackPositions):
         super().__init__(cfg)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """h: [B, T, dim], a whole sequence at positions 0..T-1."""
-        rotations, mask = self.positions(h.shape[1], h.device)
+    def forward(self, h: torch.Tensor, rows: PaddedRows | None = None) -> torch.Tensor:
+        """h: [B, T, dim], a whole sequence at positions 0..T-1; or, with
+        ``rows`` (a right-padded batch), their real positions [N, dim] alone,
+        and so is the result."""
+        seq = h.shape[1] if rows is None else rows.seq
+        rotations, mask = self.positions(seq, h.device)
         for i, layer in enumerate(self.layers):
-            h = layer(h, rotations, mask, None, i)
+            h = layer(h, rotations, mask, None, i, rows)
         return h
 
     def encode(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -296,9 +327,10 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, vocab_size, bias=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        # tokens: [B, T] at positions 0..T-1 -> logits [B, T, V]
-        return self.lm_head(self.norm(self.stack(self.embed_tokens(tokens))))
+    def forward(self, tokens: torch.Tensor, rows: PaddedRows | None = None) -> torch.Tensor:
+        # tokens: [B, T] at positions 0..T-1 -> logits [B, T, V]; with ``rows``, those of their real positions [N, V]
+        h = self.embed_tokens(tokens if rows is None else rows.pack(tokens))
+        return self.lm_head(self.norm(self.stack(h, rows)))
 
     def step(self, tokens: torch.Tensor, cache: CacheView) -> torch.Tensor:
         # new tokens [B, T] at cache.positions -> logits [B, T, V]

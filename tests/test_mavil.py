@@ -383,3 +383,18 @@ def test_the_tower_check_command_reports_every_attribute_and_fails_below_the_bar
     nothing = subprocess.run([sys.executable, "-m", "patchwork.training.mavil.evaluate"], cwd=tmp_path,
                              capture_output=True, text=True, timeout=300)
     assert nothing.returncode == 2 and "--model NAME=DIR (or --towers)" in nothing.stderr
+
+
+def test_the_teachers_targets_computed_once_per_clip_equal_those_of_any_batch(mavil_checkpoints, world):
+    """Stage 2 computes the teacher's targets of every training clip once; a
+    step's rows must be what the teacher gives that step's clips read together."""
+    from patchwork.training.mavil.objective import Batch, teacher_targets
+    from patchwork.training.mavil.train import load_teacher
+
+    teacher = load_teacher(mavil_checkpoints[0])
+    clips = encoder_inputs(world.take(12), teacher.config)
+    once = teacher_targets(teacher, clips, chunk=5)
+    picks = torch.tensor([7, 2, 2, 11, 0])
+    together = teacher_targets(teacher, Batch(clips.audio[picks], clips.video[picks]))
+    assert once.shape == (12, clips.audio.shape[1] + clips.video.shape[1], teacher.config.dim)
+    torch.testing.assert_close(once[picks], together, rtol=1e-5, atol=1e-5)

@@ -14,7 +14,7 @@ from torch import nn
 from patchwork.engines.blt.config import BltConfig
 from patchwork.engines.blt.patching import patch_starts, uses_entropies
 from patchwork.engines.kv_cache import CacheView
-from patchwork.engines.layers import CausalLM, CrossAttention, RMSNorm, TransformerStack
+from patchwork.engines.layers import CausalLM, CrossAttention, PaddedRows, RMSNorm, TransformerStack
 from patchwork.kernels.entropy import entropies_from_logits
 from patchwork.kernels.hash_embedding import hash_embedding, last_hash_embedding
 
@@ -114,9 +114,12 @@ class GlobalModel(nn.Module):
         )
         self.stack = TransformerStack(cfg.global_model)
 
-    def forward(self, patch_vectors: torch.Tensor) -> torch.Tensor:
-        # [B, P, k * local dim] -> [B, P, global dim]
-        return self.stack(self.token_embedding_projection(patch_vectors))
+    def forward(self, patch_vectors: torch.Tensor, rows: PaddedRows | None = None) -> torch.Tensor:
+        # [B, P, k * local dim] -> [B, P, global dim]; with ``rows``, only their real patches are computed
+        # (the padded ones come back zero)
+        if rows is None:
+            return self.stack(self.token_embedding_projection(patch_vectors))
+        return rows.unpack(self.stack(self.token_embedding_projection(rows.pack(patch_vectors)), rows))
 
     def step(self, patch_vectors: torch.Tensor, cache: CacheView) -> torch.Tensor:
         # new patches [B, P, k * local dim] at cache.positions -> [B, P, global dim]
@@ -203,7 +206,10 @@ class BltModel(nn.Module):
         """
         seq = tokens.shape[1]
         byte_states, patch_vectors = self.local_encoder(tokens, patch_ids[:, :seq])
-        global_states = self.global_model(patch_vectors)
+        # Rows hold different numbers of patches (ids never decrease along a row); the global model
+        # computes each row's own, not the padding up to the longest.
+        patches = PaddedRows(patch_ids[:, seq - 1] + 1, patch_vectors.shape[1])
+        global_states = self.global_model(patch_vectors, patches)
         read_patch = patch_ids[:, 1:] - 1  # [B, T]
         return self.local_decoder(byte_states, self.local_decoder.patch_slots(global_states), read_patch)
 

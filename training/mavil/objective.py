@@ -21,7 +21,9 @@ the encoders read what is left, the fusion encoder joins it, and
 Stage 2 (``stage_two_loss``): a student with masked inputs predicts, through
 the same decoders, the frozen stage-1 teacher's fused tokens of the whole
 clip (normalised per token, as data2vec does) at the hidden places, with the
-same contrastive terms.
+same contrastive terms. The teacher reads whole clips, so its targets depend
+on the clip alone: ``teacher_targets`` computes them once per training clip,
+not once per step.
 """
 
 from __future__ import annotations
@@ -159,16 +161,19 @@ def stage_one_loss(model: MavilModel, heads: TrainingHeads, batch: Batch, preset
 
 
 @torch.no_grad()
-def teacher_targets(teacher: MavilModel, batch: Batch) -> torch.Tensor:
-    """The teacher's fused tokens of the whole clip, normalised per token: [B, Na + Nv, teacher dim]."""
-    fused = teacher.fuse(*teacher.encode_audio(batch.audio), *teacher.encode_video(batch.video))
-    return F.layer_norm(fused, fused.shape[-1:])
+def teacher_targets(teacher: MavilModel, clips: Batch, chunk: int = 256) -> torch.Tensor:
+    """The teacher's fused tokens of each whole clip, normalised per token: [B, Na + Nv, teacher dim]."""
+    targets = []
+    for audio, video in zip(clips.audio.split(chunk), clips.video.split(chunk)):
+        fused = teacher.fuse(*teacher.encode_audio(audio), *teacher.encode_video(video))
+        targets.append(F.layer_norm(fused, fused.shape[-1:]))
+    return torch.cat(targets)
 
 
-def stage_two_loss(model: MavilModel, heads: TrainingHeads, teacher: MavilModel, batch: Batch, preset: MavilPreset,
-                   generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """The stage-2 loss terms of one batch: the teacher's features at the hidden places, and the contrastive terms."""
-    targets = teacher_targets(teacher, batch)
+def stage_two_loss(model: MavilModel, heads: TrainingHeads, targets: torch.Tensor, batch: Batch,
+                   preset: MavilPreset, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The stage-2 loss terms of one batch, given its clips' ``teacher_targets``: the
+    teacher's features at the hidden places, and the contrastive terms."""
     audio, audio_keep, video, video_keep, fused = _masked_forward(model, batch, preset, generator)
     tokens = batch.audio.shape[1]
     losses = {

@@ -36,7 +36,7 @@ from patchwork.engines.mavil.model import MODALITIES, MavilModel
 from patchwork.training.avworld import LABELS, AudioVideoWorld, Clip
 from patchwork.training.loop import fit
 from patchwork.training.mavil.index import build_index
-from patchwork.training.mavil.objective import Batch, TrainingHeads, stage_one_loss, stage_two_loss
+from patchwork.training.mavil.objective import Batch, TrainingHeads, stage_one_loss, stage_two_loss, teacher_targets
 from patchwork.training.mavil.presets import MavilPreset
 from patchwork.training.mavil.probe import clip_embeddings, linear_probe, retrieval_recall
 
@@ -121,17 +121,20 @@ def train_mavil(preset: MavilPreset, out: Path, command: str, stage: int = 1, te
     if teacher_model is None:
         heads = TrainingHeads(model, preset, config.audio.patch_values, config.video.patch_values)
 
-        def loss_of(batch: Batch) -> torch.Tensor:
+        def loss_of(picks: torch.Tensor) -> torch.Tensor:
+            batch = Batch(train.audio[picks], train.video[picks])
             return sum(stage_one_loss(model, heads, batch, preset, generator, objective).values())
     else:
         heads = TrainingHeads(model, preset, teacher_model.config.dim, teacher_model.config.dim)
+        targets = teacher_targets(teacher_model, train)  # [clips, Na + Nv, teacher dim]
 
-        def loss_of(batch: Batch) -> torch.Tensor:
-            return sum(stage_two_loss(model, heads, teacher_model, batch, preset, generator).values())
+        def loss_of(picks: torch.Tensor) -> torch.Tensor:
+            batch = Batch(train.audio[picks], train.video[picks])
+            return sum(stage_two_loss(model, heads, targets[picks], batch, preset, generator).values())
 
-    def next_batch() -> Batch:
-        picks = torch.randint(len(train_clips), (schedule.batch_size,), generator=generator)
-        return Batch(train.audio[picks], train.video[picks])
+    def next_batch() -> torch.Tensor:
+        """The training clips of one step."""
+        return torch.randint(len(train_clips), (schedule.batch_size,), generator=generator)
 
     model.train()
     fit([*model.parameters(), *heads.parameters()], loss_of, next_batch, schedule, f"mavil stage {stage}")
