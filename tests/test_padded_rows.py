@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -13,6 +14,8 @@ from patchwork.engines.blt.model import BltModel
 from patchwork.engines.blt.patching import patch_ids_from_starts
 from patchwork.engines.cm3leon.tokenizer import PAD
 from patchwork.engines.layers import CausalLM, PaddedRows, TransformerConfig, TransformerStack
+from patchwork.engines.mot.config import Untied
+from patchwork.engines.mot.model import MotLM
 from patchwork.training.cm3leon.train import lm_loss
 
 
@@ -71,9 +74,12 @@ def test_blt_rows_with_different_patch_counts_give_the_padded_global_models_logi
     torch.testing.assert_close(model(tokens, patch_ids), plain, rtol=1e-5, atol=1e-5)
 
 
-def test_cm3leons_loss_on_the_real_positions_is_the_padded_loss_that_ignores_padding():
+@pytest.mark.parametrize("backbone", ["dense", "mot"])
+def test_cm3leons_loss_on_the_real_positions_is_the_padded_loss_that_ignores_padding(backbone):
     torch.manual_seed(0)
-    lm = CausalLM(TransformerConfig(dim=32, n_layers=2, n_heads=4), vocab_size=50)
+    config = TransformerConfig(dim=32, n_layers=2, n_heads=4)
+    # MoT: ids below 20 are text, 20-34 image codes, 35-49 sound codes, each with weights of its own.
+    lm = CausalLM(config, vocab_size=50) if backbone == "dense" else MotLM(config, 50, [20, 35], Untied.ALL)
     rows = [torch.randint(1, 50, (n,)) for n in (7, 12, 3, 12)]
     batch = torch.full((4, 12), PAD)
     for i, row in enumerate(rows):

@@ -27,6 +27,7 @@ from torch import nn
 from patchwork.engines.kv_cache import CacheView
 from patchwork.engines.layers import (
     FeedForward,
+    PaddedRows,
     RMSNorm,
     SelfAttention,
     StackPositions,
@@ -140,12 +141,13 @@ class MotLM(nn.Module):
             layer.fuse()
 
     def _logits(self, h: torch.Tensor, groups: ModalityGroups) -> torch.Tensor:
-        # h [N, dim] sorted -> logits [B, T, V] in sequence order
-        return self.lm_head(groups.scatter(groups.apply(h, list(self.norm))))
+        # h [N, dim] sorted -> logits in sequence order: [B, T, V], or [N, V] for the real positions of groups.rows
+        normed = groups.apply(h, list(self.norm))
+        return self.lm_head(groups.scatter(normed) if groups.rows is None else groups.unsort(normed))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        # tokens: [B, T] at positions 0..T-1 -> logits [B, T, V]
-        groups = self.router.groups(tokens)
+    def forward(self, tokens: torch.Tensor, rows: PaddedRows | None = None) -> torch.Tensor:
+        # tokens: [B, T] at positions 0..T-1 -> logits [B, T, V]; with ``rows``, those of their real positions [N, V]
+        groups = self.router.groups(tokens, rows)
         return self._logits(self.stack(groups.gather(self.embed_tokens(tokens)), groups), groups)
 
     def step(self, tokens: torch.Tensor, cache: CacheView) -> torch.Tensor:

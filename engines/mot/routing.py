@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from patchwork.engines.layers import PaddedRows
 from patchwork.kernels.grouped_linear import Weights, grouped_linear
 
 
@@ -44,16 +45,19 @@ class ModalityRouter(nn.Module):
         # tokens [...] -> modality index [...]
         return torch.bucketize(tokens.contiguous(), self.boundaries, right=True)
 
-    def groups(self, tokens: torch.Tensor) -> ModalityGroups:
-        return ModalityGroups(self(tokens), self.modalities)
+    def groups(self, tokens: torch.Tensor, rows: PaddedRows | None = None) -> ModalityGroups:
+        """The grouping of ``tokens`` [B, T]; with ``rows``, of their real positions alone."""
+        return ModalityGroups(self(tokens), self.modalities, rows)
 
 
 class ModalityGroups:
-    """The tokens of a [B, T] batch grouped by modality."""
+    """The tokens of a [B, T] batch grouped by modality; with ``rows`` (a
+    right-padded batch), its real positions alone."""
 
-    def __init__(self, modality: torch.Tensor, modalities: int):
+    def __init__(self, modality: torch.Tensor, modalities: int, rows: PaddedRows | None = None):
         self.shape = modality.shape  # [B, T]
-        flat = modality.flatten()
+        self.rows = rows
+        flat = modality.flatten() if rows is None else rows.pack(modality)
         self.order = torch.argsort(flat, stable=True)  # [N]: sorted place -> flat index
         # One host sync per forward pass (not per layer): the groups' sizes.
         self.sizes: list[int] = torch.bincount(flat, minlength=modalities).tolist()
@@ -62,11 +66,17 @@ class ModalityGroups:
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, D] in sequence order -> [N, D] sorted by modality."""
-        return x.flatten(0, 1).index_select(0, self.order)
+        flat = x.flatten(0, 1) if self.rows is None else self.rows.pack(x)
+        return flat.index_select(0, self.order)
+
+    def unsort(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, D] sorted by modality -> [N, D] in sequence order (the order of ``rows.pack``)."""
+        return x.new_empty(x.shape).index_copy(0, self.order, x)
 
     def scatter(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, D] sorted by modality -> [B, T, D] in sequence order."""
-        return x.new_empty(x.shape).index_copy(0, self.order, x).unflatten(0, self.shape)
+        """[N, D] sorted by modality -> [B, T, D] in sequence order (zero at padded places)."""
+        flat = self.unsort(x)
+        return flat.unflatten(0, self.shape) if self.rows is None else self.rows.unpack(flat)
 
     def apply(self, x: torch.Tensor, functions: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
         """Each modality's slice of ``x`` [N, D] (sorted) through its own

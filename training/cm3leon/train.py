@@ -52,7 +52,7 @@ from patchwork.engines.cm3leon.model import Cm3LeonModel
 from patchwork.engines.cm3leon.prompts import AUDIO_MARKERS
 from patchwork.engines.cm3leon.retrieval import Query
 from patchwork.engines.cm3leon.tokenizer import PAD, TextTokenizer
-from patchwork.engines.layers import CausalLM, PaddedRows
+from patchwork.engines.layers import PaddedRows
 from patchwork.training.avworld import AudioVideoWorld
 from patchwork.training.cm3leon.audio import fit_audio_tokenizer, quantisation_error
 from patchwork.training.cm3leon.objective import bank_document, cm3, document
@@ -195,11 +195,9 @@ class Corpus:
 def lm_loss(model: Cm3LeonModel, batch: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss (nats) over every real token of the right-padded batch (b, t)."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    if isinstance(model.lm, CausalLM):
-        # The dense backbone computes only the inputs with a real next token, not the padding.
-        rows = PaddedRows((targets != PAD).sum(1), inputs.shape[1])
-        return F.cross_entropy(model.lm(inputs, rows), rows.pack(targets))
-    return F.cross_entropy(model.lm(inputs).flatten(0, 1), targets.flatten(), ignore_index=PAD)
+    # Only the inputs with a real next token are computed, not the padding.
+    rows = PaddedRows((targets != PAD).sum(1), inputs.shape[1])
+    return F.cross_entropy(model.lm(inputs, rows), rows.pack(targets))
 
 
 @torch.no_grad()
