@@ -167,7 +167,8 @@ def run_compare(args: argparse.Namespace, plan: Plan) -> int:
         scaled = subprocess.run([sys.executable, "-m", "patchwork.serving", "scale", args.deployment, str(count)],
                                 capture_output=True, text=True, timeout=600)
         if scaled.returncode != 0:
-            raise UsageError(f"scaling {args.deployment} to {count}: {scaled.stderr.strip()}")
+            raise UsageError(f"scaling {args.deployment} to {count} (exit status {scaled.returncode}): "
+                             f"{scaled.stderr.strip()}")
         summary = locust(args.target, args.users, seconds(args.duration), args.out / f"replicas_{count}" / "run",
                          plan, args)
         summary.users = count  # the x axis of this comparison
